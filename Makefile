@@ -1,0 +1,46 @@
+# Esper developer entry points. Every target sets up .venv itself on first use.
+VENV        ?= .venv
+PYTHON      ?= python3
+TORCH_SPEC  ?= torch==2.13.0
+PY          := $(VENV)/bin/python
+STAMP       := $(VENV)/.esper-installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-fast lint crds bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+## demo: compile the example Blueprints into a local store and grow a model with them
+demo: $(STAMP)
+	$(VENV)/bin/esper demo
+
+## test: the whole suite (unit, compiler round trips, emulated cluster); what CI runs
+test: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m esper.contracts.crd --check
+	$(PY) -m pytest -ra $(PYTEST_ARGS)
+
+## test-fast: everything but the AOTInductor compiles
+test-fast: $(STAMP)
+	$(PY) -m pytest -ra -m "not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+## crds: regenerate crds/ and the chart's copy from the pydantic models
+crds: $(STAMP)
+	$(PY) -m esper.contracts.crd
+
+bench: $(STAMP)
+	$(PY) benchmarks/compile.py
+	$(PY) benchmarks/operator.py
+	$(PY) benchmarks/kasmina.py
+
+clean:
+	rm -rf .esper benchmarks/results .pytest_cache

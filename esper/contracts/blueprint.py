@@ -1,0 +1,70 @@
+"""The Blueprint resource (esper.dev/v1alpha1): an architecture and the targets to compile it for."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from esper.blueprint.ir import Graph, TemplateRef
+from esper.contracts.common import GROUP_VERSION, CompileOptions, Condition, Model
+
+TARGET_PATTERN = r"^(cpu|cuda-sm[0-9]{2,3}a?)$"
+TargetName = Annotated[str, Field(pattern=TARGET_PATTERN, max_length=16, description="cpu or cuda-smNN.")]
+
+BlueprintPhase = Literal["Pending", "Compiling", "Ready", "Failed", "Invalid"]
+KernelPhase = Literal["Pending", "Compiling", "Ready", "Failed"]
+
+
+class BlueprintSpec(Model):
+    """What to build: exactly one of `template` or `graph`, for one or more targets."""
+
+    template: TemplateRef | None = Field(default=None, description="A named template and its parameters.")
+    graph: Graph | None = Field(default=None, description="An explicit graph.")
+    targets: list[TargetName] = Field(
+        default_factory=lambda: ["cpu"],
+        min_length=1,
+        max_length=8,
+        description="Targets to compile for, unique: cpu, cuda-sm80, cuda-sm90, ...",
+    )
+    compile: CompileOptions = Field(default_factory=CompileOptions, description="Compile options.")
+
+    @model_validator(mode="after")
+    def _check(self) -> BlueprintSpec:
+        if (self.template is None) == (self.graph is None):
+            raise ValueError("give exactly one of 'template' or 'graph'")
+        if len(set(self.targets)) != len(self.targets):
+            raise ValueError("targets must be unique")
+        return self
+
+
+class KernelRef(Model):
+    """One Kernel of a Blueprint, as its status lists it."""
+
+    target: str = Field(max_length=16, description="The target.")
+    name: str = Field(max_length=253, description="The Kernel's name.")
+    phase: KernelPhase = Field(description="The Kernel's phase.")
+
+
+class BlueprintStatus(Model):
+    """Observed state, written by the operator."""
+
+    phase: BlueprintPhase = Field(default="Pending", description="Derived from the Kernels and validation.")
+    digest: str = Field(default="", max_length=64, description="sha256 of the canonical expanded graph.")
+    kernels: list[KernelRef] = Field(default_factory=list, max_length=8, description="Kernel per target.")
+    kernelsReady: int = Field(default=0, ge=0, description="Number of Ready Kernels.")
+    kernelsTotal: int = Field(default=0, ge=0, description="Number of targets.")
+    kernelsSummary: str = Field(default="", max_length=16, description="ready/total, for kubectl.")
+    message: str = Field(default="", max_length=32768, description="Why the phase is what it is.")
+    observedGeneration: int = Field(default=0, ge=0, description="The generation last reconciled.")
+    conditions: list[Condition] = Field(default_factory=list, max_length=16, description="Conditions.")
+
+
+class Blueprint(Model):
+    """A Blueprint object as stored by the API server."""
+
+    apiVersion: Literal["esper.dev/v1alpha1"] = GROUP_VERSION
+    kind: Literal["Blueprint"] = "Blueprint"
+    metadata: dict = Field(default_factory=dict)
+    spec: BlueprintSpec
+    status: BlueprintStatus | None = None
