@@ -64,9 +64,7 @@ class Toolchain(Model):
     """What built a kernel; part of its identity."""
 
     torch: str = Field(max_length=64, description="torch version of the compiler, e.g. 2.13.0.")
-    capability: str = Field(
-        max_length=64, description="Device capability compiled for: cpu-avx2, sm90, ..."
-    )
+    capability: str = Field(max_length=64, description="Device capability compiled for: cpu-avx2, sm90, ...")
     python: str = Field(default="", max_length=32, description="Python version of the compiler.")
 
 
@@ -88,7 +86,9 @@ class ValidationReport(Model):
     maxGradError: float = Field(default=0.0, ge=0, description="Largest gradient error against eager.")
     eagerMicros: float = Field(ge=0, description="Median eager forward latency (µs), largest batch.")
     compiledMicros: float = Field(ge=0, description="Median compiled forward latency (µs), largest batch.")
-    speedup: float = Field(ge=0, description="Geometric mean over benchmark batches of eager/compiled forward.")
+    speedup: float = Field(
+        ge=0, description="Geometric mean over benchmark batches of eager/compiled forward latency."
+    )
     trainSpeedup: float = Field(
         default=0.0, ge=0, description="Geometric mean of eager/compiled forward+backward latency."
     )
