@@ -1,0 +1,121 @@
+"""The few Kubernetes API calls the operator makes, as dicts, off the event loop.
+
+The official client is synchronous; each call runs in a worker thread so a slow API server never stalls
+kopf's event loop. Conflicts and absences become exceptions and None, which is all the callers branch on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+
+from esper.contracts import API_GROUP, API_VERSION
+
+T = TypeVar("T")
+Body = dict[str, Any]
+
+
+class Conflict(Exception):
+    """HTTP 409: the object exists already, or changed since it was read."""
+
+
+def load_client_config() -> client.ApiClient:
+    """In a cluster, the ServiceAccount; elsewhere the kubeconfig (as kubectl would)."""
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.ApiClient()
+
+
+class Kube:
+    """Thin async facade over the typed client for Blueprints, Kernels, Jobs and Pods."""
+
+    def __init__(self, api_client: client.ApiClient | None = None) -> None:
+        self.api_client = api_client or load_client_config()
+        self.custom = client.CustomObjectsApi(self.api_client)
+        self.batch = client.BatchV1Api(self.api_client)
+        self.core = client.CoreV1Api(self.api_client)
+
+    async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        try:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        except ApiException as exc:
+            if exc.status == 409:
+                raise Conflict(exc.reason or "conflict") from exc
+            raise
+
+    async def _maybe(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
+        try:
+            return await self._call(fn, *args, **kwargs)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def _plain(self, obj: Any) -> Body:
+        return obj if isinstance(obj, dict) else self.api_client.sanitize_for_serialization(obj)
+
+    # --- esper.dev custom resources ---------------------------------------------------------------
+
+    async def get(self, plural: str, namespace: str, name: str) -> Body | None:
+        return await self._maybe(
+            self.custom.get_namespaced_custom_object, API_GROUP, API_VERSION, namespace, plural, name
+        )
+
+    async def create(self, plural: str, namespace: str, body: Body) -> Body:
+        return await self._call(
+            self.custom.create_namespaced_custom_object, API_GROUP, API_VERSION, namespace, plural, body
+        )
+
+    async def patch(self, plural: str, namespace: str, name: str, patch: Body) -> Body | None:
+        """JSON merge patch of the main resource; a resourceVersion in it makes the write conditional."""
+        return await self._maybe(
+            self.custom.patch_namespaced_custom_object,
+            API_GROUP,
+            API_VERSION,
+            namespace,
+            plural,
+            name,
+            patch,
+            _content_type="application/merge-patch+json",
+        )
+
+    async def patch_status(self, plural: str, namespace: str, name: str, status: Body) -> Body | None:
+        return await self._maybe(
+            self.custom.patch_namespaced_custom_object_status,
+            API_GROUP,
+            API_VERSION,
+            namespace,
+            plural,
+            name,
+            {"status": status},
+            _content_type="application/merge-patch+json",
+        )
+
+    async def delete(self, plural: str, namespace: str, name: str) -> None:
+        await self._maybe(
+            self.custom.delete_namespaced_custom_object, API_GROUP, API_VERSION, namespace, plural, name
+        )
+
+    # --- Jobs and Pods --------------------------------------------------------------------------
+
+    async def get_job(self, namespace: str, name: str) -> Body | None:
+        job = await self._maybe(self.batch.read_namespaced_job, name, namespace)
+        return None if job is None else self._plain(job)
+
+    async def create_job(self, namespace: str, body: Body) -> Body:
+        return self._plain(await self._call(self.batch.create_namespaced_job, namespace, body))
+
+    async def delete_job(self, namespace: str, name: str) -> None:
+        await self._maybe(self.batch.delete_namespaced_job, name, namespace, propagation_policy="Background")
+
+    async def job_pods(self, namespace: str, job_name: str) -> list[Body]:
+        pods = await self._call(
+            self.core.list_namespaced_pod, namespace, label_selector=f"job-name={job_name}"
+        )
+        return [self._plain(p) for p in pods.items]

@@ -1,0 +1,346 @@
+"""Reconciliation: Blueprints into Kernels and Jobs, finished Jobs into Kernel status.
+
+Every step is idempotent and keyed by deterministic names, so a retry, a second operator replica's
+stale event or a restart mid-way adopts what exists instead of duplicating it: a Kernel or Job that
+already exists (HTTP 409 on create) is the one we wanted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from esper.blueprint import BlueprintInvalid
+from esper.contracts import KernelSpec
+from esper.contracts.naming import (
+    LABEL_BLUEPRINT,
+    LABEL_IR_DIGEST,
+    LABEL_KERNEL,
+    LABEL_TARGET,
+    MANAGED_BY,
+    OPERATOR_NAME,
+)
+from esper.storage import open_store
+from esper_operator import metrics
+from esper_operator.config import OperatorConfig
+from esper_operator.jobs import JobOutcome, build_job, interpret
+from esper_operator.kube import Body, Conflict, Kube
+from esper_operator.plan import PlannedKernel, plan_blueprint
+from esper_operator.status import blueprint_status, invalid_status, kernel_status
+
+log = logging.getLogger("esper.operator")
+Emit = Callable[[Body, str, str, str], None]
+FINAL = ("Ready", "Failed")
+OWNER_RETRIES = 8
+
+
+def _owner_ref(body: Body) -> Body:
+    return {
+        "apiVersion": body.get("apiVersion", "esper.dev/v1alpha1"),
+        "kind": body.get("kind", "Blueprint"),
+        "name": body["metadata"]["name"],
+        "uid": body["metadata"]["uid"],
+    }
+
+
+def _phase(obj: Body | None) -> str:
+    return ((obj or {}).get("status") or {}).get("phase") or "Pending"
+
+
+class Reconciler:
+    def __init__(self, kube: Kube, config: OperatorConfig, emit: Emit) -> None:
+        self.kube = kube
+        self.config = config
+        self.emit = emit
+
+    # --- Blueprints ------------------------------------------------------------------------------
+
+    async def reconcile_blueprint(self, body: Body) -> Body:
+        """Ensure the Blueprint's Kernels and Jobs exist; return its new status."""
+        meta = body["metadata"]
+        name = meta["name"]
+        generation = int(meta.get("generation") or 1)
+        previous = body.get("status") or {}
+        try:
+            plan = plan_blueprint(name, body.get("spec") or {}, torch_version=self.config.torch_version)
+        except BlueprintInvalid as exc:
+            message = str(exc)
+            if previous.get("phase") != "Invalid" or previous.get("message") != message:
+                self.emit(body, "Warning", "Invalid", message)
+            await self._release(body, keep=set())
+            metrics.RECONCILES.labels("blueprint", "invalid").inc()
+            return invalid_status(previous=previous, message=message, generation=generation)
+        refs = []
+        for planned in plan.kernels:
+            kernel = await self.ensure_kernel(body, planned)
+            kernel = await self.ensure_job(kernel, planned.job_name)
+            refs.append({"target": planned.spec.target, "name": planned.name, "phase": _phase(kernel)})
+        await self._release(body, keep={k.name for k in plan.kernels})
+        metrics.RECONCILES.labels("blueprint", "ok").inc()
+        return blueprint_status(previous=previous, digest=plan.digest, kernels=refs, generation=generation)
+
+    async def ensure_kernel(self, blueprint: Body, planned: PlannedKernel) -> Body:
+        """Create the Kernel, or adopt an existing one by adding this Blueprint as an owner."""
+        namespace = blueprint["metadata"]["namespace"]
+        owner = _owner_ref(blueprint)
+        body = {
+            "apiVersion": "esper.dev/v1alpha1",
+            "kind": "Kernel",
+            "metadata": {
+                "name": planned.name,
+                "namespace": namespace,
+                "labels": {
+                    MANAGED_BY: OPERATOR_NAME,
+                    LABEL_TARGET: planned.spec.target,
+                    LABEL_BLUEPRINT: planned.spec.blueprint,
+                    LABEL_IR_DIGEST: planned.spec.irDigest[:32],
+                },
+                "ownerReferences": [owner],
+            },
+            "spec": planned.spec.model_dump(mode="json"),
+        }
+        try:
+            kernel = await self.kube.create("kernels", namespace, body)
+        except Conflict:
+            kernel = await self._adopt(namespace, planned.name, owner)
+        else:
+            self.emit(kernel, "Normal", "Created", f"Kernel for Blueprint {planned.spec.blueprint}")
+            self.emit(blueprint, "Normal", "KernelCreated", f"Kernel {planned.name} ({planned.spec.target})")
+        return kernel
+
+    async def _adopt(self, namespace: str, name: str, owner: Body) -> Body:
+        for _ in range(OWNER_RETRIES):
+            kernel = await self.kube.get("kernels", namespace, name)
+            if kernel is None:
+                raise RuntimeError(f"Kernel {name} vanished while being adopted; will retry")
+            owners = kernel["metadata"].get("ownerReferences") or []
+            if any(o.get("uid") == owner["uid"] for o in owners):
+                return kernel
+            patch = {
+                "metadata": {
+                    "resourceVersion": kernel["metadata"]["resourceVersion"],
+                    "ownerReferences": [*owners, owner],
+                }
+            }
+            try:
+                patched = await self.kube.patch("kernels", namespace, name, patch)
+            except Conflict:
+                continue
+            if patched is not None:
+                return patched
+        raise RuntimeError(f"could not add owner to Kernel {name}: too many conflicts; will retry")
+
+    async def _release(self, blueprint: Body, keep: set[str]) -> None:
+        """Drop this Blueprint from Kernels it no longer asks for; delete those left with no owner."""
+        meta = blueprint["metadata"]
+        listed = [k["name"] for k in (blueprint.get("status") or {}).get("kernels") or []]
+        for name in listed:
+            if name not in keep:
+                await self.release_kernel(meta["namespace"], name, meta["uid"])
+
+    async def release_kernel(self, namespace: str, name: str, owner_uid: str) -> None:
+        for _ in range(OWNER_RETRIES):
+            kernel = await self.kube.get("kernels", namespace, name)
+            if kernel is None:
+                return
+            owners = kernel["metadata"].get("ownerReferences") or []
+            remaining = [o for o in owners if o.get("uid") != owner_uid]
+            if not remaining:
+                await self.kube.delete("kernels", namespace, name)
+                return
+            if len(remaining) == len(owners):
+                return
+            patch = {
+                "metadata": {
+                    "resourceVersion": kernel["metadata"]["resourceVersion"],
+                    "ownerReferences": remaining,
+                }
+            }
+            try:
+                await self.kube.patch("kernels", namespace, name, patch)
+                return
+            except Conflict:
+                continue
+        raise RuntimeError(f"could not release Kernel {name}: too many conflicts; will retry")
+
+    async def refresh_blueprints(self, kernel: Body) -> None:
+        """Recompute the status of every Blueprint that owns this Kernel."""
+        namespace = kernel["metadata"]["namespace"]
+        for owner in kernel["metadata"].get("ownerReferences") or []:
+            if owner.get("kind") != "Blueprint":
+                continue
+            blueprint = await self.kube.get("blueprints", namespace, owner["name"])
+            if blueprint is None or blueprint["metadata"].get("deletionTimestamp"):
+                continue
+            status = blueprint.get("status") or {}
+            if status.get("phase") == "Invalid" or not status.get("kernels"):
+                continue
+            refs = []
+            for ref in status["kernels"]:
+                current = await self.kube.get("kernels", namespace, ref["name"])
+                refs.append({**ref, "phase": _phase(current)})
+            generation = int(status.get("observedGeneration") or blueprint["metadata"].get("generation") or 1)
+            new = blueprint_status(
+                previous=status, digest=status.get("digest", ""), kernels=refs, generation=generation
+            )
+            if new["phase"] != status.get("phase") or new["kernels"] != status.get("kernels"):
+                await self.kube.patch_status("blueprints", namespace, owner["name"], new)
+                if new["phase"] in ("Ready", "Failed"):
+                    kind = "Normal" if new["phase"] == "Ready" else "Warning"
+                    self.emit(blueprint, kind, new["phase"], new["message"])
+
+    # --- Jobs ------------------------------------------------------------------------------------
+
+    async def ensure_job(self, kernel: Body, job_name: str) -> Body:
+        """Make sure a Kernel that is neither Ready nor Failed has its compile Job."""
+        if _phase(kernel) in FINAL:
+            return kernel
+        meta = kernel["metadata"]
+        namespace = meta["namespace"]
+        spec = KernelSpec.model_validate(kernel["spec"])
+        job = await self.kube.get_job(namespace, job_name)
+        if job is None:
+            manifest = build_job(
+                name=job_name,
+                namespace=namespace,
+                kernel_name=meta["name"],
+                kernel_uid=meta["uid"],
+                spec=spec,
+                config=self.config,
+            )
+            try:
+                await self.kube.create_job(namespace, manifest)
+            except Conflict:
+                pass  # created by an earlier attempt: adopt it
+            else:
+                metrics.JOBS_CREATED.labels(spec.target).inc()
+                self.emit(kernel, "Normal", "JobCreated", f"compile Job {job_name}")
+        elif _finished(job):
+            # Finished while nobody watched (operator down, event lost): carry it over now.
+            await self.observe_job(job)
+            return await self.kube.get("kernels", namespace, meta["name"]) or kernel
+        if _phase(kernel) != "Compiling":
+            status = kernel_status(
+                kernel.get("status") or {},
+                phase="Compiling",
+                reason="JobCreated",
+                message=f"compiling in Job {job_name}",
+                generation=int(meta.get("generation") or 1),
+                jobName=job_name,
+            )
+            kernel = await self.kube.patch_status("kernels", namespace, meta["name"], status) or kernel
+        return kernel
+
+    async def observe_job(self, job: Body) -> None:
+        """Carry a compile Job's outcome into its Kernel (and the Kernel's Blueprints)."""
+        meta = job["metadata"]
+        namespace = meta["namespace"]
+        kernel_name = (meta.get("labels") or {}).get(LABEL_KERNEL)
+        if not kernel_name:
+            return
+        kernel = await self.kube.get("kernels", namespace, kernel_name)
+        if kernel is None or kernel["metadata"].get("deletionTimestamp"):
+            return
+        status = kernel.get("status") or {}
+        if status.get("phase") in FINAL and status.get("jobName") == meta["name"]:
+            return  # already carried over
+        pods = await self.kube.job_pods(namespace, meta["name"])
+        outcome = interpret(job, pods, expected_key=kernel["spec"]["key"])
+        if outcome.state == "running":
+            return
+        if outcome.state == "succeeded":
+            outcome = await self._verify(outcome)
+        await self._finish(kernel, job, outcome)
+
+    async def _verify(self, outcome: JobOutcome) -> JobOutcome:
+        """Check the reported manifest sha256 against the store: a Ready Kernel's bundle exists as stated."""
+        if not self.config.verify_artifacts or outcome.artifact is None:
+            return outcome
+        artifact = outcome.artifact
+        key = artifact.uri.rstrip("/").rsplit("/", 1)[-1]
+        try:
+            store = open_store(self.config.store_uri)
+            if artifact.uri != store.bundle_uri(key):
+                return JobOutcome("failed", "BadResult", f"artifact URI {artifact.uri} is outside the store")
+            data = await asyncio.to_thread(store.read_manifest_bytes, key)
+        except Exception as exc:
+            raise RuntimeError(f"cannot verify artifact {artifact.uri}: {exc}; will retry") from exc
+        if hashlib.sha256(data).hexdigest() != artifact.sha256:
+            return JobOutcome(
+                "failed", "ArtifactMismatch", f"manifest in the store does not match {artifact.sha256}"
+            )
+        return outcome
+
+    async def _finish(self, kernel: Body, job: Body, outcome: JobOutcome) -> None:
+        meta = kernel["metadata"]
+        generation = int(meta.get("generation") or 1)
+        previous = kernel.get("status") or {}
+        job_name = job["metadata"]["name"]
+        target = kernel["spec"]["target"]
+        if outcome.state == "succeeded":
+            fields: dict[str, Any] = {
+                "jobName": job_name,
+                "artifact": outcome.artifact.model_dump() if outcome.artifact else None,
+                "toolchain": outcome.toolchain.model_dump() if outcome.toolchain else None,
+                "report": outcome.report.model_dump() if outcome.report else None,
+                "compileSeconds": round(outcome.compile_seconds, 3),
+            }
+            status = kernel_status(
+                previous, phase="Ready", reason="Compiled", generation=generation, **fields
+            )
+            speedup = outcome.report.speedup if outcome.report else 0.0
+            self.emit(
+                kernel, "Normal", "Compiled", f"Ready: {outcome.artifact.uri} ({speedup:.2f}x over eager)"
+            )
+        else:
+            status = kernel_status(
+                previous,
+                phase="Failed",
+                reason=outcome.reason,
+                message=outcome.message,
+                generation=generation,
+                jobName=job_name,
+            )
+            self.emit(kernel, "Warning", outcome.reason, outcome.message)
+        metrics.JOB_SECONDS.labels(target, outcome.state).observe(_job_seconds(job))
+        patched = await self.kube.patch_status("kernels", meta["namespace"], meta["name"], status)
+        if patched is not None:
+            await self.refresh_blueprints(patched)
+
+    # --- deletion --------------------------------------------------------------------------------
+
+    async def blueprint_deleted(self, body: Body) -> None:
+        """Release every Kernel of a deleted Blueprint; the last owner takes the Kernel with it."""
+        await self._release(body, keep=set())
+
+    async def kernel_deleted(self, kernel: Body) -> None:
+        """Remove the Kernel's Job, and its artifact when the retention policy says so."""
+        meta = kernel["metadata"]
+        job_name = (kernel.get("status") or {}).get("jobName")
+        if job_name:
+            await self.kube.delete_job(meta["namespace"], job_name)
+        if self.config.retention == "delete":
+            store = open_store(self.config.store_uri)
+            await asyncio.to_thread(store.delete_bundle, kernel["spec"]["key"])
+            log.info("deleted artifact of Kernel %s (retention=delete)", meta["name"])
+
+
+def _finished(job: Body) -> bool:
+    conditions = (job.get("status") or {}).get("conditions") or []
+    return any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True" for c in conditions)
+
+
+def _job_seconds(job: Body) -> float:
+    status = job.get("status") or {}
+    start, end = status.get("startTime"), status.get("completionTime")
+    try:
+        if start and end:
+            fmt = "%Y-%m-%dT%H:%M:%SZ"
+            return max(0.0, (datetime.strptime(end, fmt) - datetime.strptime(start, fmt)).total_seconds())
+    except ValueError:
+        pass
+    return 0.0

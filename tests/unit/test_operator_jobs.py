@@ -1,0 +1,227 @@
+"""The compile Job manifest and how a finished Job is read back."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from esper_operator.config import ConfigError, OperatorConfig
+from esper_operator.jobs import build_job, compile_request, interpret, parse_result
+from esper_operator.plan import plan_blueprint
+
+SPEC = {
+    "template": {"name": "residual-mlp", "params": {"features": 16, "hidden": 32}},
+    "targets": ["cpu", "cuda-sm90"],
+}
+CONFIG = OperatorConfig(
+    store_uri="s3://bucket/kernels",
+    s3_secret="esper-s3",
+    s3_endpoint="http://minio:9000",
+    kueue_queue="compile",
+    gpu_node_selector={"gpu": "h100"},
+    gpu_tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists"}],
+    priority_class="batch-low",
+)
+
+
+def _jobs():
+    plan = plan_blueprint("mlp", SPEC, torch_version="2.13.0")
+    return {
+        k.spec.target: build_job(
+            name=k.job_name,
+            namespace="ns",
+            kernel_name=k.name,
+            kernel_uid="uid-1",
+            spec=k.spec,
+            config=CONFIG,
+        )
+        for k in plan.kernels
+    }, plan
+
+
+def test_job_is_locked_down_and_owned_by_its_kernel() -> None:
+    jobs, plan = _jobs()
+    job = jobs["cpu"]
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert job["metadata"]["ownerReferences"][0] == {
+        "apiVersion": "esper.dev/v1alpha1",
+        "kind": "Kernel",
+        "name": plan.kernels[0].name,
+        "uid": "uid-1",
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["restartPolicy"] == "Never"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["runAsNonRoot"] is True
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    assert {"name": "scratch", "mountPath": "/scratch"} in container["volumeMounts"]
+    assert job["spec"]["backoffLimit"] == CONFIG.backoff_limit
+    assert job["spec"]["activeDeadlineSeconds"] == CONFIG.active_deadline_seconds
+    assert job["spec"]["ttlSecondsAfterFinished"] == CONFIG.ttl_seconds_after_finished
+    rule = job["spec"]["podFailurePolicy"]["rules"][0]
+    assert rule["action"] == "FailJob" and rule["onExitCodes"]["values"] == [65, 66, 67]
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "compile"
+    assert pod["priorityClassName"] == "batch-low"
+    assert len(job["metadata"]["name"]) <= 63
+
+
+def test_job_carries_the_request_and_secrets_by_reference() -> None:
+    jobs, plan = _jobs()
+    container = jobs["cpu"]["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    assert container["args"] == [
+        "--target",
+        "cpu",
+        "--store",
+        "s3://bucket/kernels",
+        "--expect-key",
+        plan.kernels[0].spec.key,
+    ]
+    request = json.loads(env["ESPER_BLUEPRINT_JSON"]["value"])
+    assert request["targets"] == ["cpu"] and request["graph"]["nodes"]
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "esper-s3",
+        "key": "AWS_SECRET_ACCESS_KEY",
+    }
+    assert "value" not in env["AWS_ACCESS_KEY_ID"]
+    assert env["ESPER_S3_ENDPOINT"]["value"] == "http://minio:9000"
+    assert compile_request(plan.kernels[0].spec) == env["ESPER_BLUEPRINT_JSON"]["value"]
+
+
+def test_gpu_targets_request_a_gpu_and_land_on_gpu_nodes() -> None:
+    jobs, _ = _jobs()
+    cpu, gpu = jobs["cpu"]["spec"]["template"]["spec"], jobs["cuda-sm90"]["spec"]["template"]["spec"]
+    assert gpu["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert "nvidia.com/gpu" not in cpu["containers"][0]["resources"]["limits"]
+    assert gpu["nodeSelector"] == {"gpu": "h100"} and "nodeSelector" not in cpu
+    assert gpu["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists"}]
+
+
+def test_job_manifest_is_deterministic() -> None:
+    assert _jobs()[0] == _jobs()[0]
+
+
+KEY = "a" * 64
+RESULT = {
+    "key": KEY,
+    "uri": "s3://bucket/kernels/" + KEY,
+    "manifestSha256": "b" * 64,
+    "size": 1234,
+    "toolchain": {"torch": "2.13.0", "capability": "cpu-avx2", "python": "3.11"},
+    "compileSeconds": 12.5,
+    "report": {
+        "tolerance": 1e-4,
+        "maxAbsError": 1e-7,
+        "eagerMicros": 100.0,
+        "compiledMicros": 50.0,
+        "speedup": 2.0,
+    },
+}
+
+
+def _job(condition: str | None, reason: str = "", failed: int = 0) -> dict:
+    status: dict = {"failed": failed}
+    if condition:
+        status["conditions"] = [{"type": condition, "status": "True", "reason": reason}]
+    return {"metadata": {"name": "j"}, "status": status}
+
+
+def _pod(phase: str, exit_code: int, message: str, reason: str = "") -> dict:
+    terminated = {
+        "exitCode": exit_code,
+        "message": message,
+        "reason": reason,
+        "finishedAt": "2026-01-01T00:00:00Z",
+    }
+    return {
+        "metadata": {"name": f"p-{phase}"},
+        "status": {
+            "phase": phase,
+            "containerStatuses": [{"name": "tezzeret", "state": {"terminated": terminated}}],
+        },
+    }
+
+
+def test_success_is_read_from_the_termination_message() -> None:
+    outcome = interpret(_job("Complete"), [_pod("Succeeded", 0, json.dumps(RESULT))], expected_key=KEY)
+    assert outcome.state == "succeeded"
+    assert outcome.artifact and outcome.artifact.sha256 == "b" * 64 and outcome.artifact.size == 1234
+    assert outcome.report and outcome.report.speedup == 2.0
+    assert outcome.compile_seconds == 12.5
+
+
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [
+        ("not json", "BadResult"),
+        (json.dumps({"uri": "x"}), "BadResult"),
+        (json.dumps({**RESULT, "key": "c" * 64}), "KeyMismatch"),
+        (json.dumps({**RESULT, "manifestSha256": "short"}), "BadResult"),
+        (json.dumps({**RESULT, "size": -1}), "BadResult"),
+        (json.dumps({k: v for k, v in RESULT.items() if k != "toolchain"}), "BadResult"),
+    ],
+)
+def test_a_bad_result_fails_the_kernel_instead_of_marking_it_ready(message: str, reason: str) -> None:
+    outcome = parse_result(message, expected_key=KEY)
+    assert (outcome.state, outcome.reason) == ("failed", reason)
+
+
+@pytest.mark.parametrize(
+    ("job", "pod", "reason"),
+    [
+        (
+            _job("Failed", "PodFailurePolicy", 1),
+            _pod("Failed", 65, '{"error":{"message":"spec.graph: bad"}}'),
+            "InvalidBlueprint",
+        ),
+        (_job("Failed", "PodFailurePolicy", 1), _pod("Failed", 66, "target"), "UnsupportedTarget"),
+        (_job("Failed", "PodFailurePolicy", 1), _pod("Failed", 67, "numerics"), "ValidationFailed"),
+        (_job("Failed", "BackoffLimitExceeded", 4), _pod("Failed", 75, "s3 down"), "BackoffLimitExceeded"),
+        (_job("Failed", "BackoffLimitExceeded", 4), _pod("Failed", 137, "", "OOMKilled"), "OOMKilled"),
+        (_job("Failed", "DeadlineExceeded", 1), _pod("Failed", 137, ""), "DeadlineExceeded"),
+    ],
+)
+def test_failures_are_classified(job: dict, pod: dict, reason: str) -> None:
+    outcome = interpret(job, [pod], expected_key=KEY)
+    assert (outcome.state, outcome.reason) == ("failed", reason)
+    assert (
+        f"exit code {pod['status']['containerStatuses'][0]['state']['terminated']['exitCode']}"
+        in outcome.message
+    )
+
+
+def test_the_compiler_error_message_reaches_the_kernel() -> None:
+    pod = _pod(
+        "Failed",
+        65,
+        json.dumps({"error": {"code": 65, "reason": "InvalidBlueprint", "message": "spec.x: y"}}),
+    )
+    outcome = interpret(_job("Failed", "PodFailurePolicy", 1), [pod], expected_key=KEY)
+    assert outcome.message.endswith("spec.x: y")
+
+
+def test_running_job_is_running() -> None:
+    assert interpret(_job(None), [], expected_key=KEY).state == "running"
+
+
+def test_config_from_env_names_the_bad_variable() -> None:
+    with pytest.raises(ConfigError, match="ESPER_BACKOFF_LIMIT"):
+        OperatorConfig.from_env({"ESPER_STORE_URI": "s3://bucket/x", "ESPER_BACKOFF_LIMIT": "-1"})
+    with pytest.raises(ConfigError, match="ESPER_TOLERATIONS: not valid JSON"):
+        OperatorConfig.from_env({"ESPER_STORE_URI": "s3://bucket/x", "ESPER_TOLERATIONS": "[oops"})
+    with pytest.raises(ConfigError, match="ESPER_STORE_URI"):
+        OperatorConfig.from_env({"ESPER_STORE_URI": "gs://bucket"})
+    with pytest.raises(ConfigError, match="ESPER_STORE_URI"):
+        OperatorConfig.from_env({})
+    config = OperatorConfig.from_env(
+        {
+            "ESPER_STORE_URI": "s3://bucket/x",
+            "ESPER_NODE_SELECTOR": '{"a": "b"}',
+            "ESPER_VERIFY_ARTIFACTS": "false",
+        }
+    )
+    assert config.node_selector == {"a": "b"} and config.verify_artifacts is False
