@@ -1,0 +1,281 @@
+"""The kernel bundle format: the kernel key, the manifest, and writing and verifying bundles.
+
+The one module both the compiler (writer) and the runtime (reader) use, so the two cannot drift apart.
+
+A bundle is a flat directory named by its key::
+
+    forward.pt2          AOTInductor package: (inputs..., params) -> outputs
+    backward.pt2         AOTInductor package: (inputs..., grad_outputs..., params) -> grads
+    params.safetensors   initial parameters
+    manifest.json        written last; its sha256 is the bundle's identity
+
+Security: the ``.pt2`` packages are native code (loading one dlopens a shared library) and are
+trusted-only. `verify_bundle` must pass, against a sha256 recorded by a trusted party (the Kernel's
+status), before anything in a bundle is loaded. Nothing here ever unpickles: tensors travel as
+safetensors and everything else as JSON. No torch import: the operator uses this module too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+
+from esper.contracts.common import CompileOptions, Model, Toolchain, ValidationReport, now_rfc3339
+from esper.targets import Target
+
+FORMAT = "esper.dev/kernel-bundle/v1"
+FORWARD = "forward.pt2"
+BACKWARD = "backward.pt2"
+PARAMS = "params.safetensors"
+MANIFEST = "manifest.json"
+DATA_FILES: tuple[str, ...] = (FORWARD, BACKWARD, PARAMS)
+FILE_NAMES: tuple[str, ...] = (*DATA_FILES, MANIFEST)
+
+KEY_PATTERN = r"^[0-9a-f]{64}$"
+_KEY_RE = re.compile(KEY_PATTERN)
+# A plain file name: no separators, no "..", no hidden files (temp files are hidden).
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+_CHUNK = 1024 * 1024
+
+
+class ArtifactError(Exception):
+    """A bundle's content is wrong (missing, corrupt, unexpected): not transient, do not retry."""
+
+
+def is_key(value: str) -> bool:
+    """Whether `value` looks like a kernel key (64 lowercase hex digits)."""
+    return isinstance(value, str) and _KEY_RE.match(value) is not None
+
+
+def check_key(value: str) -> str:
+    """Return `value` if it is a kernel key; a ValueError otherwise (keys become paths and S3 keys)."""
+    if not is_key(value):
+        raise ValueError(f"invalid kernel key {value!r}: expected 64 lowercase hex digits")
+    return value
+
+
+def is_plain_name(name: str) -> bool:
+    """Whether `name` is safe as a bundle file name: no path separators, no '..', not hidden."""
+    return isinstance(name, str) and _NAME_RE.match(name) is not None and ".." not in name
+
+
+def canonical_json(value: Any) -> bytes:
+    """Canonical JSON: sorted keys, no whitespace, UTF-8. Used for key hashing."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def kernel_key(ir_digest: str, target: Target | str, options: CompileOptions, toolchain: Toolchain) -> str:
+    """The content-derived kernel key: sha256 of the canonical JSON of what determines the kernel.
+
+    The toolchain part is the torch version and the capability only; the Python version is
+    informational. The capability must be the target's (a mismatch is a caller bug).
+    """
+    t = Target.parse(target)
+    if toolchain.capability != t.capability:
+        raise ValueError(
+            f"toolchain capability {toolchain.capability!r} does not match target {t.name} "
+            f"(expected {t.capability!r})"
+        )
+    doc = {
+        "irDigest": ir_digest,
+        "target": t.name,
+        "options": options.model_dump(mode="json"),
+        "toolchain": {"torch": toolchain.torch, "capability": toolchain.capability},
+    }
+    return hashlib.sha256(canonical_json(doc)).hexdigest()
+
+
+class FileEntry(Model):
+    """One data file of a bundle."""
+
+    sha256: str = Field(pattern=KEY_PATTERN, description="sha256 of the file's bytes.")
+    size: int = Field(ge=0, description="Size in bytes.")
+
+
+class IOSpec(Model):
+    """A kernel input or output: name and shape ('batch' for the symbolic batch dimension)."""
+
+    name: str = Field(max_length=64)
+    shape: list[int | str] = Field(max_length=8)
+    dtype: str = Field(default="float32", max_length=16)
+
+
+class ParamSpec(Model):
+    """One parameter, in the order the compiled packages take them."""
+
+    name: str = Field(max_length=256)
+    shape: list[int] = Field(max_length=8)
+    dtype: str = Field(max_length=16)
+
+
+class Manifest(Model):
+    """manifest.json: what a bundle is, what built it, and the hash of every data file."""
+
+    format: Literal["esper.dev/kernel-bundle/v1"] = FORMAT
+    key: str = Field(pattern=KEY_PATTERN)
+    irDigest: str = Field(pattern=KEY_PATTERN)
+    target: str
+    options: CompileOptions = Field(default_factory=CompileOptions)
+    toolchain: Toolchain
+    graph: dict[str, Any] = Field(description="The canonical expanded IR.")
+    inputs: list[IOSpec] = Field(default_factory=list)
+    outputs: list[IOSpec] = Field(default_factory=list)
+    params: list[ParamSpec] = Field(default_factory=list)
+    files: dict[str, FileEntry] = Field(default_factory=dict)
+    report: ValidationReport | None = None
+    createdAt: str = Field(default_factory=now_rfc3339)
+
+    @field_validator("target")
+    @classmethod
+    def _target(cls, v: str) -> str:
+        return Target.parse(v).name
+
+    @field_validator("files")
+    @classmethod
+    def _names(cls, v: dict[str, FileEntry]) -> dict[str, FileEntry]:
+        for name in v:
+            if not is_plain_name(name) or name == MANIFEST:
+                raise ValueError(f"file name {name!r} is not a plain bundle file name")
+        return v
+
+    def expected_key(self) -> str:
+        """The key this manifest's inputs derive (to check `key` against)."""
+        return kernel_key(self.irDigest, self.target, self.options, self.toolchain)
+
+    def to_bytes(self) -> bytes:
+        """The serialized form written to manifest.json (deterministic for a given manifest)."""
+        return (json.dumps(self.model_dump(mode="json"), sort_keys=True, indent=2) + "\n").encode()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def hash_file(path: Path | str) -> tuple[str, int]:
+    """(sha256 hex, size) of a file, read in chunks."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size
+
+
+def _data_files(bundle_dir: Path) -> list[Path]:
+    out = []
+    for p in sorted(bundle_dir.iterdir()):
+        if p.name == MANIFEST:
+            continue
+        if p.is_symlink() or not p.is_file():
+            raise ArtifactError(f"{bundle_dir}: {p.name!r} is not a regular file (bundles are flat)")
+        if not is_plain_name(p.name):
+            raise ArtifactError(f"{bundle_dir}: {p.name!r} is not a plain bundle file name")
+        out.append(p)
+    return out
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_manifest(bundle_dir: Path | str, manifest: Manifest) -> tuple[str, int]:
+    """Hash every data file in `bundle_dir`, record them in the manifest, write manifest.json atomically.
+
+    `manifest.files` is replaced by what is on disk. Returns (sha256 of manifest.json, total bundle
+    size in bytes including manifest.json).
+    """
+    d = Path(bundle_dir)
+    files = {}
+    for p in _data_files(d):
+        sha, size = hash_file(p)
+        files[p.name] = FileEntry(sha256=sha, size=size)
+    data = manifest.model_copy(update={"files": files}).to_bytes()
+    Manifest.model_validate_json(data)  # never write what verify_bundle would refuse
+    _atomic_write(d / MANIFEST, data)
+    return sha256_bytes(data), sum(f.size for f in files.values()) + len(data)
+
+
+def parse_manifest(data: bytes, source: str = MANIFEST) -> Manifest:
+    """Parse manifest.json bytes; ArtifactError if not JSON, of an unknown format, or invalid."""
+    try:
+        doc = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{source}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise ArtifactError(f"{source}: not a JSON object")
+    if doc.get("format") != FORMAT:
+        raise ArtifactError(f"{source}: unknown format {doc.get('format')!r} (expected {FORMAT!r})")
+    try:
+        return Manifest.model_validate(doc)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(x) for x in err['loc']) or '<root>'}: {err['msg']}" for err in e.errors()
+        )
+        raise ArtifactError(f"{source}: invalid manifest: {problems}") from None
+
+
+def read_manifest_bytes(bundle_dir: Path | str) -> bytes:
+    """The raw bytes of a bundle's manifest.json (size-limited); ArtifactError if absent."""
+    path = Path(bundle_dir) / MANIFEST
+    if path.is_symlink() or not path.is_file():
+        raise ArtifactError(f"{path}: manifest.json is missing")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise ArtifactError(f"{path}: manifest.json is larger than {MAX_MANIFEST_BYTES} bytes")
+    return path.read_bytes()
+
+
+def read_manifest(bundle_dir: Path | str) -> Manifest:
+    """Parse a bundle's manifest without checking its files (use `verify_bundle` before loading)."""
+    return parse_manifest(read_manifest_bytes(bundle_dir), str(Path(bundle_dir) / MANIFEST))
+
+
+def verify_bundle(
+    bundle_dir: Path | str, expected_sha256: str | None = None, *, expected_key: str | None = None
+) -> Manifest:
+    """Check a bundle completely and return its manifest; ArtifactError naming the file at fault.
+
+    In order: manifest present; its sha256 equals `expected_sha256` (if given); it parses with a
+    known format; its key equals `expected_key` (if given); every listed file exists with the recorded
+    size and sha256; no unlisted files. File names are plain (checked when parsing).
+    """
+    d = Path(bundle_dir)
+    if not d.is_dir():
+        raise ArtifactError(f"{d}: bundle directory does not exist")
+    data = read_manifest_bytes(d)
+    sha = sha256_bytes(data)
+    if expected_sha256 is not None and sha != expected_sha256:
+        raise ArtifactError(f"{d / MANIFEST}: sha256 is {sha}, expected {expected_sha256}")
+    manifest = parse_manifest(data, str(d / MANIFEST))
+    if expected_key is not None and manifest.key != expected_key:
+        raise ArtifactError(f"{d / MANIFEST}: key is {manifest.key}, expected {expected_key}")
+    for name, entry in manifest.files.items():
+        path = d / name
+        if path.is_symlink() or not path.is_file():
+            raise ArtifactError(f"{path}: listed in the manifest but missing")
+        actual_sha, size = hash_file(path)
+        if size != entry.size:
+            raise ArtifactError(f"{path}: size is {size} bytes, manifest says {entry.size}")
+        if actual_sha != entry.sha256:
+            raise ArtifactError(f"{path}: sha256 is {actual_sha}, manifest says {entry.sha256}")
+    for p in d.iterdir():
+        if p.name != MANIFEST and p.name not in manifest.files:
+            raise ArtifactError(f"{p}: not listed in the manifest")
+    return manifest
