@@ -1,0 +1,186 @@
+"""`esper`: the compiler and the runtime on one machine, with no cluster.
+
+Exit codes: 0 ok, 1 the input is invalid (one `file: path: message` line per problem), 2 usage or an
+unreadable file; `compile` passes the compiler's own codes through (65 invalid, 66 target, 67
+validation, 75 transient).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from esper.blueprint import OPS, TEMPLATES, BlueprintInvalid
+from esper.contracts.validation import validate_blueprint_spec
+from esper.storage import open_store
+
+DEFAULT_STORE = ".esper/store"
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.splitlines()[0])
+console = Console()
+
+
+class InputError(Exception):
+    """A file that cannot be read or parsed: exit 2."""
+
+
+def load_documents(path: Path) -> list[tuple[str, Any]]:
+    """(label, Blueprint spec) for each document of a YAML/JSON file; a bare spec is accepted too."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise InputError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if not docs:
+        raise InputError(f"{path}: no documents")
+    out = []
+    for i, doc in enumerate(docs):
+        label = f"{path}" if len(docs) == 1 else f"{path}#{i}"
+        if isinstance(doc, dict) and doc.get("kind") == "Blueprint":
+            name = (doc.get("metadata") or {}).get("name")
+            out.append((f"{label} ({name})" if name else label, doc.get("spec")))
+        elif isinstance(doc, dict) and "kind" in doc:
+            raise InputError(f"{label}: kind {doc['kind']!r} is not a Blueprint")
+        else:
+            out.append((label, doc))
+    return out
+
+
+@app.command()
+def validate(files: Annotated[list[Path], typer.Argument(help="Blueprint manifests (YAML or JSON).")]) -> None:
+    """Check Blueprints as the operator would; print one line per problem."""
+    bad = False
+    for path in files:
+        try:
+            docs = load_documents(path)
+        except InputError as exc:
+            typer.echo(str(exc), err=True)
+            raise typer.Exit(2) from None
+        for label, spec in docs:
+            try:
+                checked = validate_blueprint_spec(spec)
+            except BlueprintInvalid as exc:
+                bad = True
+                for problem in exc.problems:
+                    typer.echo(f"{label}: {problem.path}: {problem.message}", err=True)
+                continue
+            typer.echo(f"{label}: ok, digest {checked.digest[:16]}")
+    if bad:
+        raise typer.Exit(1)
+
+
+@app.command()
+def kernels(
+    store: Annotated[str, typer.Option(help="Store URI: a directory or s3://bucket/prefix.")] = DEFAULT_STORE,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """List the kernel bundles in a store, with their validation figures."""
+    if "://" not in store and not Path(store).is_dir():
+        typer.echo(f"{store}: no such store directory", err=True)
+        raise typer.Exit(2)
+    try:
+        backend = open_store(store)
+        manifests = [backend.read_manifest(key) for key in backend.list_keys()]
+    except Exception as exc:  # noqa: BLE001 - reported as one line, not a traceback
+        typer.echo(f"{store}: {exc}", err=True)
+        raise typer.Exit(2) from None
+    rows = []
+    for m in manifests:
+        report = m.report
+        size = sum(f.size for f in m.files.values())
+        rows.append(
+            {
+                "key": m.key,
+                "target": m.target,
+                "irDigest": m.irDigest,
+                "params": sum(_numel(p.shape) for p in m.params),
+                "size": size,
+                "maxAbsError": report.maxAbsError if report else None,
+                "speedup": report.speedup if report else None,
+                "trainSpeedup": report.trainSpeedup if report else None,
+                "createdAt": m.createdAt,
+            }
+        )
+    if as_json:
+        console.print_json(json.dumps(rows))
+        return
+    table = Table(title=f"kernels in {store}")
+    for column in ("key", "target", "params", "size", "max error", "speedup", "train speedup", "created"):
+        table.add_column(column, justify="right" if column not in ("key", "target", "created") else "left")
+    for r in rows:
+        table.add_row(
+            r["key"][:16],
+            r["target"],
+            f"{r['params']:,}",
+            _bytes(r["size"]),
+            f"{r['maxAbsError']:.1e}" if r["maxAbsError"] is not None else "-",
+            f"{r['speedup']:.2f}x" if r["speedup"] else "-",
+            f"{r['trainSpeedup']:.2f}x" if r["trainSpeedup"] else "-",
+            str(r["createdAt"])[:19],
+        )
+    console.print(table)
+
+
+@app.command()
+def templates() -> None:
+    """List the Blueprint templates and their parameters."""
+    table = Table(title="templates")
+    table.add_column("name")
+    table.add_column("parameters (defaults)")
+    table.add_column("description")
+    for name, t in sorted(TEMPLATES.items()):
+        table.add_row(name, _defaults(t.params), t.doc)
+    console.print(table)
+
+
+@app.command()
+def ops() -> None:
+    """List the graph operations."""
+    table = Table(title="ops")
+    table.add_column("op")
+    table.add_column("inputs")
+    table.add_column("parameters (defaults)")
+    for name, op in sorted(OPS.items()):
+        table.add_row(name, op.arity_text(), _defaults(op.params))
+    console.print(table)
+
+
+def _defaults(model: Any) -> str:
+    """`name=default` for optional fields, bare `name` for required ones."""
+    parts = []
+    for key, field in model.model_fields.items():
+        if field.is_required():
+            parts.append(key)
+        else:
+            parts.append(f"{key}={field.get_default(call_default_factory=True)}")
+    return ", ".join(parts)
+
+
+def _numel(shape: list[Any]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d) if isinstance(d, int) else 1
+    return n
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+if __name__ == "__main__":
+    app()

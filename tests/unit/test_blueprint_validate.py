@@ -1,0 +1,357 @@
+"""Validation: every kind of mistake is reported at the path of the field at fault, all in one pass."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from esper.blueprint import BlueprintInvalid, BlueprintSource, Problem, expand, validate_source
+from esper.contracts import Blueprint, BlueprintSpec
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def node(id_: str, op: str, *inputs: str, **params: Any) -> dict[str, Any]:
+    return {"id": id_, "op": op, "inputs": list(inputs), "params": params}
+
+
+def graph(
+    *nodes: dict[str, Any],
+    shape: list[Any] | None = None,
+    outputs: list[str] | None = None,
+    inputs: list[dict[str, Any]] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A one-input graph (x: [batch, 8] unless told) whose output is the last node."""
+    return {
+        "graph": {
+            "inputs": inputs or [{"name": "x", "shape": shape or ["batch", 8]}],
+            "nodes": list(nodes),
+            "outputs": outputs or [nodes[-1]["id"]],
+            **extra,
+        }
+    }
+
+
+def template(name: str, **params: Any) -> dict[str, Any]:
+    return {"template": {"name": name, "params": params}}
+
+
+N = "spec.graph.nodes"
+T = "spec.template.params"
+
+# (case id, source, expected path, expected message substring)
+INVALID: list[tuple[str, dict[str, Any], str, str]] = [
+    ("unknown-op", graph(node("y", "lienar", "x", outFeatures=4)), f"{N}[0].op", "did you mean 'linear'"),
+    (
+        "unknown-param",
+        graph(node("y", "linear", "x", outFeature=4)),
+        f"{N}[0].params.outFeature",
+        "did you mean 'outFeatures'",
+    ),
+    ("missing-param", graph(node("y", "linear", "x")), f"{N}[0].params.outFeatures", "required"),
+    (
+        "param-too-small",
+        graph(node("y", "linear", "x", outFeatures=0)),
+        f"{N}[0].params.outFeatures",
+        "greater than or equal to 1",
+    ),
+    (
+        "param-too-large",
+        graph(node("y", "linear", "x", outFeatures=70000)),
+        f"{N}[0].params.outFeatures",
+        "less than or equal to 65536",
+    ),
+    (
+        "param-wrong-type",
+        graph(node("y", "linear", "x", outFeatures="64")),
+        f"{N}[0].params.outFeatures",
+        "valid integer",
+    ),
+    ("dropout-p-1", graph(node("y", "dropout", "x", p=1.0)), f"{N}[0].params.p", "less than 1"),
+    ("scale-nan", graph(node("y", "scale", "x", value=math.nan)), f"{N}[0].params.value", "finite"),
+    (
+        "kernel-too-big",
+        graph(node("y", "conv1d", "x", outChannels=4, kernelSize=16), shape=["batch", 4, 32]),
+        f"{N}[0].params.kernelSize",
+        "less than or equal to 15",
+    ),
+    (
+        "same-needs-stride-1",
+        graph(node("y", "conv1d", "x", outChannels=4, padding="same", stride=2), shape=["batch", 4, 32]),
+        f"{N}[0].params.padding",
+        "'same' needs stride 1",
+    ),
+    (
+        "conv-groups",
+        graph(node("y", "conv1d", "x", outChannels=6, groups=3), shape=["batch", 4, 32]),
+        f"{N}[0].params.groups",
+        "must divide the input channels 4",
+    ),
+    ("conv-rank", graph(node("y", "conv2d", "x", outChannels=4)), f"{N}[0].inputs", "rank-4"),
+    (
+        "pool-too-big",
+        graph(node("y", "max_pool2d", "x", kernelSize=5), shape=["batch", 2, 4, 4]),
+        f"{N}[0].params.kernelSize",
+        "larger than the padded input",
+    ),
+    ("arity", graph(node("y", "add", "x")), f"{N}[0].inputs", "takes 2 inputs, got 1"),
+    ("dangling-ref", graph(node("y", "relu", "z")), f"{N}[0].inputs[0]", "unknown input 'z'"),
+    (
+        "duplicate-node-id",
+        graph(node("y", "relu", "x"), node("y", "tanh", "x")),
+        f"{N}[1].id",
+        "duplicate id 'y'",
+    ),
+    ("id-shadows-input", graph(node("x", "relu", "x")), f"{N}[0].id", "duplicate id 'x'"),
+    ("reserved-id", graph(node("forward", "relu", "x")), f"{N}[0].id", "reserved"),
+    ("bad-id", graph(node("Fc1", "relu", "x")), f"{N}[0].id", "pattern"),
+    (
+        "cycle",
+        graph(node("a", "add", "x", "b"), node("b", "relu", "a"), outputs=["a"]),
+        f"{N}[0].inputs",
+        "cycle: a -> b -> a",
+    ),
+    ("self-loop", graph(node("a", "relu", "a")), f"{N}[0].inputs", "cycle: a -> a"),
+    (
+        "unknown-output",
+        graph(node("y", "relu", "x"), outputs=["yy"]),
+        "spec.graph.outputs[0]",
+        "unknown output 'yy'; did you mean 'y'",
+    ),
+    (
+        "duplicate-output",
+        graph(node("y", "relu", "x"), outputs=["y", "y"]),
+        "spec.graph.outputs[1]",
+        "already an output",
+    ),
+    (
+        "broadcast",
+        graph(node("a", "linear", "x", outFeatures=4), node("y", "add", "x", "a")),
+        f"{N}[1].inputs",
+        "do not broadcast: [batch, 8] and [batch, 4]",
+    ),
+    (
+        "matmul-inner",
+        graph(node("y", "matmul", "x", "x"), shape=["batch", 2, 3]),
+        f"{N}[0].inputs",
+        "inner sizes differ",
+    ),
+    ("attention-rank", graph(node("y", "multihead_attention", "x")), f"{N}[0].inputs", "rank-3"),
+    (
+        "attention-heads",
+        graph(node("y", "multihead_attention", "x", heads=3), shape=["batch", 4, 8]),
+        f"{N}[0].params.heads",
+        "must divide the embed size 8",
+    ),
+    (
+        "reshape-size",
+        graph(node("y", "reshape", "x", shape=[3, 3])),
+        f"{N}[0].params.shape",
+        "cannot reshape",
+    ),
+    (
+        "reshape-two-infer",
+        graph(node("y", "reshape", "x", shape=[-1, -1])),
+        f"{N}[0].params.shape",
+        "at most one",
+    ),
+    ("softmax-batch-dim", graph(node("y", "softmax", "x", dim=0)), f"{N}[0].params.dim", "batch dim"),
+    ("softmax-dim-range", graph(node("y", "softmax", "x", dim=3)), f"{N}[0].params.dim", "out of range"),
+    ("flatten-batch", graph(node("y", "flatten", "x", startDim=-2)), f"{N}[0].params.startDim", "batch dim"),
+    ("mean-twice", graph(node("y", "mean", "x", dims=[1, -1])), f"{N}[0].params.dims", "same dim twice"),
+    (
+        "batch-not-first",
+        graph(node("y", "relu", "x"), shape=[8, "batch"]),
+        "spec.graph.inputs[0].shape[0]",
+        "first dim must be 'batch'",
+    ),
+    (
+        "batch-twice",
+        graph(node("y", "relu", "x"), shape=["batch", "batch"]),
+        "spec.graph.inputs[0].shape[1]",
+        "only be the first dim",
+    ),
+    (
+        "zero-dim",
+        graph(node("y", "relu", "x"), shape=["batch", 0]),
+        "spec.graph.inputs[0].shape[1]",
+        "1..65536",
+    ),
+    (
+        "huge-dim",
+        graph(node("y", "relu", "x"), shape=["batch", 70000]),
+        "spec.graph.inputs[0].shape[1]",
+        "1..65536",
+    ),
+    ("rank-1", graph(node("y", "relu", "x"), shape=["batch"]), "spec.graph.inputs[0].shape", "at least 2"),
+    (
+        "output-dim-too-big",
+        graph(node("y", "concat", "x", "x"), shape=["batch", 40000]),
+        f"{N}[0]",
+        "at most 65536",
+    ),
+    (
+        "too-many-params",
+        graph(node("y", "linear", "x", outFeatures=65536), shape=["batch", 65536]),
+        "spec.graph",
+        "the limit is 50,000,000",
+    ),
+    (
+        "unused-node",
+        graph(node("y", "relu", "x"), node("z", "tanh", "x"), outputs=["y"]),
+        f"{N}[1]",
+        "does not reach any output",
+    ),
+    (
+        "unused-input",
+        graph(
+            node("y", "relu", "x"),
+            inputs=[{"name": "x", "shape": ["batch", 8]}, {"name": "w", "shape": ["batch", 8]}],
+        ),
+        "spec.graph.inputs[1]",
+        "input 'w' is not used",
+    ),
+    (
+        "float16-batch-norm",
+        graph(node("y", "batch_norm", "x"), dtype="float16"),
+        f"{N}[0].op",
+        "does not support float16",
+    ),
+    ("bad-dtype", graph(node("y", "relu", "x"), dtype="int8"), "spec.graph.dtype", "float32"),
+    (
+        "unknown-node-field",
+        graph({"id": "y", "opp": "relu", "op": "relu", "inputs": ["x"]}),
+        f"{N}[0].opp",
+        "unknown field 'opp'",
+    ),
+    (
+        "too-many-nodes",
+        graph(*[node(f"n{i}", "relu", "x") for i in range(257)]),
+        "spec.graph.nodes",
+        "at most 256",
+    ),
+    ("neither", {}, "spec", "exactly one"),
+    ("both", {**template("mlp"), **graph(node("y", "relu", "x"))}, "spec", "exactly one"),
+    ("unknown-template", template("residual_mlp"), "spec.template.name", "did you mean 'residual-mlp'"),
+    ("template-param-bound", template("lora-adapter", rank=0), f"{T}.rank", "greater than or equal to 1"),
+    ("template-unknown-param", template("mlp", featurs=8), f"{T}.featurs", "did you mean 'features'"),
+    ("template-cross-field", template("attention-block", embed=64, heads=5), f"{T}.heads", "must divide"),
+    ("template-even-kernel", template("conv-block", kernelSize=4), f"{T}.kernelSize", "must be odd"),
+    (
+        "template-too-big",
+        template("residual-mlp", features=65536, hidden=65536, blocks=16),
+        T,
+        "the limit is 50,000,000",
+    ),
+    ("duplicate-targets", {**template("mlp"), "targets": ["cpu", "cpu"]}, "spec.targets", "unique"),
+    ("bad-target", {**template("mlp"), "targets": ["gpu"]}, "spec.targets[0]", "pattern"),
+    (
+        "bad-compile",
+        {**template("mlp"), "compile": {"maxBatch": 0}},
+        "spec.compile.maxBatch",
+        "greater than or equal to 1",
+    ),
+]
+
+
+def problems_of(source: Any) -> list[Problem]:
+    with pytest.raises(BlueprintInvalid) as info:
+        validate_source(source)
+    assert info.value.problems, "BlueprintInvalid without problems"
+    return info.value.problems
+
+
+def test_table_is_large_and_ids_unique() -> None:
+    assert len(INVALID) >= 30
+    assert len({c[0] for c in INVALID}) == len(INVALID)
+
+
+@pytest.mark.parametrize(
+    ("source", "path", "substring"), [c[1:] for c in INVALID], ids=[c[0] for c in INVALID]
+)
+def test_invalid_blueprint_is_reported_at_its_path(source: dict[str, Any], path: str, substring: str) -> None:
+    problems = problems_of(source)
+    hits = [p for p in problems if p.path == path and substring in p.message]
+    assert hits, f"no problem at {path} containing {substring!r}; got:\n" + "\n".join(map(str, problems))
+
+
+def test_all_problems_in_one_pass() -> None:
+    source = graph(
+        node("a", "lienar", "x", outFeatures=4),
+        node("b", "linear", "x", outFeatures=0),
+        node("c", "add", "a", "nope"),
+        node("d", "add", "x", "x", "x"),
+        outputs=["c", "d", "missing"],
+    )
+    paths = {p.path for p in problems_of(source)}
+    assert {
+        f"{N}[0].op",
+        f"{N}[1].params.outFeatures",
+        f"{N}[2].inputs[1]",
+        f"{N}[3].inputs",
+        "spec.graph.outputs[2]",
+    } <= paths
+
+
+def test_str_has_one_line_per_problem_and_order_follows_the_document() -> None:
+    chain = [node(f"n{i}", "relu", f"n{i - 1}" if i else "x") for i in range(11)]
+    src = graph(*chain)
+    src["graph"]["nodes"][2]["op"] = "rleu"
+    src["graph"]["nodes"][10]["op"] = "tnah"
+    err = problems_of(src)
+    lines = str(BlueprintInvalid(err)).splitlines()
+    assert lines[0] == f"{N}[2].op: unknown op 'rleu'; did you mean 'relu'?"
+    assert lines[1].startswith(f"{N}[10].op: unknown op 'tnah'")
+    assert len(lines) == len(err)
+
+
+def test_prefix_is_configurable() -> None:
+    with pytest.raises(BlueprintInvalid) as err:
+        validate_source(template("mlp", features=0), path_prefix="b.spec")
+    assert [p.path for p in err.value.problems] == ["b.spec.template.params.features"]
+
+
+def test_accepts_models_as_well_as_dicts() -> None:
+    src = BlueprintSource.model_validate(template("bottleneck", features=32))
+    spec = BlueprintSpec.model_validate({**template("bottleneck", features=32), "targets": ["cpu"]})
+    assert validate_source(src) == validate_source(spec) == validate_source(spec.model_dump())
+
+
+def test_expand_fills_defaults_without_shape_checks() -> None:
+    g = expand(graph(node("y", "linear", "x", outFeatures=4)))
+    assert g.nodes[0].params == {"outFeatures": 4, "bias": True, "init": "default"}
+    with pytest.raises(BlueprintInvalid):
+        expand(template("nope"))
+
+
+def load(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text())
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in EXAMPLES.glob("*.yaml") if "invalid" not in p.name))
+def test_example_validates(path: str) -> None:
+    doc = load(EXAMPLES / path)
+    Blueprint.model_validate(doc)  # the resource itself is well formed
+    graph_ = validate_source(doc["spec"])
+    assert len(graph_.inputs) == 1  # seeds read one activation
+
+
+def test_examples_include_the_readme_seed() -> None:
+    spec = load(EXAMPLES / "blueprint.yaml")["spec"]
+    assert spec["template"]["name"] == "residual-mlp" and spec["template"]["params"]["features"] == 64
+
+
+def test_invalid_example_reports_its_problems() -> None:
+    doc = load(EXAMPLES / "invalid-blueprint.yaml")
+    Blueprint.model_validate(doc)  # the API server accepts it; only deep validation rejects it
+    problems = problems_of(doc["spec"])
+    assert [str(p) for p in problems] == [
+        "spec.graph.nodes[0].params.outFeatures: Input should be greater than or equal to 1 (got 0)",
+        "spec.graph.nodes[1].op: unknown op 'rleu'; did you mean 'relu'?",
+        "spec.graph.nodes[2].inputs[0]: unknown input 'hiden'; did you mean 'hidden'?",
+    ]
