@@ -1,4 +1,4 @@
-"""Shared fixtures: the S3 server (moto) and, where tests ask for it, the emulated cluster."""
+"""Shared fixtures: the S3 server (moto) and the emulated cluster (tests.support.cluster)."""
 
 from __future__ import annotations
 
@@ -9,4 +9,5 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(os.getcwd(), ".esp
 
 from tests.support.s3 import s3_bucket, s3_server  # noqa: E402
 
+pytest_plugins = ["tests.support.cluster"]
 __all__ = ["s3_bucket", "s3_server"]

@@ -7,6 +7,7 @@ kopf's event loop. Conflicts and absences become exceptions and None, which is a
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -57,8 +58,10 @@ class Kube:
                 return None
             raise
 
-    def _plain(self, obj: Any) -> Body:
-        return obj if isinstance(obj, dict) else self.api_client.sanitize_for_serialization(obj)
+    @staticmethod
+    def _json(response: Any) -> Body:
+        """Raw JSON: the typed models reject objects that omit fields they deem required."""
+        return json.loads(response.data)
 
     # --- esper.dev custom resources ---------------------------------------------------------------
 
@@ -105,17 +108,22 @@ class Kube:
     # --- Jobs and Pods --------------------------------------------------------------------------
 
     async def get_job(self, namespace: str, name: str) -> Body | None:
-        job = await self._maybe(self.batch.read_namespaced_job, name, namespace)
-        return None if job is None else self._plain(job)
+        job = await self._maybe(self.batch.read_namespaced_job, name, namespace, _preload_content=False)
+        return None if job is None else self._json(job)
 
     async def create_job(self, namespace: str, body: Body) -> Body:
-        return self._plain(await self._call(self.batch.create_namespaced_job, namespace, body))
+        return self._json(
+            await self._call(self.batch.create_namespaced_job, namespace, body, _preload_content=False)
+        )
 
     async def delete_job(self, namespace: str, name: str) -> None:
         await self._maybe(self.batch.delete_namespaced_job, name, namespace, propagation_policy="Background")
 
     async def job_pods(self, namespace: str, job_name: str) -> list[Body]:
         pods = await self._call(
-            self.core.list_namespaced_pod, namespace, label_selector=f"job-name={job_name}"
+            self.core.list_namespaced_pod,
+            namespace,
+            label_selector=f"job-name={job_name}",
+            _preload_content=False,
         )
-        return [self._plain(p) for p in pods.items]
+        return list(self._json(pods).get("items") or [])

@@ -1,0 +1,216 @@
+"""Tamiyo, kept simple: grow a seed when validation loss plateaus, keep it only if it helps.
+
+Deterministic by design: no randomness of its own, slots visited in module order, kernels ranked by
+(score desc, key), every decision from numbers the trainer feeds in. Same data + same torch seed ->
+same event list.
+
+Trainer protocol::
+
+    loss.backward(); optimizer.step(); policy.step(); optimizer.zero_grad()
+    if step % eval_every == 0: policy.on_eval(evaluate(), step)
+
+`evaluate()` returns the validation loss of the current model (it should switch to eval mode and
+no_grad itself); the policy also calls it twice when a blend ends to measure the seed's contribution
+`val_loss(alpha=0) - val_loss(alpha=current)`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from esper.kasmina.lifecycle import LIVE_STATES, SeedState
+from esper.kasmina.seed import KernelSource, SeedSlot, slots
+
+S = SeedState
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """A kernel the policy may germinate: where it comes from, how good it looks, what shape it takes."""
+
+    key: str
+    source: KernelSource  # a module factory (preferred: a fresh seed each time) or a bundle directory
+    score: float = 0.0
+    sample_shape: tuple[int, ...] | None = None  # per-sample in/out shape; None: probed at germination
+    sha256: str | None = None  # expected manifest sha256 for bundle sources
+
+    def fits(self, sample_shape: tuple[int, ...] | None) -> bool:
+        return self.sample_shape is None or sample_shape is None or self.sample_shape == sample_shape
+
+
+class KernelCatalog:
+    """The kernels available to grow, in a deterministic order: score descending, then key."""
+
+    def __init__(self, entries: Iterable[CatalogEntry] = ()) -> None:
+        self._entries: dict[str, CatalogEntry] = {}
+        for e in entries:
+            self._entries[e.key] = e
+
+    def add(
+        self,
+        key: str,
+        source: KernelSource,
+        score: float = 0.0,
+        sample_shape: tuple[int, ...] | None = None,
+        sha256: str | None = None,
+    ) -> None:
+        self._entries[key] = CatalogEntry(key, source, score, sample_shape, sha256)
+
+    @classmethod
+    def from_bundles(cls, bundle_dirs: Iterable[str | os.PathLike[str]]) -> KernelCatalog:
+        """A catalog of local bundles, scored by their report's train speedup (manifest only; the
+        bundle is verified when a seed loads it). Bundles whose manifest is unreadable are skipped."""
+        from esper.artifact import ArtifactError, read_manifest
+
+        cat = cls()
+        for d in bundle_dirs:
+            try:
+                m = read_manifest(d)
+            except ArtifactError:
+                continue
+            score = (m.report.trainSpeedup or m.report.speedup) if m.report else 0.0
+            shape = tuple(int(x) for x in m.inputs[0].shape[1:]) if m.inputs else None
+            cat.add(m.key, Path(d), score, shape)
+        return cat
+
+    def ranked(self, sample_shape: tuple[int, ...] | None = None) -> list[CatalogEntry]:
+        es = [e for e in self._entries.values() if e.fits(sample_shape)]
+        return sorted(es, key=lambda e: (-e.score, e.key))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class PlateauPolicy:
+    """Plateau -> germinate -> train `train_steps` -> blend `blend_steps` -> fossilize or cull."""
+
+    def __init__(
+        self,
+        patience: int = 3,
+        min_delta: float = 1e-3,
+        train_steps: int = 100,
+        blend_steps: int = 100,
+        cull_threshold: float = 0.0,
+        *,
+        catalog: KernelCatalog,
+        evaluate: Callable[[], float],
+        model: nn.Module | None = None,
+        seed_slots: Mapping[str, SeedSlot] | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        group_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        if (model is None) == (seed_slots is None):
+            raise ValueError("give exactly one of model or seed_slots")
+        self.patience, self.min_delta = patience, min_delta
+        self.train_steps, self.blend_steps = train_steps, blend_steps
+        self.cull_threshold = cull_threshold
+        self.catalog, self.evaluate = catalog, evaluate
+        self.slots = dict(slots(model) if model is not None else seed_slots or {})
+        self.optimizer = optimizer
+        self.group_options = dict(group_options or {})
+        self.best = math.inf
+        self.bad_evals = 0
+        self.step_count = 0
+        self.tried: set[tuple[str, str]] = set()  # (slot, kernel) pairs already grown or refused
+        self.events: list[dict[str, Any]] = []
+        self._exhausted: tuple[Any, ...] | None = None  # what was true when nothing could be grown
+
+    def _event(self, event: str, **fields: Any) -> None:
+        self.events.append({"step": self.step_count, "event": event, **fields})
+
+    def active(self) -> SeedSlot | None:
+        return next((s for s in self.slots.values() if s.state in LIVE_STATES), None)
+
+    def on_eval(self, val_loss: float, step: int | None = None) -> None:
+        """Feed one validation loss; on a plateau (and no seed growing) germinate a seed."""
+        if step is not None:
+            self.step_count = step
+        if val_loss < self.best - self.min_delta:
+            self.best, self.bad_evals = val_loss, 0
+        else:
+            self.bad_evals += 1
+        if self.bad_evals >= self.patience and self.active() is None:
+            self.bad_evals = 0
+            if self._exhausted == self._situation():
+                return  # nothing new to try since the last plateau: say it once
+            self._event("plateau", valLoss=val_loss, best=self.best)
+            self._grow()
+
+    def step(self) -> None:
+        """One optimizer step: step every slot, then move the growing seed along its lifecycle."""
+        self.step_count += 1
+        for s in self.slots.values():
+            s.step()
+            if s.state is S.CULLED:  # culled on its own (the seed raised): free the slot again
+                self._drop_group(s)
+                self._event("cull", slot=s.name, reason=s.telemetry.last_error)
+                s.reset()
+        slot = self.active()
+        if slot is None:
+            return
+        if slot.state is S.TRAINING and slot.steps_in_state >= self.train_steps:
+            slot.start_blending(blend_steps=self.blend_steps)
+            self._event("blending", slot=slot.name, kernel=slot.kernel_key)
+        elif slot.state is S.BLENDING and slot.alpha >= 1.0:
+            self._decide(slot)
+
+    def _grow(self) -> None:
+        for slot in self.slots.values():
+            if slot.state is not S.DORMANT:
+                continue
+            for entry in self.catalog.ranked(slot.telemetry.activation_shape):
+                if (slot.name, entry.key) in self.tried:
+                    continue
+                self.tried.add((slot.name, entry.key))
+                if not slot.germinate(entry.source, key=entry.key, expected_sha256=entry.sha256):
+                    self._event("germinate_failed", slot=slot.name, kernel=entry.key,
+                                reason=slot.telemetry.last_error)  # fmt: skip
+                    continue
+                if self.optimizer is not None:
+                    self.optimizer.add_param_group(slot.param_group(**self.group_options))
+                slot.start_training()
+                self._event("germinate", slot=slot.name, kernel=entry.key)
+                return
+        self._exhausted = self._situation()
+        self._event("no_kernel")
+
+    def _situation(self) -> tuple[Any, ...]:
+        dormant = tuple(n for n, s in self.slots.items() if s.state is S.DORMANT)
+        return dormant, len(self.catalog), len(self.tried)
+
+    def _decide(self, slot: SeedSlot) -> None:
+        with slot.alpha_override(0.0):
+            base = float(self.evaluate())
+        current = float(self.evaluate())
+        contribution = base - current
+        slot.telemetry.contribution = contribution
+        if contribution > self.cull_threshold:
+            slot.fossilize(reason=f"contribution {contribution:.6g} > {self.cull_threshold:g}")
+            self._event("fossilize", slot=slot.name, kernel=slot.kernel_key, contribution=contribution,
+                        valLoss=current)  # fmt: skip
+        else:
+            key = slot.kernel_key
+            self._drop_group(slot)
+            slot.cull(f"contribution {contribution:.6g} <= {self.cull_threshold:g}")
+            slot.reset()
+            self._event("cull", slot=slot.name, kernel=key, contribution=contribution, valLoss=base)
+        self.best = min(base, current)
+        self.bad_evals = 0
+
+    def _drop_group(self, slot: SeedSlot) -> None:
+        """Remove a culled seed's param group and optimizer state (they would pin its memory)."""
+        if self.optimizer is None:
+            return
+        opt = self.optimizer
+        for g in [g for g in opt.param_groups if g.get("seed") == slot.name]:
+            opt.param_groups.remove(g)
+            for p in g["params"]:
+                opt.state.pop(p, None)

@@ -1,0 +1,444 @@
+"""Seed slots: points of a host model where a kernel can be grown in, trained, blended and kept.
+
+Forward by state (y is the host output at the slot):
+
+- DORMANT, GERMINATED, CULLED: `y` itself (one attribute check; bit-identical to the bare host).
+- TRAINING: the seed learns in isolation. It sees `y.detach()`; the output is `_Isolate(y, s)`, a custom
+  autograd Function whose value is an exact copy of `y` and whose backward hands the incoming gradient
+  `g` unchanged to both `y` and `s`. The host's outputs and gradients are bit-identical to the bare
+  host, and the seed gets d loss/d y as its signal (what it would get at alpha=1). Chosen over
+  `y + (s - s.detach())` because a seed that produces inf/NaN would turn that into NaN in the host;
+  here the seed's values never reach the output. Caveat: a copy of `y` per step (a view would forbid
+  in-place ops after the slot), and the seed's signal ignores its own effect on the loss.
+  Under no_grad (evaluation) the seed is not run at all.
+- BLENDING: `y + alpha * seed(y)`, alpha rising linearly 0 -> 1 over `blend_steps` optimizer steps.
+- FOSSILIZED: `y + seed(y)`; the seed is now part of the model (state_dict included).
+
+A seed that raises in TRAINING or BLENDING is culled on the spot and the slot returns `y`: a bad
+kernel costs the seed, never the training run.
+
+When to swap kernels: `germinate` installs at once by default. That is safe even mid-step, because a
+dormant slot put nothing of a seed into the pending autograd graph; the caller then adds
+`slot.seed_parameters()` to its optimizer. `defer=True` stages the kernel and installs it at the next
+`step()` boundary instead (for callers that germinate from another thread or between forward and
+backward and want the swap on the step edge).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from esper.kasmina.kernel import KernelLoadError, KernelModule, from_module, kernel_key_of, load_kernel
+from esper.kasmina.lifecycle import (
+    IDENTITY_STATES,
+    KERNEL_STATES,
+    IllegalTransition,
+    Lifecycle,
+    SeedState,
+    Transition,
+)
+from esper.kasmina.telemetry import KasminaMetrics, SeedTelemetry, default_metrics
+
+log = logging.getLogger("esper.kasmina")
+
+S = SeedState
+KernelSource = nn.Module | Callable[[], nn.Module] | str | os.PathLike[str]
+KernelResolver = Callable[[str], nn.Module]
+EXTRA_STATE_VERSION = 1
+
+
+class KernelRestoreError(RuntimeError):
+    """A checkpoint names a seed kernel this slot cannot rebuild (no resolver, or it failed)."""
+
+
+class _Isolate(torch.autograd.Function):
+    """Value: a copy of y. Gradient: g to y and g to s (the seed learns; the host is untouched)."""
+
+    @staticmethod
+    def forward(ctx: Any, y: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return g, g
+
+
+class SeedSlot(nn.Module):
+    """A host submodule (or an identity, if `module` is None) followed by a seed point."""
+
+    def __init__(
+        self,
+        name: str,
+        module: nn.Module | None = None,
+        *,
+        blend_steps: int = 100,
+        sample_every: int = 10,
+        metrics: KasminaMetrics | None = None,
+        kernel_resolver: KernelResolver | None = None,
+    ) -> None:
+        super().__init__()
+        if blend_steps < 1:
+            raise ValueError("blend_steps must be >= 1")
+        self.name = name
+        self.host = module
+        self.add_module("seed", None)
+        self.blend_steps = blend_steps
+        self.sample_every = sample_every
+        self.kernel_resolver = kernel_resolver
+        self.metrics = metrics if metrics is not None else default_metrics()
+        self.telemetry = SeedTelemetry(name)
+        self.lifecycle = Lifecycle(name, on_transition=self._on_transition)
+        self.alpha = 0.0
+        self.blend_step = 0
+        self.global_step = 0
+        self.steps_in_state = 0
+        self._alpha_override: float | None = None
+        self._pending: tuple[nn.Module, str] | None = None
+        self._observe_due = True  # the first forward records the activation shape
+        self._passthrough = False
+        self.metrics.set_state(name, S.DORMANT)
+
+    # ---- forward -------------------------------------------------------------------------------
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        y = args[0] if self.host is None else self.host(*args, **kwargs)
+        if self._passthrough:
+            return y
+        return self._seed_forward(y)
+
+    def _seed_forward(self, y: Any) -> Any:
+        if not isinstance(y, torch.Tensor):
+            return y
+        if self._observe_due:
+            self.telemetry.observe(y.detach())
+            self._observe_due = False
+            self._refresh()
+        state, seed = self.lifecycle.state, self.seed
+        if seed is None or state not in KERNEL_STATES:
+            return y
+        if self._alpha_override is not None:
+            a = self._alpha_override
+            return y if a == 0.0 else y + a * seed(y)
+        if state in IDENTITY_STATES:
+            return y
+        if state is S.TRAINING:
+            if not torch.is_grad_enabled():
+                return y
+            s = self._guarded(seed, y.detach(), y)
+            return y if s is None else _Isolate.apply(y, s)
+        if state is S.BLENDING:
+            s = self._guarded(seed, y, y)
+            return y if s is None else y + self.alpha * s
+        return y + seed(y)  # FOSSILIZED
+
+    def _guarded(self, seed: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        """Run a live seed; if it fails or returns the wrong shape, cull it and carry on without it."""
+        try:
+            s = seed(x)
+        except Exception as e:
+            self.cull(f"SeedError: {type(e).__name__}: {e}"[:500])
+            return None
+        if not isinstance(s, torch.Tensor) or s.shape != y.shape:
+            got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
+            self.cull(f"ShapeMismatch: seed returned {got}, activation is {tuple(y.shape)}")
+            return None
+        return s
+
+    def _refresh(self) -> None:
+        """Recompute the fast-path flag: identity state, nothing to observe, no alpha override."""
+        self._passthrough = (
+            self.lifecycle.state in IDENTITY_STATES and not self._observe_due and self._alpha_override is None
+        )
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+
+    @property
+    def state(self) -> SeedState:
+        return self.lifecycle.state
+
+    @property
+    def kernel_key(self) -> str | None:
+        return kernel_key_of(self.seed)
+
+    def _on_transition(self, t: Transition) -> None:
+        self.steps_in_state = 0
+        self.telemetry.state = t.to_state
+        self.metrics.transition(self.name, t.to_state)
+        log.info("seed %s: %s -> %s at step %d (%s)", self.name, t.from_state.value, t.to_state.value,
+                 t.step, t.reason)  # fmt: skip
+
+    def _move(self, to: SeedState, step: int | None, reason: str) -> None:
+        self.lifecycle.transition(to, self.global_step if step is None else step, reason)
+        self._refresh()
+
+    def germinate(
+        self,
+        kernel: KernelSource,
+        *,
+        step: int | None = None,
+        key: str | None = None,
+        expected_sha256: str | None = None,
+        defer: bool = False,
+    ) -> bool:
+        """Load and check a kernel, then install it (now, or at the next `step()` if `defer`).
+
+        `kernel`: a module, a zero-argument loader, or a bundle directory. Returns False if the kernel
+        was refused (KernelLoadError; recorded in telemetry and metrics): the slot stays dormant.
+        """
+        if self.state is not S.DORMANT or self._pending is not None:
+            raise IllegalTransition(self.state, S.GERMINATED, self.name)
+        try:
+            module = self._materialize(kernel, key, expected_sha256)
+            self._check_fits(module)
+        except KernelLoadError as e:
+            self.telemetry.last_error = str(e)
+            log.warning("seed %s: kernel refused, slot stays dormant: %s", self.name, e)
+            return False
+        self.telemetry.last_error = None
+        if isinstance(module, KernelModule):
+            self.telemetry.load_seconds = module.load_seconds
+        reason = f"kernel {kernel_key_of(module)}"
+        if defer:
+            self._pending = (module, reason)
+        else:
+            self._install(module, step, reason)
+        return True
+
+    def _materialize(self, kernel: KernelSource, key: str | None, sha: str | None) -> nn.Module:
+        try:
+            if isinstance(kernel, str | os.PathLike):
+                shape = self.telemetry.activation_shape
+                return load_kernel(kernel, sha, self._device(), sample_shape=shape, metrics=self.metrics)
+            module = kernel if isinstance(kernel, nn.Module) else kernel()
+            if not isinstance(module, nn.Module):
+                raise KernelLoadError("NotAModule", f"loader returned {type(module).__name__}")
+            return from_module(module, key)
+        except KernelLoadError:
+            raise
+        except Exception as e:
+            self.metrics.kernel_load_failures.labels(reason="LoadFailed").inc()
+            raise KernelLoadError("LoadFailed", f"{type(e).__name__}: {e}") from e
+
+    def _device(self) -> torch.device:
+        if self.telemetry.activation_device is not None:
+            return torch.device(self.telemetry.activation_device)
+        for t in self.parameters():
+            return t.device
+        return torch.device("cpu")
+
+    def _check_fits(self, module: nn.Module) -> None:
+        """Probe the kernel with one zero sample of the activation's shape (if the slot has seen one)."""
+        shape, dtype = self.telemetry.activation_shape, self.telemetry.activation_dtype
+        if shape is None or dtype is None:
+            return  # unseen slot: a mismatch is caught at the first forward (and culls the seed)
+        if isinstance(module, KernelModule) and (why := module.fits(shape)) is not None:
+            raise KernelLoadError("ShapeMismatch", why)
+        dev, dt = self._device(), getattr(torch, dtype)
+        if not isinstance(module, KernelModule):
+            module.to(device=dev, dtype=dt)
+        was_training = module.training
+        try:
+            module.eval()
+            with torch.no_grad():
+                out = module(torch.zeros((1, *shape), device=dev, dtype=dt))
+        except Exception as e:
+            raise KernelLoadError("ProbeFailed", f"{type(e).__name__}: {e}") from e
+        finally:
+            module.train(was_training)
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, *shape):
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise KernelLoadError("ShapeMismatch", f"kernel maps (1, {shape}) to {got}")
+
+    def _install(self, module: nn.Module, step: int | None, reason: str) -> None:
+        module.train(self.training)
+        self.seed = module
+        self.alpha, self.blend_step = 0.0, 0
+        self.telemetry.kernel_key = kernel_key_of(module)
+        self._move(S.GERMINATED, step, reason)
+
+    def start_training(self, step: int | None = None) -> None:
+        self._move(S.TRAINING, step, "train in isolation")
+
+    def start_blending(self, step: int | None = None, blend_steps: int | None = None) -> None:
+        if blend_steps is not None:
+            if blend_steps < 1:
+                raise ValueError("blend_steps must be >= 1")
+            self.blend_steps = blend_steps
+        self._move(S.BLENDING, step, f"blend over {self.blend_steps} steps")
+        self.alpha, self.blend_step = 0.0, 0
+
+    def fossilize(self, step: int | None = None, reason: str = "kept") -> None:
+        self._move(S.FOSSILIZED, step, reason)
+        self.alpha = 1.0
+
+    def cull(self, reason: str, step: int | None = None) -> None:
+        """Discard the seed (its parameters leave the model); the slot then waits for `reset()`."""
+        self._move(S.CULLED, step, reason)
+        self.seed = None
+        self.alpha = 0.0
+        self.telemetry.last_error = reason
+
+    def reset(self, step: int | None = None) -> None:
+        """Culled -> dormant: the slot can be germinated again."""
+        self._move(S.DORMANT, step, "slot reused")
+        self.telemetry.kernel_key = None
+
+    def step(self) -> None:
+        """Advance one optimizer step: call after optimizer.step() and before zero_grad()."""
+        self.global_step += 1
+        self.steps_in_state += 1
+        if self._pending is not None:
+            module, reason = self._pending
+            self._pending = None
+            self._install(module, None, reason)
+        if self.lifecycle.state is S.BLENDING:
+            self.blend_step += 1
+            self.alpha = min(1.0, self.blend_step / self.blend_steps)
+        if self.sample_every > 0 and self.global_step % self.sample_every == 0:
+            self._observe_due = True
+            self._sample_grads()
+        self._refresh()
+
+    def _sample_grads(self) -> None:
+        self.telemetry.alpha = self.alpha
+        if self.seed is None:
+            return
+        self.metrics.seed_alpha.labels(seed=self.name).set(self.alpha)
+        norms = [p.grad.detach().norm() for p in self.seed.parameters() if p.grad is not None]
+        if norms:
+            gn = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+            self.telemetry.grad_norm = gn
+            self.metrics.seed_grad_norm.labels(seed=self.name).set(float(gn))
+
+    @contextlib.contextmanager
+    def alpha_override(self, alpha: float) -> Iterator[None]:
+        """Evaluate with `y + alpha * seed(y)` whatever the state (0.0: the host alone). For
+        evaluation (measuring a seed's contribution), not training: it bypasses isolation."""
+        prev = self._alpha_override
+        self._alpha_override = float(alpha)
+        self._refresh()
+        try:
+            yield
+        finally:
+            self._alpha_override = prev
+            self._refresh()
+
+    def seed_parameters(self) -> list[nn.Parameter]:
+        """The seed's parameters, for a dedicated optimizer param group."""
+        return [] if self.seed is None else list(self.seed.parameters())
+
+    def param_group(self, **options: Any) -> dict[str, Any]:
+        """An optimizer param group of this seed: `optimizer.add_param_group(slot.param_group(lr=...))`."""
+        return {"params": self.seed_parameters(), "seed": self.name, **options}
+
+    # ---- status and checkpoints -----------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        self.telemetry.alpha = self.alpha
+        d = self.telemetry.to_json()
+        d.update(stepsInState=self.steps_in_state, globalStep=self.global_step,
+                 seedParams=sum(p.numel() for p in self.seed_parameters()))  # fmt: skip
+        return d
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """Plain JSON-able slot state; the seed's tensors are saved as ordinary state_dict entries."""
+        return {
+            "version": EXTRA_STATE_VERSION,
+            "name": self.name,
+            "state": self.state.value,
+            "alpha": self.alpha,
+            "blendStep": self.blend_step,
+            "blendSteps": self.blend_steps,
+            "globalStep": self.global_step,
+            "stepsInState": self.steps_in_state,
+            "kernelKey": self.kernel_key,
+            "history": [t.to_json() for t in self.lifecycle.history],
+        }
+
+    def set_extra_state(self, state: Any) -> None:
+        """Restore the slot; rebuild its kernel with `kernel_resolver` first if the checkpoint has one.
+
+        Runs before the slot's children are loaded, so the rebuilt seed's parameters are then filled
+        from the same state_dict.
+        """
+        if not isinstance(state, dict) or state.get("version") != EXTRA_STATE_VERSION:
+            raise KernelRestoreError(f"slot {self.name}: unknown slot state {state!r:.200}")
+        to = S(state["state"])
+        key = state.get("kernelKey")
+        if to in KERNEL_STATES:
+            if self.seed is None or self.kernel_key != key:
+                self.seed = self._resolve(str(key))
+        else:
+            self.seed = None
+        self._pending = None
+        self.lifecycle.restore(to, [Transition.from_json(t) for t in state.get("history", [])])
+        self.alpha = float(state["alpha"])
+        self.blend_step = int(state["blendStep"])
+        self.blend_steps = int(state["blendSteps"])
+        self.global_step = int(state["globalStep"])
+        self.steps_in_state = int(state["stepsInState"])
+        self.telemetry.state, self.telemetry.kernel_key = to, self.kernel_key
+        self.metrics.set_state(self.name, to)
+        self._refresh()
+
+    def _resolve(self, key: str) -> nn.Module:
+        if self.kernel_resolver is None:
+            raise KernelRestoreError(
+                f"slot {self.name}: the checkpoint holds seed kernel {key}; set a kernel_resolver "
+                "(set_kernel_resolver(model, fn)) before load_state_dict"
+            )
+        try:
+            module = from_module(self.kernel_resolver(key), key)
+        except Exception as e:
+            raise KernelRestoreError(f"slot {self.name}: cannot rebuild kernel {key}: {e}") from e
+        if kernel_key_of(module) != key:
+            got = kernel_key_of(module)
+            raise KernelRestoreError(f"slot {self.name}: resolver returned kernel {got}, not {key}")
+        module.train(self.training)
+        return module
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, state={self.state.value}, alpha={self.alpha:.3f}"
+
+
+def wrap(model: nn.Module, at: Iterable[str], **slot_options: Any) -> dict[str, SeedSlot]:
+    """Replace each named submodule by a SeedSlot around it; returns the slots by name.
+
+    State_dict keys of a wrapped submodule gain a `.host` level (`blocks.0.weight` ->
+    `blocks.0.host.weight`): wrap before loading an Esper checkpoint, after loading a host-only one.
+    """
+    out: dict[str, SeedSlot] = {}
+    for name in at:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        sub = parent.get_submodule(attr)
+        if isinstance(sub, SeedSlot):
+            raise ValueError(f"{name} is already a seed slot")
+        slot = SeedSlot(name, sub, **slot_options)
+        setattr(parent, attr, slot)
+        out[name] = slot
+    return out
+
+
+def slots(model: nn.Module) -> dict[str, SeedSlot]:
+    """Every seed slot in `model`, by slot name, in module order."""
+    return {m.name: m for m in model.modules() if isinstance(m, SeedSlot)}
+
+
+def step_slots(model: nn.Module) -> None:
+    """`slot.step()` for every slot (once per optimizer step)."""
+    for s in slots(model).values():
+        s.step()
+
+
+def set_kernel_resolver(model: nn.Module, resolver: KernelResolver) -> None:
+    """Give every slot the function that rebuilds a kernel from its key (for `load_state_dict`)."""
+    for s in slots(model).values():
+        s.kernel_resolver = resolver

@@ -1,0 +1,284 @@
+"""The operator end to end on the emulated cluster: a real `kopf run` process, the real compile command
+run by the fake kubelet, a moto S3, and the real kubectl where users would use it."""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import sys
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from esper.storage import open_store
+from tests.support.cluster import Cluster, OperatorProcess, wait_for
+
+pytestmark = pytest.mark.cluster
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "examples" / "blueprint.yaml"
+INVALID = REPO / "examples" / "invalid-blueprint.yaml"
+COMPILE_TIMEOUT = 240
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def small_blueprint(
+    name: str, *, seed: int = 0, features: int = 16, targets: list[str] | None = None
+) -> dict:
+    """A tiny residual MLP: compiles in seconds with a warm inductor cache."""
+    return {
+        "apiVersion": "esper.dev/v1alpha1",
+        "kind": "Blueprint",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "template": {"name": "residual-mlp", "params": {"features": features, "hidden": 32, "blocks": 1}},
+            "targets": targets or ["cpu"],
+            "compile": {"initSeed": seed, "validateBatches": [1, 5], "benchmarkBatches": [8]},
+        },
+    }
+
+
+class Esper:
+    """The operator under test plus handles on everything around it."""
+
+    def __init__(
+        self, cluster: Cluster, kubelet: Any, operator: OperatorProcess, store_uri: str, metrics: int
+    ):
+        self.cluster, self.kubelet, self.operator = cluster, kubelet, operator
+        self.store = open_store(store_uri)
+        self.metrics_port = metrics
+
+    def kernels(self) -> list[dict]:
+        return self.cluster.list("kernels", "default")
+
+    def jobs(self) -> list[dict]:
+        return self.cluster.list("jobs", "default")
+
+    def blueprint(self, name: str) -> dict | None:
+        return self.cluster.get("blueprints", name)
+
+    def phase(self, resource: str, name: str) -> str | None:
+        obj = self.cluster.get(resource, name)
+        return ((obj or {}).get("status") or {}).get("phase")
+
+    def wait_phase(self, resource: str, name: str, phase: str, timeout: float = COMPILE_TIMEOUT) -> dict:
+        def reached() -> bool:
+            got = self.phase(resource, name)
+            if got in ("Failed", "Invalid") and got != phase:
+                raise AssertionError(
+                    f"{resource}/{name} is {got}: {self.cluster.get(resource, name)['status']}"
+                )
+            return got == phase
+
+        wait_for(
+            reached, timeout, 0.2, message=lambda: f"{resource}/{name} {phase}\n{self.operator.log()[-3000:]}"
+        )
+        return self.cluster.get(resource, name)
+
+    def events(self, name: str) -> list[dict]:
+        return [e for e in self.cluster.list("events", "default") if e["involvedObject"]["name"] == name]
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
+            return response.read().decode()
+
+
+@pytest.fixture
+def esper(
+    cluster: Cluster,
+    kubelet: Any,
+    s3_server: str,
+    s3_bucket: str,
+    operator_process: Callable[..., OperatorProcess],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Esper]:
+    """Operator configured as the Helm chart would, S3 credentials in a Secret the Jobs reference."""
+    secret = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    cluster.create(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "esper-s3", "namespace": "default"},
+            "data": {k: base64.b64encode(v.encode()).decode() for k, v in secret.items()},
+        }
+    )
+    port = _free_port()
+    env = {
+        "ESPER_STORE_URI": s3_bucket,
+        "ESPER_S3_ENDPOINT": s3_server,
+        "ESPER_S3_SECRET": "esper-s3",
+        "ESPER_COMPILE_COMMAND": json.dumps([sys.executable, "-m", "esper.tezzeret"]),
+        "ESPER_BACKOFF_LIMIT": "1",
+        "ESPER_METRICS_PORT": str(port),
+        "ESPER_RESYNC_SECONDS": "3",
+        **secret,
+    }
+    kubelet.volume_dirs["scratch"] = tmp_path_factory.mktemp("node-cache")  # a node's warm cache
+    operator = operator_process("esper_operator.handlers", env=env)
+    operator.wait_for_log("esper operator ready", timeout=60)
+    yield Esper(cluster, kubelet, operator, s3_bucket, port)
+    operator.stop()
+
+
+def test_blueprint_becomes_a_ready_kernel_with_a_verified_artifact(esper: Esper, tmp_path: Path) -> None:
+    kubectl = esper.cluster.kubectl
+    kubectl("apply", "-f", str(EXAMPLE))
+    name = yaml.safe_load(EXAMPLE.read_text())["metadata"]["name"]
+    blueprint = esper.wait_phase("blueprints", name, "Ready")
+    status = blueprint["status"]
+    assert (
+        status["kernelsSummary"] == "1/1"
+        and status["observedGeneration"] == blueprint["metadata"]["generation"]
+    )
+    kernel = esper.cluster.get("kernels", status["kernels"][0]["name"])
+    artifact = kernel["status"]["artifact"]
+    assert kernel["status"]["report"]["maxAbsError"] <= kernel["status"]["report"]["tolerance"]
+    assert kernel["status"]["toolchain"]["torch"].startswith("2.")
+    # The bundle in S3 is whole and matches the sha256 the Kernel reports.
+    bundle = esper.store.fetch_bundle(
+        kernel["spec"]["key"], tmp_path / "bundle", expected_sha256=artifact["sha256"]
+    )
+    assert {"forward.pt2", "backward.pt2", "params.safetensors", "manifest.json"} <= {
+        p.name for p in bundle.iterdir()
+    }
+    # Users see it the way kubectl shows it.
+    table = kubectl("get", "kernels").stdout.splitlines()
+    assert table[0].split() == ["NAME", "BLUEPRINT", "TARGET", "PHASE", "SPEEDUP", "AGE"]
+    assert table[1].split()[:4] == [kernel["metadata"]["name"], name, "cpu", "Ready"]
+    assert kubectl("get", "blueprints").stdout.splitlines()[1].split()[:3] == [name, "Ready", "1/1"]
+    reasons = {e["reason"] for e in esper.events(kernel["metadata"]["name"])}
+    assert {"Created", "JobCreated", "Compiled"} <= reasons
+    assert 'esper_kernels{phase="Ready"} 1.0' in esper.metrics()
+    # Delete through kubectl: finalizers run, nothing is left behind, the artifact is kept.
+    kubectl("delete", "-f", str(EXAMPLE), "--timeout=60s")
+    wait_for(lambda: not esper.kernels() and not esper.jobs(), 30)
+    assert esper.blueprint(name) is None
+    assert esper.store.has_bundle(kernel["spec"]["key"])
+
+
+def test_identical_specs_share_kernels_and_jobs(esper: Esper) -> None:
+    esper.kubelet.paused = True  # count Jobs; running them is the other tests' business
+    for i in range(10):
+        esper.cluster.create(small_blueprint(f"bp-{i}", seed=i % 3))
+    wait_for(
+        lambda: len(esper.jobs()) == 3 and all(esper.phase("blueprints", f"bp-{i}") for i in range(10)), 60
+    )
+    kernels = esper.kernels()
+    assert len(kernels) == 3
+    owners = sorted(len(k["metadata"]["ownerReferences"]) for k in kernels)
+    assert owners == [3, 3, 4]
+    assert {j["metadata"]["ownerReferences"][0]["name"] for j in esper.jobs()} == {
+        k["metadata"]["name"] for k in kernels
+    }
+    # Deleting some owners keeps a shared Kernel; deleting the last one removes it and its Job.
+    for i in (0, 3, 6):
+        esper.cluster.delete("blueprints", f"bp-{i}")
+    wait_for(
+        lambda: len(esper.kernels()) == 3 and all(esper.blueprint(f"bp-{i}") is None for i in (0, 3, 6)), 30
+    )
+    for i in (9,):
+        esper.cluster.delete("blueprints", f"bp-{i}")
+    wait_for(lambda: len(esper.kernels()) == 2 and len(esper.jobs()) == 2, 30)
+
+
+def test_invalid_blueprint_gets_a_condition_and_no_job(esper: Esper) -> None:
+    esper.cluster.kubectl("apply", "-f", str(INVALID))
+    name = yaml.safe_load(INVALID.read_text())["metadata"]["name"]
+    blueprint = esper.wait_phase("blueprints", name, "Invalid", timeout=30)
+    valid = {c["type"]: c for c in blueprint["status"]["conditions"]}["Valid"]
+    assert valid["status"] == "False" and valid["reason"] == "InvalidSpec"
+    assert "spec.graph.nodes[1].op: unknown op 'rleu'; did you mean 'relu'?" in valid["message"]
+    assert any(e["reason"] == "Invalid" and e["type"] == "Warning" for e in esper.events(name))
+    assert esper.kernels() == [] and esper.jobs() == []
+    # Fixing the spec (a new generation) makes it valid and compiles it.
+    fixed = small_blueprint(name)
+    esper.cluster.kubectl.apply(fixed)
+    blueprint = esper.wait_phase("blueprints", name, "Ready")
+    assert blueprint["status"]["observedGeneration"] == blueprint["metadata"]["generation"] == 2
+
+
+def test_failing_job_is_retried_then_fails_the_kernel_with_its_reason(esper: Esper) -> None:
+    bp = small_blueprint("oom", seed=11)
+    esper.kubelet.fail_next("tezzeret-cpu-", exit_code=137, reason="OOMKilled", times=2)
+    esper.cluster.create(bp)
+    blueprint = esper.wait_phase("blueprints", "oom", "Failed", timeout=60)
+    kernel = esper.cluster.get("kernels", blueprint["status"]["kernels"][0]["name"])
+    assert kernel["status"]["phase"] == "Failed" and kernel["status"]["reason"] == "OOMKilled"
+    assert "after 2 attempt(s)" in kernel["status"]["message"]
+    assert len(esper.kubelet.runs_of(kernel["status"]["jobName"])) == 2  # backoffLimit 1: two Pods
+    assert any(
+        e["reason"] == "OOMKilled" and e["type"] == "Warning"
+        for e in esper.events(kernel["metadata"]["name"])
+    )
+
+
+def test_permanent_failure_is_not_retried(esper: Esper) -> None:
+    esper.kubelet.fail_next(
+        "tezzeret-cpu-", exit_code=67, reason="Error", message='{"error":{"message":"max error 3"}}'
+    )
+    esper.cluster.create(small_blueprint("numerics", seed=12))
+    blueprint = esper.wait_phase("blueprints", "numerics", "Failed", timeout=60)
+    kernel = esper.cluster.get("kernels", blueprint["status"]["kernels"][0]["name"])
+    assert kernel["status"]["reason"] == "ValidationFailed"
+    assert kernel["status"]["message"].endswith("max error 3")
+    assert len(esper.kubelet.runs_of(kernel["status"]["jobName"])) == 1
+
+
+def test_operator_restart_mid_compile_neither_duplicates_nor_loses_work(esper: Esper) -> None:
+    esper.kubelet.paused = True
+    esper.cluster.create(small_blueprint("restart", seed=21))
+    wait_for(lambda: len(esper.jobs()) == 1, 30)
+    esper.operator.stop()
+    esper.kubelet.paused = False  # the Job runs (and may finish) while no operator watches
+    esper.operator.start()
+    blueprint = esper.wait_phase("blueprints", "restart", "Ready")
+    assert len(esper.jobs()) == 1 and len(esper.kernels()) == 1
+    assert len(esper.kubelet.runs_of(esper.jobs()[0]["metadata"]["name"])) == 1
+    assert blueprint["status"]["kernelsSummary"] == "1/1"
+
+
+def test_spec_change_makes_new_kernels_and_releases_old_ones(esper: Esper) -> None:
+    esper.kubelet.paused = True
+    esper.cluster.create(small_blueprint("evolve", seed=31))
+    wait_for(lambda: len(esper.kernels()) == 1, 30)
+    old = esper.kernels()[0]["metadata"]["name"]
+    esper.cluster.patch("blueprints", "evolve", {"spec": {"compile": {"initSeed": 32}}})
+    wait_for(
+        lambda: (
+            [k["metadata"]["name"] for k in esper.kernels()] not in ([], [old]) and len(esper.kernels()) == 1
+        ),
+        30,
+    )
+    blueprint = esper.blueprint("evolve")
+    wait_for(lambda: esper.blueprint("evolve")["status"].get("observedGeneration") == 2, 30)
+    assert esper.kernels()[0]["metadata"]["name"] == blueprint["status"]["kernels"][0]["name"] != old
+
+
+def test_deleting_while_compiling_leaves_nothing_stuck(esper: Esper) -> None:
+    esper.kubelet.paused = True
+    esper.cluster.create(small_blueprint("doomed", seed=41))
+    wait_for(lambda: len(esper.jobs()) == 1, 30)
+    esper.cluster.delete("blueprints", "doomed")
+    wait_for(lambda: esper.blueprint("doomed") is None and not esper.kernels() and not esper.jobs(), 30)
+
+
+def test_deleted_kernel_is_recreated_by_its_blueprint(esper: Esper) -> None:
+    esper.kubelet.paused = True
+    esper.cluster.create(small_blueprint("heal", seed=51))
+    wait_for(lambda: len(esper.kernels()) == 1, 30)
+    kernel = esper.kernels()[0]
+    esper.cluster.delete("kernels", kernel["metadata"]["name"])
+    # The periodic resync (3 s here) notices and recreates it, with a new uid.
+    wait_for(
+        lambda: [k["metadata"]["uid"] for k in esper.kernels()] not in ([], [kernel["metadata"]["uid"]]), 30
+    )

@@ -1,0 +1,306 @@
+"""Seed slots: identity when dormant, isolation when training, exact blending, checkpoints."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import math
+
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+from torch import nn
+
+from esper.kasmina import (
+    EagerKernel,
+    IllegalTransition,
+    KasminaMetrics,
+    KernelRestoreError,
+    SeedSlot,
+    SeedState,
+    set_kernel_resolver,
+    slots,
+    status_json,
+    step_slots,
+    wrap,
+)
+
+S = SeedState
+F = 16
+
+
+class Host(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(F, F), nn.Tanh()) for _ in range(2))
+        self.head = nn.Linear(F, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+
+def make_seed(seed: int = 1) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    m = nn.Sequential(nn.Linear(F, 32), nn.GELU(), nn.Linear(32, F))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return m
+
+
+def pair(**opts: object) -> tuple[nn.Module, nn.Module, dict[str, SeedSlot]]:
+    torch.manual_seed(0)
+    bare = Host()
+    wrapped = copy.deepcopy(bare)
+    return bare, wrapped, wrap(wrapped, at=["blocks.0", "blocks.1"], **opts)
+
+
+def metrics() -> KasminaMetrics:
+    return KasminaMetrics(CollectorRegistry())
+
+
+def host_grads(m: nn.Module) -> dict[str, torch.Tensor]:
+    return {n.replace(".host", ""): p.grad.clone() for n, p in m.named_parameters() if ".seed." not in n}
+
+
+def test_dormant_is_bit_identical_and_takes_the_fast_path() -> None:
+    bare, wrapped, ss = pair()
+    for _ in range(3):
+        x = torch.randn(7, F)
+        assert torch.equal(bare(x), wrapped(x))
+    assert all(s._passthrough for s in ss.values())  # after the first (observing) forward: one check
+    explicit = SeedSlot("free", metrics=metrics())
+    x = torch.randn(3, F)
+    assert explicit(x) is x and explicit(x) is x and explicit._passthrough
+    assert ss["blocks.0"].telemetry.activation_shape == (F,)
+
+
+def test_training_is_isolated_but_the_seed_learns() -> None:
+    bare, wrapped, ss = pair()
+    slot = ss["blocks.1"]
+    assert slot.germinate(make_seed()) and slot.state is S.GERMINATED
+    slot.start_training()
+    x, t = torch.randn(9, F), torch.randn(9, 1)
+    out_b, out_w = bare(x), wrapped(x)
+    assert torch.equal(out_b, out_w)
+    nn.functional.mse_loss(out_b, t).backward()
+    nn.functional.mse_loss(out_w, t).backward()
+    gb, gw = host_grads(bare), host_grads(wrapped)
+    assert gb.keys() == gw.keys() and all(torch.equal(gb[k], gw[k]) for k in gb)
+    seed_grads = [p.grad for p in slot.seed_parameters()]
+    assert all(g is not None and g.abs().sum() > 0 for g in seed_grads)
+    with torch.no_grad():  # evaluation does not even run the seed
+        assert torch.equal(bare(x), wrapped(x))
+
+
+def test_training_output_allows_inplace_ops_downstream() -> None:
+    slot = SeedSlot("s", nn.Linear(F, F), metrics=metrics())
+    slot.germinate(make_seed())
+    slot.start_training()
+    net = nn.Sequential(slot, nn.ReLU(inplace=True), nn.Linear(F, 1))
+    net(torch.randn(4, F)).sum().backward()
+    assert all(p.grad is not None for p in slot.seed_parameters())
+
+
+def test_a_nonfinite_training_seed_cannot_reach_the_host() -> None:
+    bare, wrapped, ss = pair()
+    bad = make_seed()
+    with torch.no_grad():
+        bad[2].bias.fill_(math.inf)
+    ss["blocks.0"].germinate(bad)
+    ss["blocks.0"].start_training()
+    x = torch.randn(4, F)
+    assert torch.equal(bare(x), wrapped(x))
+
+
+def test_blending_schedule_and_exact_math() -> None:
+    _, wrapped, ss = pair(blend_steps=4)
+    slot = ss["blocks.0"]
+    slot.germinate(make_seed())
+    slot.start_training()
+    slot.start_blending()
+    alphas = [slot.alpha]
+    for _ in range(6):
+        slot.step()
+        alphas.append(slot.alpha)
+    assert alphas == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert slot.state is S.BLENDING  # at alpha 1 until someone decides
+    slot.alpha = 0.25
+    x = torch.randn(5, F)
+    y = slot.host(x)
+    s = slot.seed(y)
+    assert torch.equal(slot(x), y + 0.25 * s)
+    out = wrapped(x).sum()
+    out.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in slot.seed_parameters())
+    assert slot.host[0].weight.grad is not None
+
+
+def test_blending_gradients_reach_host_through_the_seed() -> None:
+    bare, wrapped, ss = pair(blend_steps=2)
+    slot = ss["blocks.0"]
+    slot.germinate(make_seed())
+    slot.start_training()
+    slot.start_blending()
+    slot.step()
+    x = torch.randn(6, F)
+    bare(x).sum().backward()
+    wrapped(x).sum().backward()
+    assert not torch.equal(bare.blocks[0][0].weight.grad, wrapped.blocks[0].host[0].weight.grad)
+
+
+def test_alpha_override_and_fossilized_math() -> None:
+    _, _, ss = pair(blend_steps=1)
+    slot = ss["blocks.0"]
+    slot.germinate(make_seed())
+    slot.start_training()
+    slot.start_blending()
+    slot.step()
+    slot.fossilize()
+    x = torch.randn(3, F)
+    y, s = slot.host(x), slot.seed(slot.host(x))
+    assert torch.equal(slot(x), y + s)
+    with slot.alpha_override(0.0):
+        assert torch.equal(slot(x), y)
+    with slot.alpha_override(0.5):
+        assert torch.equal(slot(x), y + 0.5 * s)
+    assert torch.equal(slot(x), y + s)
+
+
+def test_illegal_slot_operations_raise() -> None:
+    slot = SeedSlot("s", nn.Linear(F, F), metrics=metrics())
+    with pytest.raises(IllegalTransition):
+        slot.fossilize()
+    with pytest.raises(IllegalTransition):
+        slot.start_blending()
+    slot.germinate(make_seed())
+    with pytest.raises(IllegalTransition):
+        slot.germinate(make_seed())
+
+
+def train_steps(model: nn.Module, opt: torch.optim.Optimizer, n: int) -> float:
+    loss = torch.tensor(0.0)
+    for _ in range(n):
+        x = torch.randn(8, F)
+        loss = (model(x) - x.sum(1, keepdim=True).sin()).pow(2).mean()
+        loss.backward()
+        opt.step()
+        step_slots(model)
+        opt.zero_grad()
+    return float(loss.detach())
+
+
+def grow_and_fossilize(model: nn.Module, slot: SeedSlot, opt: torch.optim.Optimizer) -> None:
+    assert slot.germinate(make_seed(3), key="mlp16")
+    opt.add_param_group(slot.param_group(lr=0.01))
+    slot.start_training()
+    train_steps(model, opt, 3)
+    slot.start_blending(blend_steps=2)
+    train_steps(model, opt, 2)
+    slot.fossilize()
+    train_steps(model, opt, 2)
+
+
+def test_hot_load_between_steps_keeps_training() -> None:
+    _, model, ss = pair()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    assert math.isfinite(train_steps(model, opt, 3))
+    grow_and_fossilize(model, ss["blocks.1"], opt)
+    assert math.isfinite(train_steps(model, opt, 3))
+
+
+def test_deferred_germination_swaps_at_the_step_boundary() -> None:
+    _, model, ss = pair()
+    slot = ss["blocks.0"]
+    x = torch.randn(4, F)
+    out = model(x).sum()  # a step is in flight
+    assert slot.germinate(make_seed(), defer=True)
+    assert slot.state is S.DORMANT and slot.seed is None
+    out.backward()
+    slot.step()
+    assert slot.state is S.GERMINATED and slot.seed is not None
+
+
+def test_fossilized_seed_survives_a_checkpoint() -> None:
+    _, model, ss = pair()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    grow_and_fossilize(model, ss["blocks.1"], opt)
+    sd = model.state_dict()
+    extra = sd["blocks.1._extra_state"]
+    assert json.loads(json.dumps(extra)) == extra  # plain JSON data, no pickle needed
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    sd = torch.load(buf, weights_only=True)
+
+    torch.manual_seed(123)
+    fresh = Host()
+    fresh_slots = wrap(fresh, at=["blocks.0", "blocks.1"])
+    with pytest.raises(KernelRestoreError, match="kernel_resolver"):
+        fresh.load_state_dict(sd)
+    set_kernel_resolver(fresh, lambda key: EagerKernel(make_seed(99), key))
+    fresh.load_state_dict(sd)  # strict
+    assert list(fresh.state_dict()) == list(sd)
+    restored = fresh_slots["blocks.1"]
+    assert restored.state is S.FOSSILIZED and restored.kernel_key == "mlp16"
+    assert restored.lifecycle.history == ss["blocks.1"].lifecycle.history
+    x = torch.randn(5, F)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+
+
+def test_refused_kernels_leave_the_slot_dormant() -> None:
+    m = metrics()
+    _, model, _ = pair(metrics=m)
+    ss = slots(model)
+    model(torch.randn(2, F))  # the slots learn their activation shape
+
+    def broken() -> nn.Module:
+        raise OSError("disk on fire")
+
+    assert not ss["blocks.0"].germinate(broken)
+    assert not ss["blocks.0"].germinate(nn.Linear(8, 8))  # does not fit a 16-wide activation
+    assert ss["blocks.0"].state is S.DORMANT and "ProbeFailed" in (ss["blocks.0"].telemetry.last_error or "")
+    assert m.registry.get_sample_value("esper_kernel_load_failures_total", {"reason": "LoadFailed"}) == 1
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    assert math.isfinite(train_steps(model, opt, 2))
+
+
+def test_a_seed_that_raises_is_culled_and_the_slot_reused() -> None:
+    _, model, ss = pair()
+    slot = ss["blocks.0"]
+
+    class Boom(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("kernel crashed")
+
+    slot.germinate(Boom())  # unseen slot: no probe yet
+    slot.start_training()
+    x = torch.randn(3, F)
+    model(x).sum().backward()
+    assert slot.state is S.CULLED and slot.seed is None and "kernel crashed" in str(slot.telemetry.last_error)
+    slot.reset()
+    assert slot.state is S.DORMANT and slot.germinate(make_seed())
+
+
+def test_telemetry_and_metrics() -> None:
+    m = metrics()
+    _, model, ss = pair(metrics=m, sample_every=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    slot = ss["blocks.1"]
+    grow_and_fossilize(model, slot, opt)
+    status = status_json(model)
+    by_name = {s["name"]: s for s in status["seeds"]}
+    assert by_name["blocks.0"]["state"] == "dormant" and by_name["blocks.1"]["state"] == "fossilized"
+    assert by_name["blocks.1"]["kernelKey"] == "mlp16" and by_name["blocks.1"]["gradNorm"] > 0
+    assert math.isfinite(by_name["blocks.0"]["activationStd"])
+    json.dumps(status)
+    get = m.registry.get_sample_value
+    assert get("esper_seed_state", {"seed": "blocks.1", "state": "fossilized"}) == 1
+    assert get("esper_seed_state", {"seed": "blocks.1", "state": "blending"}) == 0
+    assert get("esper_seed_transitions_total", {"seed": "blocks.1", "state": "germinated"}) == 1
+    assert get("esper_seed_alpha", {"seed": "blocks.1"}) == 1.0
+    assert get("esper_seed_grad_norm", {"seed": "blocks.1"}) > 0
