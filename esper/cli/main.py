@@ -8,6 +8,7 @@ validation, 75 transient).
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -58,7 +59,9 @@ def load_documents(path: Path) -> list[tuple[str, Any]]:
 
 
 @app.command()
-def validate(files: Annotated[list[Path], typer.Argument(help="Blueprint manifests (YAML or JSON).")]) -> None:
+def validate(
+    files: Annotated[list[Path], typer.Argument(help="Blueprint manifests (YAML or JSON).")],
+) -> None:
     """Check Blueprints as the operator would; print one line per problem."""
     bad = False
     for path in files:
@@ -92,7 +95,7 @@ def kernels(
     try:
         backend = open_store(store)
         manifests = [backend.read_manifest(key) for key in backend.list_keys()]
-    except Exception as exc:  # noqa: BLE001 - reported as one line, not a traceback
+    except Exception as exc:
         typer.echo(f"{store}: {exc}", err=True)
         raise typer.Exit(2) from None
     rows = []
@@ -154,6 +157,66 @@ def ops() -> None:
     for name, op in sorted(OPS.items()):
         table.add_row(name, op.arity_text(), _defaults(op.params))
     console.print(table)
+
+
+kasmina_app = typer.Typer(
+    no_args_is_help=True, help="The training side: the Kernel sync sidecar and its injector."
+)
+app.add_typer(kasmina_app, name="kasmina")
+DEFAULT_IMAGE = "ghcr.io/esper-dev/esper:0.1.0"
+
+
+@kasmina_app.command("sync")
+def kasmina_sync() -> None:
+    """Run the sidecar: sync the Kernels this pod asked for (ESPER_KERNELS / ESPER_KERNEL_SELECTOR)
+    from the store into ESPER_KERNEL_DIR, until SIGTERM. Serves /readyz, /healthz, /metrics."""
+    from esper.kasmina.sync import ConfigError, run_sync
+
+    try:
+        code = run_sync()
+    except ConfigError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    raise typer.Exit(code)
+
+
+@kasmina_app.command("inject")
+def kasmina_inject(
+    file: Annotated[Path, typer.Argument(help="Manifest (Pod, Job, Deployment, ...); '-' for stdin.")],
+    kernels: Annotated[str, typer.Option(help="Comma-separated Kernel names to sync.")] = "",
+    selector: Annotated[str, typer.Option(help="Label selector of the Kernels to sync.")] = "",
+    image: Annotated[str, typer.Option(help="Sidecar image (carries the esper CLI).")] = DEFAULT_IMAGE,
+    store: Annotated[str, typer.Option(help="Store URI; default: taken from each Kernel's status.")] = "",
+    kernel_dir: Annotated[
+        str, typer.Option(help="Where the shared volume is mounted.")
+    ] = "/var/lib/esper/kernels",
+    service_account: Annotated[str, typer.Option(help="ServiceAccount to run the pod as.")] = "",
+) -> None:
+    """Add the Kasmina sidecar, its shared volume and env to workload manifests; print the result."""
+    from esper.kasmina.inject import inject_documents
+
+    if not kernels and not selector:
+        typer.echo("give --kernels or --selector: which Kernels should the pod receive?", err=True)
+        raise typer.Exit(2)
+    try:
+        text = sys.stdin.read() if str(file) == "-" else file.read_text()
+    except OSError as exc:
+        typer.echo(f"{file}: cannot read: {exc.strerror}", err=True)
+        raise typer.Exit(2) from None
+    try:
+        out = inject_documents(
+            text,
+            image=image,
+            kernels=kernels or None,
+            selector=selector or None,
+            store_uri=store or None,
+            kernel_dir=kernel_dir,
+            service_account=service_account or None,
+        )
+    except (ValueError, yaml.YAMLError) as exc:
+        typer.echo(f"{file}: {exc}", err=True)
+        raise typer.Exit(1) from None
+    sys.stdout.write(out)
 
 
 def _defaults(model: Any) -> str:

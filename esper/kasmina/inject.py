@@ -1,0 +1,199 @@
+"""Add the Kasmina sync sidecar to a workload manifest, as a service-mesh injector would.
+
+The sidecar is a native sidecar (an initContainer with `restartPolicy: Always`, Kubernetes >= 1.29):
+it starts first, its startupProbe on /readyz holds the app containers back until the first sync is
+done, it keeps running beside them, and it does not keep a Job's pod alive once the app exits.
+The kernels land on an emptyDir shared with every app container (read-only there).
+
+The pod's ServiceAccount needs the `esper-kernel-reader` ClusterRole (the chart provides it) bound in
+the namespace, and a token: if the pod turns automounting off, a projected token is mounted into the
+sidecar only.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+
+from esper.kasmina.index import NAME_RE
+
+SIDECAR = "esper-kasmina"
+VOLUME = "esper-kernels"
+TOKEN_VOLUME = "esper-kasmina-token"
+TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
+PORT = 9090
+DEFAULT_KERNEL_DIR = "/var/lib/esper/kernels"
+# Where the pod template sits in each workload kind.
+TEMPLATE_PATHS: dict[str, tuple[str, ...]] = {
+    "Pod": (),
+    "Deployment": ("spec", "template"),
+    "StatefulSet": ("spec", "template"),
+    "DaemonSet": ("spec", "template"),
+    "ReplicaSet": ("spec", "template"),
+    "Job": ("spec", "template"),
+    "CronJob": ("spec", "jobTemplate", "spec", "template"),
+}
+
+
+def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
+    return {"httpGet": {"path": path, "port": PORT}, "periodSeconds": period, "failureThreshold": failures}
+
+
+def sidecar_container(*, image: str, kernels: Sequence[str] = (), selector: str | None = None,
+                      store_uri: str | None = None, kernel_dir: str = DEFAULT_KERNEL_DIR,
+                      token_volume: bool = False) -> dict[str, Any]:
+    """The esper-kasmina native sidecar container."""
+    env: list[dict[str, Any]] = [{"name": "ESPER_KERNEL_DIR", "value": kernel_dir}]
+    if kernels:
+        env.append({"name": "ESPER_KERNELS", "value": ",".join(kernels)})
+    if selector:
+        env.append({"name": "ESPER_KERNEL_SELECTOR", "value": selector})
+    env.append({"name": "ESPER_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}})
+    if store_uri:
+        env.append({"name": "ESPER_STORE_URI", "value": store_uri})
+    env.append({"name": "ESPER_SYNC_PORT", "value": str(PORT)})
+    env.append({"name": "PYTHONDONTWRITEBYTECODE", "value": "1"})
+    mounts = [{"name": VOLUME, "mountPath": kernel_dir}]
+    if token_volume:
+        mounts.append({"name": TOKEN_VOLUME, "mountPath": TOKEN_PATH, "readOnly": True})
+    return {
+        "name": SIDECAR,
+        "image": image,
+        "restartPolicy": "Always",
+        "command": ["esper", "kasmina", "sync"],
+        "env": env,
+        "ports": [{"name": "esper-sync", "containerPort": PORT, "protocol": "TCP"}],
+        # Startup gates the app containers on the first sync (up to 10 minutes of downloads).
+        "startupProbe": _probe("/readyz", 1, 600),
+        "readinessProbe": _probe("/readyz", 10, 3),
+        "livenessProbe": _probe("/healthz", 20, 3),
+        "resources": {"requests": {"cpu": "20m", "memory": "96Mi"}, "limits": {"memory": "512Mi"}},
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": 65532,
+            "runAsGroup": 65532,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": mounts,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+
+
+def _token_volume() -> dict[str, Any]:
+    """What the kubelet mounts when automounting is on: a bound token, the CA, the namespace."""
+    return {"name": TOKEN_VOLUME, "projected": {"sources": [
+        {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}},
+        {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+        {"downwardAPI": {"items": [{"path": "namespace",
+                                    "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}]}},
+    ]}}  # fmt: skip
+
+
+def _pod_spec(doc: dict[str, Any]) -> dict[str, Any]:
+    kind = doc.get("kind")
+    if kind not in TEMPLATE_PATHS:
+        raise ValueError(f"cannot inject into kind {kind!r}: expected one of {', '.join(TEMPLATE_PATHS)}")
+    node: Any = doc
+    for part in TEMPLATE_PATHS[kind]:
+        node = node.get(part) if isinstance(node, dict) else None
+    spec = node.get("spec") if isinstance(node, dict) else None
+    name = (doc.get("metadata") or {}).get("name", "?")
+    if not isinstance(spec, dict):
+        path = ".".join((*TEMPLATE_PATHS[kind], "spec"))
+        raise ValueError(f"{kind} {name}: no pod template spec at {path}")
+    if not spec.get("containers"):
+        raise ValueError(f"{kind} {name}: the pod template has no containers")
+    return spec
+
+
+def _upsert(items: list[dict[str, Any]], item: dict[str, Any], at: int | None = None) -> None:
+    """Replace the item of the same name, else insert it (idempotent re-injection)."""
+    for i, existing in enumerate(items):
+        if existing.get("name") == item["name"]:
+            items[i] = item
+            return
+    items.insert(len(items) if at is None else at, item)
+
+
+def inject(manifest: dict[str, Any], *, image: str, kernels: Sequence[str] | str | None = None,
+           selector: str | None = None, store_uri: str | None = None, kernel_dir: str = DEFAULT_KERNEL_DIR,
+           service_account: str | None = None) -> dict[str, Any]:
+    """A copy of `manifest` (one workload) with the sidecar, the volume and the mounts; idempotent.
+
+    ValueError: unknown kind, no containers, nothing to sync, a bad name, or a conflicting volume,
+    mount path or ServiceAccount.
+    """
+    names = [n.strip() for n in kernels.split(",")] if isinstance(kernels, str) else list(kernels or ())
+    names = [n for n in names if n]
+    if not names and not selector:
+        raise ValueError("nothing to sync: give kernels (Kernel names) and/or a label selector")
+    if bad := [n for n in names if not NAME_RE.match(n)]:
+        raise ValueError(f"not Kubernetes object names: {', '.join(map(repr, bad))}")
+    if not image:
+        raise ValueError("the sidecar image is required")
+    if not kernel_dir.startswith("/"):
+        raise ValueError(f"kernel_dir {kernel_dir!r} must be an absolute path")
+    if not isinstance(manifest, dict):
+        raise ValueError("expected one manifest (a mapping); split multi-document YAML with inject_documents")
+    doc = copy.deepcopy(manifest)
+    spec = _pod_spec(doc)
+    where = f"{doc['kind']} {(doc.get('metadata') or {}).get('name', '?')}"
+
+    volumes = spec.setdefault("volumes", [])
+    existing = next((v for v in volumes if v.get("name") == VOLUME), None)
+    if existing is not None and "emptyDir" not in existing:
+        raise ValueError(f"{where}: a volume named {VOLUME!r} already exists and is not an emptyDir")
+    if existing is None:
+        volumes.append({"name": VOLUME, "emptyDir": {}})
+
+    if service_account:
+        current = spec.get("serviceAccountName") or spec.get("serviceAccount")
+        if current and current != service_account:
+            raise ValueError(f"{where}: serviceAccountName is {current!r}, not {service_account!r}")
+        spec["serviceAccountName"] = service_account
+    token = spec.get("automountServiceAccountToken") is False
+    if token:
+        _upsert(volumes, _token_volume())
+
+    for c in spec["containers"]:
+        for m in c.get("volumeMounts", []):
+            if m.get("mountPath") == kernel_dir and m.get("name") != VOLUME:
+                raise ValueError(f"{where}: container {c.get('name')!r} already mounts {m['name']!r} at "
+                                 f"{kernel_dir}")
+        _upsert(c.setdefault("volumeMounts", []), {"name": VOLUME, "mountPath": kernel_dir, "readOnly": True})
+        _upsert(c.setdefault("env", []), {"name": "ESPER_KERNEL_DIR", "value": kernel_dir})
+
+    sidecar = sidecar_container(image=image, kernels=names, selector=selector, store_uri=store_uri,
+                                kernel_dir=kernel_dir, token_volume=token)
+    _upsert(spec.setdefault("initContainers", []), sidecar, at=0)  # first: later init containers see kernels
+    return doc
+
+
+_SEPARATOR = re.compile(r"^---[ \t]*(?:#.*)?$", re.MULTILINE)
+
+
+def inject_documents(text: str, **kwargs: Any) -> str:
+    """`inject` every workload in multi-document YAML; other documents pass through byte for byte.
+
+    A `kind: List` (kubectl's output) has each workload item injected. Keyword arguments go to `inject`.
+    """
+    chunks = _SEPARATOR.split(text)
+    out = []
+    for chunk in chunks:
+        doc = yaml.safe_load(chunk) if chunk.strip() else None
+        if isinstance(doc, dict) and doc.get("kind") in TEMPLATE_PATHS:
+            out.append("\n" + yaml.safe_dump(inject(doc, **kwargs), sort_keys=False))
+        elif isinstance(doc, dict) and doc.get("kind") == "List" and isinstance(doc.get("items"), list):
+            doc["items"] = [inject(i, **kwargs) if isinstance(i, dict) and i.get("kind") in TEMPLATE_PATHS
+                            else i for i in doc["items"]]
+            out.append("\n" + yaml.safe_dump(doc, sort_keys=False))
+        else:
+            out.append(chunk)
+    return "---".join(out).lstrip("\n")

@@ -1,0 +1,171 @@
+"""The Kasmina sync sidecar's configuration (from the pod's environment) and label selectors."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from esper.kasmina.index import NAME_RE
+from esper.storage import parse_s3_uri
+from esper.targets import Target
+
+SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+
+# ---- configuration -------------------------------------------------------------------------------
+
+_ENV = {  # field -> environment variable
+    "kernel_dir": "ESPER_KERNEL_DIR", "kernels": "ESPER_KERNELS", "selector": "ESPER_KERNEL_SELECTOR",
+    "namespace": "ESPER_NAMESPACE", "store_uri": "ESPER_STORE_URI", "target": "ESPER_TARGET",
+    "port": "ESPER_SYNC_PORT", "host": "ESPER_SYNC_HOST", "watch_timeout": "ESPER_SYNC_WATCH_TIMEOUT",
+    "retry_base": "ESPER_SYNC_RETRY_BASE", "retry_max": "ESPER_SYNC_RETRY_MAX",
+    "workers": "ESPER_SYNC_WORKERS",
+}  # fmt: skip
+
+
+class ConfigError(ValueError):
+    """The sidecar's environment is wrong; the message names each variable at fault."""
+
+
+class SyncConfig(BaseModel):
+    """What to sync, where to, and how; `from_env()` reads it from the pod's environment."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kernel_dir: Path
+    kernels: tuple[str, ...] = ()
+    selector: str | None = None
+    namespace: str = "default"
+    store_uri: str | None = None
+    target: str | None = None
+    port: int = Field(default=9090, ge=0, le=65535)
+    host: str = "0.0.0.0"
+    watch_timeout: int = Field(default=300, ge=1, le=3600)
+    retry_base: float = Field(default=1.0, gt=0)
+    retry_max: float = Field(default=60.0, gt=0)
+    workers: int = Field(default=4, ge=1, le=32)
+
+    @field_validator("kernels", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        return tuple(n.strip() for n in v.split(",") if n.strip()) if isinstance(v, str) else v
+
+    @field_validator("kernels")
+    @classmethod
+    def _names(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [n for n in v if not NAME_RE.match(n)]
+        if bad:
+            raise ValueError(f"not Kubernetes object names: {', '.join(map(repr, bad))}")
+        return v
+
+    @field_validator("selector", "store_uri", "target", mode="before")
+    @classmethod
+    def _blank(cls, v: Any) -> Any:
+        return None if isinstance(v, str) and not v.strip() else v
+
+    @field_validator("selector")
+    @classmethod
+    def _selector(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_selector(v)
+        return v
+
+    @field_validator("target")
+    @classmethod
+    def _target(cls, v: str | None) -> str | None:
+        return None if v is None else Target.parse(v).name
+
+    @field_validator("store_uri")
+    @classmethod
+    def _store(cls, v: str | None) -> str | None:
+        if v is not None and v.startswith("s3://"):
+            parse_s3_uri(v)
+        elif v is not None and "://" in v and not v.startswith("file://"):
+            raise ValueError(f"unsupported store URI {v!r} (use s3://bucket/prefix, file:///path or a path)")
+        return v
+
+    @model_validator(mode="after")
+    def _something(self) -> SyncConfig:
+        if not self.kernels and self.selector is None:
+            raise ValueError("set ESPER_KERNELS (comma-separated Kernel names) and/or ESPER_KERNEL_SELECTOR")
+        if self.retry_max < self.retry_base:
+            raise ValueError("ESPER_SYNC_RETRY_MAX must be at least ESPER_SYNC_RETRY_BASE")
+        return self
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> SyncConfig:
+        """Read the ESPER_* variables (see `_ENV`); ConfigError listing every problem."""
+        env = os.environ if env is None else env
+        raw: dict[str, Any] = {f: env[v] for f, v in _ENV.items() if env.get(v, "").strip()}
+        if "kernel_dir" not in raw:
+            raise ConfigError("ESPER_KERNEL_DIR: required (the shared kernel volume's mount path)")
+        raw.setdefault("namespace", default_namespace(env))
+        raw.update(overrides)
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as e:
+            lines = []
+            for err in e.errors():
+                field = str(err["loc"][0]) if err["loc"] else ""
+                where = _ENV.get(field, "config")
+                lines.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
+            raise ConfigError("invalid sidecar configuration:\n  " + "\n  ".join(lines)) from None
+
+
+def default_namespace(env: Mapping[str, str] | None = None) -> str:
+    """The pod's namespace: POD_NAMESPACE (downward API), the serviceaccount file, else "default"."""
+    env = os.environ if env is None else env
+    if env.get("POD_NAMESPACE", "").strip():
+        return env["POD_NAMESPACE"].strip()
+    try:
+        return Path(SA_NAMESPACE_FILE).read_text().strip() or "default"
+    except OSError:
+        return "default"
+
+
+# ---- label selectors ------------------------------------------------------------------------------
+# Matched client-side over an unfiltered watch of the namespace's Kernels: names and a selector combine
+# as a union, and a Kernel whose labels stop matching is seen leaving (a selector-filtered watch would
+# depend on the server turning that into DELETED). Kernels per namespace are few; the cost is small.
+
+_REQ = re.compile(
+    r"\s*(?:!\s*(?P<nkey>[\w./-]+)|(?P<key>[\w./-]+)\s*(?:(?P<op>==|=|!=)\s*(?P<val>[\w.-]*)"
+    r"|\s+(?P<setop>in|notin)\s*\((?P<set>[^)]*)\))?)\s*(?:,|$)"
+)
+
+
+def parse_selector(text: str) -> list[tuple[str, str, frozenset[str]]]:
+    """`a=b,c!=d,e in (x,y),f notin (z),g,!h` -> [(key, op, values)]; ValueError on garbage."""
+    reqs: list[tuple[str, str, frozenset[str]]] = []
+    pos, text = 0, text.strip()
+    while pos < len(text):
+        m = _REQ.match(text, pos)
+        if not m or m.end() == pos:
+            raise ValueError(f"invalid label selector {text!r} at {text[pos:]!r}")
+        if m["nkey"]:
+            reqs.append((m["nkey"], "!", frozenset()))
+        elif m["op"]:
+            reqs.append((m["key"], "!=" if m["op"] == "!=" else "=", frozenset([m["val"]])))
+        elif m["setop"]:
+            values = frozenset(v.strip() for v in m["set"].split(",") if v.strip())
+            reqs.append((m["key"], m["setop"], values))
+        else:
+            reqs.append((m["key"], "exists", frozenset()))
+        pos = m.end()
+    return reqs
+
+
+def selector_matches(reqs: list[tuple[str, str, frozenset[str]]], labels: Mapping[str, str]) -> bool:
+    for key, op, values in reqs:
+        present, value = key in labels, labels.get(key)
+        ok = {"=": present and value in values, "in": present and value in values,
+              "!=": not present or value not in values, "notin": not present or value not in values,
+              "exists": present, "!": not present}[op]  # fmt: skip
+        if not ok:
+            return False
+    return True
