@@ -1,0 +1,150 @@
+"""Tezzeret's cost and payoff, measured in one run.
+
+(a) overhead: wall time of the compile Job (`python -m esper.tezzeret` into a temporary local store:
+    checks, compile, validation, benchmark, manifest, upload) over a bare fresh-process compile of
+    the same two programs (`compile_module`), each with its own cold TORCHINDUCTOR_CACHE_DIR.
+    Target <= 1.25.
+(b) payoff: compiled/eager latency per template (forward, and the training step fwd+bwd) at
+    batches a seed sees in training, and their geometric means. Target >= 1.3x on CPU.
+
+    python benchmarks/compile.py [--quick]
+
+Prints rich tables and writes benchmarks/results/compile.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).parent / "results"
+OVERHEAD_SPEC = {"template": {"name": "residual-mlp", "params": {"features": 64, "hidden": 128, "blocks": 2}}}
+TEMPLATES: dict[str, dict[str, Any]] = {
+    "residual-mlp": {"features": 64, "hidden": 128, "blocks": 2},
+    "lora-adapter": {"features": 64, "rank": 8},
+    "transformer-mlp": {"features": 64, "hidden": 256},
+    "attention-block": {"embed": 64, "heads": 4, "seq": 16},
+    "bottleneck": {"features": 64, "bottleneck": 16},
+    "conv-block": {"channels": 16, "height": 8, "width": 8},
+}
+QUICK = ("residual-mlp", "lora-adapter", "transformer-mlp")
+BATCHES = [32, 128, 512]
+
+
+def _bare_compile(spec_json: str, out: str) -> None:
+    """The baseline: build and compile the two programs, nothing else."""
+    from esper.blueprint import validate_source
+    from esper.contracts.common import CompileOptions
+    from esper.tezzeret.compile import compile_graph
+
+    spec = json.loads(spec_json)
+    compile_graph(validate_source(spec), "cpu", CompileOptions(), Path(out))
+
+
+def _timed(cmd: list[str], env: dict[str, str]) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False, timeout=1200)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd[:4])} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - t0
+
+
+def overhead() -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="bench-compile-") as tmp:
+        t = Path(tmp)
+        spec = json.dumps(OVERHEAD_SPEC)
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(t / "cache-bare")}
+        bare = _timed([sys.executable, __file__, "--bare", spec, str(t / "bare")], env)
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(t / "cache-job"), "ESPER_BLUEPRINT_JSON": spec}
+        job = _timed(
+            [sys.executable, "-m", "esper.tezzeret", "--target", "cpu", "--store", str(t / "store"),
+             "--result-path", str(t / "result.json")],
+            env,
+        )  # fmt: skip
+        result = json.loads((t / "result.json").read_text())
+    return {"bareSeconds": round(bare, 2), "jobSeconds": round(job, 2), "ratio": round(job / bare, 3),
+            "jobReport": result.get("report")}  # fmt: skip
+
+
+def speedups(names: list[str]) -> dict[str, Any]:
+    from esper.blueprint import validate_source
+    from esper.contracts.common import CompileOptions
+    from esper.tezzeret.bench import benchmark, geomean
+    from esper.tezzeret.compile import compile_graph
+    from esper.tezzeret.validate import load_packages, validate
+
+    rows: dict[str, Any] = {}
+    options = CompileOptions(benchmarkBatches=BATCHES)
+    with tempfile.TemporaryDirectory(prefix="bench-speedup-") as tmp:
+        for name in names:
+            graph = validate_source({"template": {"name": name, "params": TEMPLATES[name]}})
+            t0 = time.perf_counter()
+            r = compile_graph(graph, "cpu", options, Path(tmp) / name)
+            seconds = time.perf_counter() - t0
+            packages = load_packages(r.forward_path, r.backward_path)
+            validate(r, options, packages)
+            b = benchmark(r, options, packages, budget_s=3.0)
+            rows[name] = {
+                "compileSeconds": round(seconds, 1),
+                "speedup": round(b.speedup, 3),
+                "trainSpeedup": round(b.train_speedup, 3),
+                "batches": [
+                    {"batch": t.batch, "eagerFwd": round(t.eager_fwd, 1),
+                     "compiledFwd": round(t.compiled_fwd, 1), "eagerTrain": round(t.eager_train, 1),
+                     "compiledTrain": round(t.compiled_train, 1)}
+                    for t in b.timings
+                ],
+            }  # fmt: skip
+    return {
+        "templates": rows,
+        "geomeanSpeedup": round(geomean([r["speedup"] for r in rows.values()]), 3),
+        "geomeanTrainSpeedup": round(geomean([r["trainSpeedup"] for r in rows.values()]), 3),
+    }
+
+
+def main() -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
+    args = ap.parse_args()
+    names = list(QUICK if args.quick else TEMPLATES)
+    console = Console()
+    over = overhead()
+    table = Table(title="(a) compile Job vs bare compile, fresh process, cold inductor cache each")
+    for c in ("bare compile s", "compile Job s", "ratio (target <= 1.25)"):
+        table.add_column(c)
+    table.add_row(str(over["bareSeconds"]), str(over["jobSeconds"]), str(over["ratio"]))
+    console.print(table)
+    sp = speedups(names)
+    table = Table(title=f"(b) compiled vs eager, CPU, batches {BATCHES} (median µs; speedup = geomean)")
+    for c in ("template", "fwd speedup", "train speedup", *[f"fwd/train µs @{b}" for b in BATCHES]):
+        table.add_column(c)
+    for name, r in sp["templates"].items():
+        cells = [f"{t['eagerFwd']:.0f}/{t['compiledFwd']:.0f}  {t['eagerTrain']:.0f}/{t['compiledTrain']:.0f}"
+                 for t in r["batches"]]  # fmt: skip
+        table.add_row(name, f"{r['speedup']:.2f}x", f"{r['trainSpeedup']:.2f}x", *cells)
+    table.add_row("geomean", f"{sp['geomeanSpeedup']:.2f}x", f"{sp['geomeanTrainSpeedup']:.2f}x")
+    console.print(table)
+    import torch
+
+    doc = {"torch": torch.__version__, "cpus": os.cpu_count(), "benchThreads": 1,
+           "overhead": over, **sp}  # fmt: skip
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "compile.json").write_text(json.dumps(doc, indent=2) + "\n")
+    console.print(f"wrote {RESULTS / 'compile.json'}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--bare":
+        _bare_compile(sys.argv[2], sys.argv[3])
+    else:
+        main()

@@ -1,0 +1,347 @@
+"""The compile Job: Blueprint in, verified kernel bundle in the store out, one result line for the operator.
+
+Every way this can end maps to one exit code (esper.tezzeret.exitcodes) and one result JSON written to
+the termination log, because the operator decides retry vs fail from the code and fills the Kernel's
+status from the JSON. Cheap checks (blueprint, target, toolchain, key, store) run before the
+expensive compile, and a bundle already in the store under the same key is reused: a retried Job
+(after a crash past the upload, or a lost status update) costs seconds, not a recompile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from esper.contracts.common import CompileOptions
+from esper.tezzeret import exitcodes
+from esper.tezzeret.exitcodes import (
+    InvalidBlueprint,
+    StorageUnavailable,
+    TezzeretError,
+    ToolchainMismatch,
+    UnsupportedTarget,
+)
+
+log = logging.getLogger("esper.tezzeret")
+
+MAX_RESULT_BYTES = 4096
+DEFAULT_RESULT_PATH = "/dev/termination-log"
+BLUEPRINT_ENV = "ESPER_BLUEPRINT_JSON"
+EXPECT_TORCH_ENV = "ESPER_EXPECT_TORCH"
+RESULT_PATH_ENV = "ESPER_RESULT_PATH"
+
+
+@dataclass
+class Plan:
+    """What the cheap checks establish before any compile."""
+
+    graph: Any
+    options: CompileOptions
+    target: Any
+    ir_digest: str
+    key: str
+    toolchain: Any
+
+
+# ---------------------------------------------------------------- result JSON
+
+
+def fit_json(doc: dict[str, Any], limit: int = MAX_RESULT_BYTES) -> str:
+    """One line of JSON of at most `limit` bytes: the longest strings are cut (with '...') until it fits.
+
+    The termination log keeps only 4 KiB; a cut message beats a result the operator cannot parse.
+    """
+    doc = json.loads(json.dumps(doc))  # a private copy
+    while True:
+        line = json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
+        excess = len(line.encode()) - limit
+        if excess <= 0:
+            return line
+        holder, key, value = _longest_string(doc)
+        if holder is None or len(value) <= 3:
+            return json.dumps({"error": {"code": exitcodes.INTERNAL, "reason": "ResultTooLarge"}})
+        keep = max(0, len(value) - excess - 3)  # a char is >= 1 byte: this cuts at least `excess`
+        holder[key] = value[:keep] + "..."
+
+
+def _longest_string(node: Any, best: tuple[Any, Any, str] = (None, None, "")) -> tuple[Any, Any, str]:
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for k, v in items:
+        if isinstance(v, str) and len(v) > len(best[2]):
+            best = (node, k, v)
+        elif isinstance(v, (dict, list)):
+            best = _longest_string(v, best)
+    return best
+
+
+def error_doc(exc: BaseException) -> dict[str, Any]:
+    return {
+        "error": {
+            "code": exitcodes.code_for(exc),
+            "reason": exitcodes.reason_for(exc),
+            "message": str(exc) or type(exc).__name__,
+        }
+    }
+
+
+def write_result(doc: dict[str, Any], path: str | None) -> str:
+    """Write the result line to `path` (else $ESPER_RESULT_PATH, else the termination log); also stdout."""
+    line = fit_json(doc)
+    target = path or os.environ.get(RESULT_PATH_ENV) or DEFAULT_RESULT_PATH
+    try:
+        with open(target, "w", encoding="utf-8") as f:
+            f.write(line)
+    except OSError as e:
+        print(f"tezzeret: warning: cannot write the result to {target}: {e}", file=sys.stderr)
+    print(line, flush=True)
+    return line
+
+
+# ---------------------------------------------------------------- blueprint and checks
+
+
+def load_spec(path: str | None, env: dict[str, str] | os._Environ[str] = os.environ) -> dict[str, Any]:
+    """The Blueprint spec from a YAML/JSON file or $ESPER_BLUEPRINT_JSON; a whole manifest is unwrapped."""
+    import yaml
+
+    if path:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise InvalidBlueprint(f"cannot read blueprint file {path}: {e}") from None
+        source = path
+    elif env.get(BLUEPRINT_ENV):
+        text, source = env[BLUEPRINT_ENV], f"${BLUEPRINT_ENV}"
+    else:
+        raise InvalidBlueprint(f"no blueprint: give --blueprint FILE or set {BLUEPRINT_ENV}")
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise InvalidBlueprint(f"{source} is not valid YAML/JSON: {e}") from None
+    if isinstance(doc, dict) and ("kind" in doc or "apiVersion" in doc or "spec" in doc):
+        if doc.get("kind", "Blueprint") != "Blueprint":
+            raise InvalidBlueprint(f"{source}: kind is {doc.get('kind')!r}, expected Blueprint")
+        doc = doc.get("spec")
+    if not isinstance(doc, dict):
+        raise InvalidBlueprint(
+            f"{source}: expected a Blueprint or its spec (a mapping), got {type(doc).__name__}"
+        )
+    return doc
+
+
+def plan(spec: dict[str, Any], target_name: str, expect_key: str | None) -> Plan:
+    """Validate blueprint, target, toolchain and key without compiling (exit 65/66 on problems)."""
+    from esper.artifact import kernel_key
+    from esper.blueprint import BlueprintInvalid, digest, validate_source
+    from esper.targets import Target
+    from esper.tezzeret.compile import toolchain_for, torch_version
+
+    try:
+        graph = validate_source(spec)
+    except BlueprintInvalid as e:
+        lines = "\n".join(str(p) for p in e.problems)
+        raise InvalidBlueprint(f"invalid blueprint:\n{lines}") from None
+    options = CompileOptions.model_validate(spec.get("compile") or {})
+    try:
+        target = Target.parse(target_name)
+    except ValueError as e:
+        raise UnsupportedTarget(str(e)) from None
+    expected_torch = os.environ.get(EXPECT_TORCH_ENV)
+    if expected_torch and expected_torch not in (torch_version(), _full_torch_version()):
+        raise ToolchainMismatch(
+            f"this image has torch {torch_version()}, the operator expects {expected_torch}: "
+            "the compile image and the operator's toolchain config disagree"
+        )
+    toolchain = toolchain_for(target)
+    ir_digest = digest(graph)
+    key = kernel_key(ir_digest, target, options, toolchain)
+    if expect_key and key != expect_key:
+        raise ToolchainMismatch(
+            f"kernel key mismatch: computed {key}, expected {expect_key} (irDigest {ir_digest}, "
+            f"target {target.name}, torch {toolchain.torch}, capability {toolchain.capability})"
+        )
+    return Plan(graph, options, target, ir_digest, key, toolchain)
+
+
+def _full_torch_version() -> str:
+    import torch
+
+    return str(torch.__version__)
+
+
+# ---------------------------------------------------------------- store
+
+
+@contextmanager
+def storage_errors(what: str) -> Iterator[None]:
+    """Map store failures to exit 75 (transient); artifact content errors stay what they are."""
+    from esper.storage import StorageError
+
+    try:
+        yield
+    except StorageError as e:
+        raise StorageUnavailable(f"{what}: {e}") from e
+    except (ConnectionError, TimeoutError) as e:
+        raise StorageUnavailable(f"{what}: {e}") from e
+
+
+def open_store_checked(uri: str) -> Any:
+    from esper.storage import open_store
+
+    try:
+        with storage_errors(f"cannot open store {uri}"):
+            return open_store(uri)
+    except ValueError as e:
+        # A misconfigured store URI is the operator's config, not the Blueprint: retryable once fixed.
+        raise StorageUnavailable(str(e)) from None
+
+
+def existing_result(store: Any, p: Plan, workdir: Path) -> dict[str, Any] | None:
+    """The result of a bundle already stored under the key, if it downloads and verifies; else None."""
+    from esper.artifact import ArtifactError, parse_manifest, read_manifest_bytes, sha256_bytes
+
+    with storage_errors(f"cannot read store {store.uri}"):
+        if not store.has_bundle(p.key):
+            return None
+        dest = workdir / "existing"
+        try:
+            store.fetch_bundle(p.key, dest)
+        except ArtifactError as e:
+            log.warning("stored bundle %s does not verify (%s); recompiling", p.key[:16], e)
+            return None
+    manifest_bytes = read_manifest_bytes(dest)
+    m = parse_manifest(manifest_bytes)
+    size = sum(f.size for f in m.files.values()) + len(manifest_bytes)
+    return {
+        "key": p.key,
+        "uri": store.bundle_uri(p.key),
+        "manifestSha256": sha256_bytes(manifest_bytes),
+        "size": size,
+        "toolchain": m.toolchain.model_dump(mode="json"),
+        "compileSeconds": 0.0,
+        "reused": True,
+        "report": m.report.model_dump(mode="json") if m.report else None,
+    }
+
+
+# ---------------------------------------------------------------- compile
+
+
+def build_bundle(p: Plan, workdir: Path) -> tuple[Path, float, Any]:
+    """Compile, validate, benchmark, write the manifest; returns (bundle dir, seconds, report)."""
+    from esper.artifact import IOSpec, Manifest, ParamSpec, verify_bundle, write_manifest
+    from esper.blueprint import canonical_dict
+    from esper.tezzeret.bench import benchmark, make_report
+    from esper.tezzeret.compile import compile_graph
+    from esper.tezzeret.validate import load_packages, validate
+
+    t0 = time.perf_counter()
+    log.info("compiling %s for %s (key %s)", p.ir_digest[:16], p.target.name, p.key[:16])
+    result = compile_graph(p.graph, p.target, p.options, workdir)
+    log.info("compiled: %s", ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items()))
+    packages = load_packages(result.forward_path, result.backward_path)
+    checked = validate(result, p.options, packages)
+    log.info("validated at batches %s: max error %.3g, grad %.3g", checked.batches,
+             checked.max_abs_error, checked.max_grad_error)  # fmt: skip
+    report = make_report(checked, benchmark(result, p.options, packages))
+    log.info("benchmark: forward x%.2f, train step x%.2f", report.speedup, report.trainSpeedup)
+    manifest = Manifest(
+        key=p.key,
+        irDigest=p.ir_digest,
+        target=p.target.name,
+        options=p.options,
+        toolchain=p.toolchain,
+        graph=canonical_dict(p.graph),
+        inputs=[IOSpec(name=s.name, shape=["batch", *s.shape], dtype=s.dtype) for s in result.input_specs],
+        outputs=[
+            IOSpec(name=name, shape=["batch", *shape], dtype=result.input_specs[0].dtype)
+            for name, shape in zip(p.graph.outputs, result.output_shapes, strict=True)
+        ],
+        params=[ParamSpec(name=s.name, shape=list(s.shape), dtype=s.dtype) for s in result.param_specs],
+        report=report,
+    )
+    write_manifest(result.bundle_dir, manifest)
+    verify_bundle(result.bundle_dir, expected_key=p.key)
+    return result.bundle_dir, time.perf_counter() - t0, report
+
+
+def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """The Job's work; raises TezzeretError subclasses for every expected failure."""
+    from esper.targets import check_runtime
+
+    spec = load_spec(args.blueprint)
+    p = plan(spec, args.target, args.expect_key)
+    log.info("blueprint ok: irDigest %s, key %s", p.ir_digest, p.key)
+    why = check_runtime(p.target)
+    if why is not None:
+        raise UnsupportedTarget(why)
+    store = open_store_checked(args.store)
+    if (done := existing_result(store, p, workdir)) is not None:
+        log.info("bundle %s already in %s and verified: not recompiling", p.key[:16], store.uri)
+        return done
+    bundle_dir, seconds, report = build_bundle(p, workdir)
+    with storage_errors(f"cannot upload to {store.uri}"):
+        ref = store.put_bundle(p.key, bundle_dir)
+    log.info("uploaded %s (%d bytes, manifest %s)", ref.uri, ref.size, ref.sha256[:16])
+    return {
+        "key": p.key,
+        "uri": ref.uri,
+        "manifestSha256": ref.sha256,
+        "size": ref.size,
+        "toolchain": p.toolchain.model_dump(mode="json"),
+        "compileSeconds": round(seconds, 3),
+        "report": report.model_dump(mode="json"),
+    }
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m esper.tezzeret", description=__doc__.splitlines()[0])
+    ap.add_argument("--target", required=True, help="cpu or cuda-smNN")
+    ap.add_argument("--store", required=True, help="s3://bucket/prefix, file:///path or a path")
+    ap.add_argument("--blueprint", help=f"Blueprint (or spec) YAML/JSON file; default ${BLUEPRINT_ENV}")
+    ap.add_argument("--expect-key", help="the kernel key the operator computed; a mismatch exits 66")
+    ap.add_argument("--result-path", help=f"default ${RESULT_PATH_ENV} or {DEFAULT_RESULT_PATH}")
+    ap.add_argument("--workdir", help="keep the build here (default: a temporary directory)")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the compile Job in-process; returns the exit code (see esper.tezzeret.exitcodes)."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="tezzeret %(asctime)s %(message)s")
+    ap = parser()
+    try:
+        args = ap.parse_args(argv)
+    except SystemExit as e:
+        code = int(e.code or 0)
+        if code:
+            write_result({"error": {"code": code, "reason": "UsageError", "message": "bad arguments"}}, None)
+        return code
+    t0 = time.perf_counter()
+    try:
+        if args.workdir:
+            Path(args.workdir).mkdir(parents=True, exist_ok=True)
+            doc = run(args, Path(args.workdir))
+        else:
+            with tempfile.TemporaryDirectory(prefix="tezzeret-") as tmp:
+                doc = run(args, Path(tmp))
+    except Exception as e:  # every failure must become a code and a result line
+        if not isinstance(e, TezzeretError):
+            log.exception("unexpected failure")
+        else:
+            log.error("%s (exit %d): %s", e.reason, e.code, e)
+        write_result(error_doc(e), args.result_path)
+        return exitcodes.code_for(e)
+    log.info("done in %.1fs", time.perf_counter() - t0)
+    write_result(doc, args.result_path)
+    return exitcodes.OK

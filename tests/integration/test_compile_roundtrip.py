@@ -1,0 +1,203 @@
+"""Compile -> bundle -> store -> fetch -> verify -> load -> train, against eager, for real templates.
+
+Slow: each template is one AOTInductor compile of forward and backward (~25 s on 2 cores). The
+compiles happen once per session (one fixture) and every test reads the bundles they stored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from esper.artifact import read_manifest, verify_bundle
+from esper.blueprint import Graph, build_module
+from esper.contracts.common import CompileOptions
+from esper.storage import open_store
+from esper.tezzeret import entrypoint
+from esper.tezzeret.compile import InputSpec, compile_module
+from esper.tezzeret.validate import compare, load_packages, tolerance_for
+
+pytestmark = pytest.mark.slow
+
+COMPILE = {"maxBatch": 128, "validateBatches": [1, 7], "benchmarkBatches": [8, 32]}
+TEMPLATES: dict[str, dict[str, Any]] = {
+    "residual-mlp": {"features": 32, "hidden": 64, "blocks": 1},
+    "lora-adapter": {"features": 32, "rank": 4},
+    "transformer-mlp": {"features": 32, "hidden": 64},
+}
+
+
+def _spec(name: str) -> dict[str, Any]:
+    return {"template": {"name": name, "params": TEMPLATES[name]}, "targets": ["cpu"], "compile": COMPILE}
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("store")
+
+
+@pytest.fixture(scope="module")
+def compiled(store_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    """Run the compile Job in-process once per template; the result JSON of each."""
+    work = tmp_path_factory.mktemp("jobs")
+    results = {}
+    for name in TEMPLATES:
+        bp = work / f"{name}.json"
+        bp.write_text(
+            json.dumps({"apiVersion": "esper.dev/v1alpha1", "kind": "Blueprint", "spec": _spec(name)})
+        )
+        out = work / f"{name}.result"
+        code = entrypoint.main(
+            ["--target", "cpu", "--store", str(store_dir), "--blueprint", str(bp), "--result-path", str(out)]
+        )
+        results[name] = json.loads(out.read_text())
+        assert code == 0, results[name]
+    return results
+
+
+def _eager(module: torch.nn.Module, names: list[str], params: list[torch.Tensor], xs: list[torch.Tensor],
+           gs: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:  # fmt: skip
+    xr = [x.clone().requires_grad_(True) for x in xs]
+    pr = [p.clone().requires_grad_(True) for p in params]
+    out = torch.func.functional_call(module, dict(zip(names, pr, strict=True)), tuple(xr))
+    outs = list(out) if isinstance(out, tuple) else [out]
+    grads = torch.autograd.grad(outs, [*xr, *pr], gs, allow_unused=True, materialize_grads=True)
+    return [o.detach() for o in outs], list(grads)
+
+
+@pytest.mark.parametrize("name", list(TEMPLATES))
+def test_bundle_round_trip_trains_like_eager(
+    name: str, compiled: dict[str, dict[str, Any]], store_dir: Path, tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file
+
+    result = compiled[name]
+    assert result["toolchain"]["capability"] == "cpu-avx2"
+    assert result["report"]["maxAbsError"] <= result["report"]["tolerance"]
+    assert result["report"]["speedup"] > 0 and result["report"]["trainSpeedup"] > 0
+    dest = open_store(str(store_dir)).fetch_bundle(result["key"], tmp_path / "b", result["manifestSha256"])
+    manifest = verify_bundle(dest, result["manifestSha256"], expected_key=result["key"])
+    assert set(manifest.files) == {"forward.pt2", "backward.pt2", "params.safetensors"}
+    for pkg in ("forward.pt2", "backward.pt2"):  # native code and JSON only: nothing to unpickle
+        members = zipfile.ZipFile(dest / pkg).namelist()
+        assert any(m.endswith(".so") for m in members)
+        assert not [m for m in members if m.endswith((".pkl", ".pt", ".pth", ".pickle"))]
+
+    graph = Graph.model_validate(manifest.graph)
+    module = build_module(graph, seed=manifest.options.initSeed).eval()
+    names = [p.name for p in manifest.params]
+    assert names == [n for n, _ in module.named_parameters()]
+    stored = load_file(dest / "params.safetensors")
+    params = [stored[n] for n in names]
+    for n, p in module.named_parameters():  # initial params are the builder's, for the same seed
+        assert torch.equal(stored[n], p.detach())
+
+    fwd, bwd = load_packages(dest / "forward.pt2", dest / "backward.pt2")
+    tol = tolerance_for(graph.dtype)
+    for batch in (1, 5, 128):  # 5 and 128 are batches neither validation nor tracing used
+        gen = torch.Generator().manual_seed(batch)
+        xs = [torch.randn(batch, *s.shape[1:], generator=gen) for s in manifest.inputs]
+        out = fwd(*xs, tuple(params))
+        outs = list(out) if isinstance(out, (tuple, list)) else [out]
+        gs = [torch.randn(o.shape, generator=gen) for o in outs]
+        want_out, want_grads = _eager(module, names, params, xs, gs)
+        for got, want in zip(outs, want_out, strict=True):
+            assert got.shape == (batch, *manifest.outputs[0].shape[1:])
+            compare(f"{name} batch {batch} output", got, want, tol)
+        grads = bwd(*xs, *gs, tuple(params))
+        assert len(grads) == len(xs) + len(params)
+        for i, (got, want) in enumerate(zip(grads, want_grads, strict=True)):
+            compare(f"{name} batch {batch} grad {i}", got, want, tol)
+
+    # Training with the packages: a few SGD steps move the params exactly as eager autograd does.
+    xs = [torch.randn(16, *s.shape[1:], generator=torch.Generator().manual_seed(0)) for s in manifest.inputs]
+    ours = [torch.nn.Parameter(p.clone()) for p in params]
+    opt = torch.optim.SGD(ours, lr=0.1)
+    for _ in range(3):
+        out = fwd(*xs, tuple(p.detach() for p in ours))
+        gs = [2 * o / o.numel() for o in (out if isinstance(out, (tuple, list)) else [out])]  # d mean(o^2)
+        grads = bwd(*xs, *gs, tuple(p.detach() for p in ours))
+        for p, g in zip(ours, grads[len(xs) :], strict=True):
+            p.grad = g
+        opt.step()
+    ref = build_module(graph, seed=manifest.options.initSeed).eval()
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for _ in range(3):
+        ref_opt.zero_grad()
+        out = ref(*xs)
+        (out if isinstance(out, torch.Tensor) else out[0]).pow(2).mean().backward()
+        ref_opt.step()
+    for p, (n, r) in zip(ours, ref.named_parameters(), strict=True):
+        compare(f"{name} param {n} after 3 steps", p.detach(), r.detach(), tol)
+
+
+def test_rerun_reuses_the_stored_bundle(
+    compiled: dict[str, dict[str, Any]], store_dir: Path, tmp_path: Path
+) -> None:
+    """A retried Job (a real `python -m esper.tezzeret` process) finds the bundle and compiles nothing."""
+    first = compiled["lora-adapter"]
+    bundle = store_dir / "kernels" / first["key"]
+    before = (bundle / "manifest.json").stat().st_mtime_ns
+    env = {**os.environ, entrypoint.BLUEPRINT_ENV: json.dumps(_spec("lora-adapter"))}
+    proc = subprocess.run(
+        [sys.executable, "-m", "esper.tezzeret", "--target", "cpu", "--store", str(store_dir),
+         "--expect-key", first["key"], "--result-path", str(tmp_path / "r")],
+        env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    again = json.loads((tmp_path / "r").read_text())
+    assert again["reused"] is True and again["compileSeconds"] == 0
+    assert {k: again[k] for k in ("key", "uri", "manifestSha256", "size")} == {
+        k: first[k] for k in ("key", "uri", "manifestSha256", "size")
+    }
+    assert again["report"] == first["report"]
+    assert "not recompiling" in proc.stderr
+    assert (bundle / "manifest.json").stat().st_mtime_ns == before
+    assert read_manifest(bundle).key == first["key"]
+
+
+class TwoHeads(torch.nn.Module):
+    """Two inputs, two outputs, batch norm and dropout (eval semantics), and a parameter no output uses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(16, 24)
+        self.bn = torch.nn.BatchNorm1d(24)
+        self.drop = torch.nn.Dropout(0.5)
+        self.gate = torch.nn.Linear(8, 24)
+        self.unused = torch.nn.Parameter(torch.ones(3))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.drop(torch.relu(self.bn(self.fc(x))))
+        return h * torch.sigmoid(self.gate(y)), h.sum(dim=1, keepdim=True)
+
+
+def test_compile_module_multi_io_eval_semantics(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    module = TwoHeads()
+    module.bn.running_mean.normal_()
+    module.bn.running_var.uniform_(0.5, 2.0)
+    options = CompileOptions(maxBatch=64, validateBatches=[1, 3])
+    result = compile_module(module, [InputSpec("x", (16,)), InputSpec("y", (8,))], "cpu", options, tmp_path)
+    assert result.output_shapes == [(24,), (1,)]
+    names = [s.name for s in result.param_specs]
+    assert names == [n for n, _ in module.named_parameters()]  # registration order: own params first
+    fwd, bwd = load_packages(result.forward_path, result.backward_path)
+    x, y = torch.randn(9, 16), torch.randn(9, 8)
+    params = tuple(result.params)
+    a, b = fwd(x, y, params)
+    ea, eb = module.eval()(x, y)  # eval: dropout is the identity, bn uses the running stats
+    compare("out a", a, ea.detach(), tolerance_for("float32"))
+    compare("out b", b, eb.detach(), tolerance_for("float32"))
+    grads = bwd(x, y, torch.ones_like(a), torch.ones_like(b), params)
+    assert len(grads) == 2 + len(params)
+    assert torch.count_nonzero(grads[2 + names.index("unused")]) == 0  # zeros, not None
+    # Note: the package does not enforce maxBatch at run time; the loader must (see compile-road.md).

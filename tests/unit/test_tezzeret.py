@@ -1,0 +1,318 @@
+"""Tezzeret without compiling: exit codes, the result line, tolerances, and every early failure of the Job."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from esper.artifact import Manifest, kernel_key, write_manifest
+from esper.blueprint import digest, validate_source
+from esper.contracts.common import CompileOptions, ValidationReport
+from esper.targets import Target
+from esper.tezzeret import entrypoint, exitcodes
+from esper.tezzeret.bench import BatchTiming, BenchResult, geomean, interleaved_micros, make_report
+from esper.tezzeret.compile import toolchain_for, torch_version
+from esper.tezzeret.exitcodes import (
+    InvalidBlueprint,
+    StorageUnavailable,
+    ToolchainMismatch,
+    UnsupportedTarget,
+    ValidationFailed,
+)
+from esper.tezzeret.validate import ValidationResult, compare, tolerance_for
+
+SPEC: dict[str, Any] = {"template": {"name": "lora-adapter", "params": {"features": 32, "rank": 4}}}
+
+
+# ---------------------------------------------------------------- exit codes
+
+
+def test_exit_codes_are_the_contract() -> None:
+    assert (exitcodes.OK, exitcodes.INVALID_BLUEPRINT, exitcodes.UNSUPPORTED_TARGET) == (0, 65, 66)
+    assert (exitcodes.VALIDATION_FAILED, exitcodes.TRANSIENT) == (67, 75)
+    cases = {
+        InvalidBlueprint: 65,
+        UnsupportedTarget: 66,
+        ToolchainMismatch: 66,
+        ValidationFailed: 67,
+        StorageUnavailable: 75,
+    }
+    for cls, code in cases.items():
+        exc = cls("x")
+        assert exitcodes.code_for(exc) == code
+        assert exc.permanent == (code in (65, 66, 67))
+    assert exitcodes.code_for(MemoryError()) == exitcodes.TRANSIENT
+    assert exitcodes.code_for(RuntimeError("bug")) == exitcodes.INTERNAL
+    assert exitcodes.reason_for(ToolchainMismatch("x")) == "ToolchainMismatch"
+    assert exitcodes.reason_for(KeyError("x")) == "InternalError"
+
+
+# ---------------------------------------------------------------- result line
+
+
+def test_fit_json_keeps_small_results_and_caps_big_ones() -> None:
+    small = {"key": "k", "report": {"speedup": 1.5}}
+    assert json.loads(entrypoint.fit_json(small)) == small
+    big = {"error": {"code": 65, "reason": "InvalidBlueprint", "message": "spec.graph: é bad\n" * 2000}}
+    line = entrypoint.fit_json(big)
+    assert len(line.encode()) <= entrypoint.MAX_RESULT_BYTES
+    assert "\n" not in line
+    doc = json.loads(line)
+    assert doc["error"]["code"] == 65 and doc["error"]["reason"] == "InvalidBlueprint"
+    assert doc["error"]["message"].startswith("spec.graph: é bad") and doc["error"]["message"].endswith("...")
+
+
+def test_write_result_warns_when_path_unwritable(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    entrypoint.write_result({"key": "k"}, str(tmp_path / "missing-dir" / "result"))
+    out, err = capsys.readouterr()
+    assert "cannot write the result" in err
+    assert json.loads(out.strip().splitlines()[-1]) == {"key": "k"}
+
+
+# ---------------------------------------------------------------- tolerance and bench arithmetic
+
+
+def test_tolerance_by_dtype() -> None:
+    f32, f16, bf16 = tolerance_for("float32"), tolerance_for(torch.float16), tolerance_for("bfloat16")
+    assert f32.atol <= 1e-4 < f16.atol <= bf16.atol
+    assert tolerance_for("float64") == f32
+
+
+def test_compare_accepts_rounding_and_names_the_failure() -> None:
+    tol = tolerance_for("float32")
+    want = torch.linspace(-100, 100, 64)
+    assert compare("ok", want + 5e-3, want, tol) == pytest.approx(5e-3, rel=1e-2)  # 1e-2 allowed here
+    with pytest.raises(ValidationFailed, match=r"batch 7: gradient of param w: max abs error 0\.5"):
+        compare("batch 7: gradient of param w", want + 0.5, want, tol)
+    bad = want.clone()
+    bad[3] = float("nan")
+    with pytest.raises(ValidationFailed, match="compiled result has NaN/Inf"):
+        compare("out", bad, want, tol)
+    with pytest.raises(ValidationFailed, match="eager result has NaN/Inf"):
+        compare("out", want, bad, tol)
+    with pytest.raises(ValidationFailed, match="shape"):
+        compare("out", want[:3], want, tol)
+
+
+def test_geomean_and_report() -> None:
+    assert geomean([2.0, 8.0]) == pytest.approx(4.0)
+    assert geomean([]) == 0.0
+    bench = BenchResult([BatchTiming(8, 100, 50, 400, 100), BatchTiming(32, 200, 50, 800, 200)])
+    report = make_report(ValidationResult(1e-6, 2e-6, 1e-4, (1,)), bench)
+    assert isinstance(report, ValidationReport)
+    assert report.speedup == pytest.approx((2 * 4) ** 0.5, rel=1e-3)
+    assert report.trainSpeedup == pytest.approx(4.0, rel=1e-3)
+    assert (report.eagerMicros, report.compiledMicros) == (200, 50)
+
+
+def test_interleaved_micros_orders_fast_and_slow() -> None:
+    fast, slow = interleaved_micros([lambda: None, lambda: sum(range(20000))], budget_s=0.05)
+    assert 0 < fast < slow
+
+
+# ---------------------------------------------------------------- the Job's early failures (no compile)
+
+
+@pytest.fixture
+def no_compile(monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(*_: Any) -> None:
+        raise AssertionError("must not compile")
+
+    monkeypatch.setattr(entrypoint, "build_bundle", boom)
+
+
+def _run(tmp_path: Path, *args: str, store: str | None = None) -> tuple[int, dict[str, Any]]:
+    result = tmp_path / "result.json"
+    argv = [
+        "--target",
+        "cpu",
+        "--store",
+        store or str(tmp_path / "store"),
+        "--result-path",
+        str(result),
+        *args,
+    ]
+    code = entrypoint.main(argv)
+    return code, json.loads(result.read_text())
+
+
+def _blueprint(tmp_path: Path, doc: Any) -> str:
+    path = tmp_path / "bp.json"
+    path.write_text(json.dumps(doc))
+    return str(path)
+
+
+def _key(spec: dict[str, Any], target: str = "cpu") -> str:
+    t = Target.parse(target)
+    options = CompileOptions.model_validate(spec.get("compile") or {})
+    return kernel_key(digest(validate_source(spec)), t, options, toolchain_for(t))
+
+
+@pytest.mark.usefixtures("no_compile")
+def test_missing_blueprint_is_65(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(entrypoint.BLUEPRINT_ENV, raising=False)
+    code, doc = _run(tmp_path)
+    assert code == 65 and doc["error"]["reason"] == "InvalidBlueprint"
+    assert "--blueprint" in doc["error"]["message"]
+    code, _ = _run(tmp_path, "--blueprint", str(tmp_path / "nope.yaml"))
+    assert code == 65
+
+
+@pytest.mark.usefixtures("no_compile")
+def test_bad_json_in_env_is_65(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(entrypoint.BLUEPRINT_ENV, '{"template": {"name": ')
+    code, doc = _run(tmp_path)
+    assert code == 65 and "not valid YAML/JSON" in doc["error"]["message"]
+
+
+@pytest.mark.usefixtures("no_compile")
+def test_invalid_blueprint_lists_path_messages(tmp_path: Path) -> None:
+    manifest = {
+        "apiVersion": "esper.dev/v1alpha1",
+        "kind": "Blueprint",
+        "metadata": {"name": "broken"},
+        "spec": {
+            "graph": {
+                "inputs": [{"name": "x", "shape": ["batch", 64]}],
+                "nodes": [
+                    {"id": "hidden", "op": "linear", "inputs": ["x"], "params": {"outFeatures": 0}},
+                    {"id": "act", "op": "rleu", "inputs": ["hidden"]},
+                ],
+                "outputs": ["act"],
+            }
+        },
+    }
+    code, doc = _run(tmp_path, "--blueprint", _blueprint(tmp_path, manifest))
+    assert code == 65
+    message = doc["error"]["message"]
+    assert "spec.graph.nodes[0].params.outFeatures: " in message
+    assert "spec.graph.nodes[1].op: unknown op 'rleu'" in message
+    code, doc = _run(tmp_path, "--blueprint", _blueprint(tmp_path, {**manifest, "kind": "Kernel"}))
+    assert code == 65 and "expected Blueprint" in doc["error"]["message"]
+
+
+@pytest.mark.usefixtures("no_compile")
+def test_unsupported_targets_are_66(tmp_path: Path) -> None:
+    bp = _blueprint(tmp_path, SPEC)
+    for target in ("tpu", "cuda-sm42", "CPU"):
+        code, doc = (
+            entrypoint.main(
+                [
+                    "--target",
+                    target,
+                    "--store",
+                    str(tmp_path),
+                    "--blueprint",
+                    bp,
+                    "--result-path",
+                    str(tmp_path / "r"),
+                ]
+            ),
+            json.loads((tmp_path / "r").read_text()),
+        )
+        assert code == 66 and doc["error"]["reason"] == "UnsupportedTarget", target
+    if not torch.cuda.is_available():
+        code = entrypoint.main(
+            [
+                "--target",
+                "cuda-sm90",
+                "--store",
+                str(tmp_path),
+                "--blueprint",
+                bp,
+                "--result-path",
+                str(tmp_path / "r"),
+            ]
+        )
+        assert (
+            code == 66 and "needs a CUDA GPU" in json.loads((tmp_path / "r").read_text())["error"]["message"]
+        )
+
+
+@pytest.mark.usefixtures("no_compile")
+def test_key_and_torch_mismatch_are_66(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bp = _blueprint(tmp_path, SPEC)
+    code, doc = _run(tmp_path, "--blueprint", bp, "--expect-key", "0" * 64)
+    assert code == 66 and doc["error"]["reason"] == "ToolchainMismatch"
+    assert _key(SPEC) in doc["error"]["message"]
+    monkeypatch.setenv(entrypoint.EXPECT_TORCH_ENV, "1.0.0")
+    code, doc = _run(tmp_path, "--blueprint", bp, "--expect-key", _key(SPEC))
+    assert code == 66 and "torch" in doc["error"]["message"]
+    monkeypatch.setenv(entrypoint.EXPECT_TORCH_ENV, torch_version())
+    code, doc = _run(tmp_path, "--blueprint", bp, "--expect-key", _key(SPEC), store=str(tmp_path / "f" / "s"))
+    assert code != 66  # the checks pass; the (unreachable) store comes next
+
+
+@pytest.mark.usefixtures("no_compile")
+def test_store_unreachable_is_75(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("a file, not a directory")
+    code, doc = _run(tmp_path, "--blueprint", _blueprint(tmp_path, SPEC), store=str(tmp_path / "f" / "s"))
+    assert code == 75 and doc["error"]["reason"] == "StorageUnavailable"
+    code, doc = _run(tmp_path, "--blueprint", _blueprint(tmp_path, SPEC), store="ftp://host/x")
+    assert code == 75
+
+
+def _fake_stored_bundle(tmp_path: Path, spec: dict[str, Any]) -> tuple[str, str]:
+    """A bundle under the spec's real key, with fake package bytes: enough to test reuse, no compile."""
+    from esper.storage import open_store
+
+    key = _key(spec)
+    d = tmp_path / "bundle"
+    d.mkdir()
+    for name in ("forward.pt2", "backward.pt2", "params.safetensors"):
+        (d / name).write_bytes(name.encode() * 10)
+    t = Target.parse("cpu")
+    graph = validate_source(spec)
+    report = ValidationReport(tolerance=1e-4, maxAbsError=0, eagerMicros=2, compiledMicros=1, speedup=2)
+    manifest = Manifest(
+        key=key, irDigest=digest(graph), target="cpu", toolchain=toolchain_for(t), graph={}, report=report
+    )
+    write_manifest(d, manifest)
+    ref = open_store(str(tmp_path / "store")).put_bundle(key, d)
+    return key, ref.sha256
+
+
+@pytest.mark.usefixtures("no_compile")
+def test_existing_bundle_is_reused_without_compiling(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    key, sha = _fake_stored_bundle(tmp_path, SPEC)
+    monkeypatch.setenv(entrypoint.BLUEPRINT_ENV, json.dumps(SPEC))
+    monkeypatch.setenv(entrypoint.RESULT_PATH_ENV, str(tmp_path / "env-result"))
+    assert entrypoint.main(["--target", "cpu", "--store", str(tmp_path / "store"), "--expect-key", key]) == 0
+    doc = json.loads((tmp_path / "env-result").read_text())
+    assert doc["key"] == key and doc["manifestSha256"] == sha and doc["reused"] is True
+    assert doc["uri"].endswith(f"/kernels/{key}") and doc["report"]["speedup"] == 2
+
+
+def test_corrupt_stored_bundle_is_recompiled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    key, _ = _fake_stored_bundle(tmp_path, SPEC)
+    (tmp_path / "store" / "kernels" / key / "forward.pt2").write_bytes(b"tampered")
+    calls: list[str] = []
+
+    def fake_build(p: entrypoint.Plan, workdir: Path) -> Any:
+        calls.append(p.key)
+        raise ValidationFailed("batch 1: forward output 0: max abs error 1 exceeds tolerance")
+
+    monkeypatch.setattr(entrypoint, "build_bundle", fake_build)
+    code, doc = _run(tmp_path, "--blueprint", _blueprint(tmp_path, SPEC))
+    assert calls == [key]
+    assert code == 67 and doc["error"]["reason"] == "ValidationFailed"
+
+
+def test_unexpected_crash_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def crash(*_: Any) -> None:
+        raise RuntimeError("inductor exploded")
+
+    monkeypatch.setattr(entrypoint, "build_bundle", crash)
+    code, doc = _run(tmp_path, "--blueprint", _blueprint(tmp_path, SPEC))
+    assert code == exitcodes.INTERNAL
+    assert doc["error"] == {"code": 70, "reason": "InternalError", "message": "inductor exploded"}
+
+
+def test_usage_error_exits_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(entrypoint.RESULT_PATH_ENV, str(tmp_path / "r"))
+    assert entrypoint.main(["--store", "x"]) == 2
+    assert json.loads((tmp_path / "r").read_text())["error"]["reason"] == "UsageError"
