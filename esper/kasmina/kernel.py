@@ -55,8 +55,10 @@ def warmup() -> float:
 
     import esper.artifact
     import esper.targets  # noqa: F401
+    from esper.aoti import no_isa_probe
 
-    cpu_vec_isa.pick_vec_isa()  # cached per process; aoti_load_package calls it on every load
+    with no_isa_probe():  # loads skip the gcc probe too; the manifest's ISA is checked instead
+        cpu_vec_isa.pick_vec_isa()
     return time.perf_counter() - t0
 
 
@@ -268,13 +270,13 @@ def load_kernel(
             if why is not None:
                 raise KernelLoadError("ShapeMismatch", why, bundle)
         params = _load_params(manifest, bundle, dev)
-        from torch._inductor import aoti_load_package
+        from esper.aoti import load_package
 
         runners = []
         for name in (FORWARD, BACKWARD):
             try:
-                kw = {"device_index": -1 if dev.index is None else dev.index} if dev.type == "cuda" else {}
-                runners.append(aoti_load_package(str(bundle / name), **kw))
+                index = (-1 if dev.index is None else dev.index) if dev.type == "cuda" else None
+                runners.append(load_package(bundle / name, device_index=index))
             except Exception as e:
                 raise KernelLoadError("PackageLoadFailed", f"{name}: {e}", bundle) from e
     except KernelLoadError as e:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from esper.aoti import Package, load_pair
 from esper.tezzeret.exitcodes import ValidationFailed
 
 if TYPE_CHECKING:
@@ -86,40 +87,10 @@ def compare(what: str, got: torch.Tensor, want: torch.Tensor, tol: Tolerance) ->
     return err
 
 
-class Package:
-    """A loaded AOTInductor package, called as `pkg(*tensors, params)` like the exported program.
-
-    It calls the runner's `boxed_run` on the flat tensor list directly: the stock Python wrapper
-    re-parses the call spec JSON and walks pytrees on every call, which doubles the latency of a
-    small CPU kernel (measured 31-46 µs -> 13-21 µs a call for a 32->64->32 MLP at batch 32).
-    """
-
-    def __init__(self, compiled: Any) -> None:
-        from torch.utils import _pytree as pytree
-
-        self.compiled = compiled
-        self._run = compiled.loader.boxed_run
-        out_spec = pytree.treespec_loads(compiled.loader.get_call_spec()[1])
-        self._single = out_spec.is_leaf()
-
-    def __call__(self, *args: Any) -> Any:
-        out = self._run([*args[:-1], *args[-1]])
-        return out[0] if self._single else tuple(out)
-
-
 def load_packages(forward: Path, backward: Path) -> tuple[Package, Package]:
-    """Load both AOTInductor packages (native code: verify the bundle before calling this).
-
-    Loading under `inductor_settings` skips inductor's gcc probe of the CPU's vector ISAs, which
-    otherwise costs seconds on a cold cache for nothing (the package's code is already built).
-    """
-    from torch._inductor import aoti_load_package
-
-    from esper.targets import Target
-    from esper.tezzeret.compile import inductor_settings
-
-    with inductor_settings(Target(kind="cpu")):
-        return Package(aoti_load_package(str(forward))), Package(aoti_load_package(str(backward)))
+    """Load both packages the way the runtime does (native code: verify the bundle first)."""
+    fwd, bwd = load_pair(forward, backward)
+    return fwd, bwd
 
 
 def eager_step(
