@@ -7,8 +7,12 @@ validation, 75 transient).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import sys
+import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -81,6 +85,73 @@ def validate(
             typer.echo(f"{label}: ok, digest {checked.digest[:16]}")
     if bad:
         raise typer.Exit(1)
+
+
+@app.command("compile")
+def compile_(
+    files: Annotated[list[Path], typer.Argument(help="Blueprint manifests (YAML or JSON).")],
+    target: Annotated[
+        list[str] | None, typer.Option(help="Target(s); default: each Blueprint's spec.targets.")
+    ] = None,
+    store: Annotated[str, typer.Option(help="Store URI: a directory or s3://bucket/prefix.")] = DEFAULT_STORE,
+) -> None:
+    """Compile Blueprints into kernel bundles, exactly as the operator's compile Jobs do."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from esper.tezzeret.entrypoint import main as tezzeret
+
+    jobs = []
+    for path in files:
+        try:
+            docs = load_documents(path)
+        except InputError as exc:
+            typer.echo(str(exc), err=True)
+            raise typer.Exit(2) from None
+        for label, spec in docs:
+            targets = target or (spec or {}).get("targets") or ["cpu"]
+            name = label.rsplit(" (", 1)[-1].rstrip(")") if " (" in label else Path(label).stem
+            jobs.extend((name, spec, t) for t in targets)
+    results, failed = [], 0
+    logging.getLogger("esper.tezzeret").setLevel(logging.CRITICAL)  # the table and errors below say it
+    with tempfile.TemporaryDirectory(prefix="esper-compile-") as tmp:
+        columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+        with Progress(*columns, console=console, transient=True) as progress:
+            for i, (label, spec, t) in enumerate(jobs):
+                task = progress.add_task(f"compiling {label} for {t}", total=None)
+                spec_file, result_file = Path(tmp) / f"{i}.json", Path(tmp) / f"{i}.result"
+                spec_file.write_text(json.dumps(spec))
+                argv = ["--blueprint", str(spec_file), "--target", t, "--store", store]
+                with contextlib.redirect_stdout(io.StringIO()):  # the Job's result line; we show a table
+                    code = tezzeret([*argv, "--result-path", str(result_file)])
+                progress.remove_task(task)
+                result = json.loads(result_file.read_text()) if result_file.exists() else {}
+                results.append((label, t, code, result))
+                failed = failed or code
+    table = Table(title=f"compiled into {store}")
+    for column in ("blueprint", "target", "result", "key", "max err", "fwd", "train", "s"):
+        table.add_column(column, no_wrap=column in ("result", "key", "max err"))
+    for name, t, code, result in results:
+        report = result.get("report") or {}
+        if code:
+            error = result.get("error") or {}
+            table.add_row(name, t, f"[red]failed ({code})[/]")
+            typer.echo(f"{name} ({t}): {error.get('reason', 'Failed')}", err=True)
+            for line in str(error.get("message", "")).splitlines():
+                typer.echo(f"{name} ({t}): {line}", err=True)
+            continue
+        table.add_row(
+            name,
+            t,
+            "reused" if result.get("reused") else "compiled",
+            result["key"][:12],
+            f"{report.get('maxAbsError', 0):.0e}",
+            f"{report.get('speedup', 0):.2f}x",
+            f"{report.get('trainSpeedup', 0):.2f}x",
+            f"{result.get('compileSeconds', 0):.0f}",
+        )
+    console.print(table)
+    if failed:
+        raise typer.Exit(failed)
 
 
 @app.command()
