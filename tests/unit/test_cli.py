@@ -1,0 +1,118 @@
+"""The `esper` command line: exit codes and the messages users read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from esper.cli.main import app
+
+runner = CliRunner()
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def run(*args: str, input: str | None = None):
+    return runner.invoke(app, list(args), input=input)
+
+
+def test_validate_accepts_the_examples() -> None:
+    good = [str(p) for p in sorted(EXAMPLES.glob("*.yaml")) if p.name != "invalid-blueprint.yaml"]
+    result = run("validate", *good)
+    assert result.exit_code == 0, result.output
+    assert result.output.count(": ok, digest ") == len(good)
+
+
+def test_validate_prints_one_line_per_problem_with_file_and_path() -> None:
+    result = run("validate", str(EXAMPLES / "invalid-blueprint.yaml"))
+    assert result.exit_code == 1
+    lines = [line for line in result.output.splitlines() if "invalid-blueprint.yaml" in line]
+    assert len(lines) == 3
+    assert any(
+        line.endswith("spec.graph.nodes[1].op: unknown op 'rleu'; did you mean 'relu'?") for line in lines
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("a: [unclosed", "not valid YAML (line 1)"),
+        ("", "no documents"),
+        ("kind: Pod\nmetadata: {name: x}\n", "kind 'Pod' is not a Blueprint"),
+    ],
+)
+def test_validate_unreadable_input_exits_2(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "bp.yaml"
+    path.write_text(content)
+    result = run("validate", str(path))
+    assert result.exit_code == 2 and message in result.output
+
+
+def test_validate_missing_file_exits_2(tmp_path: Path) -> None:
+    result = run("validate", str(tmp_path / "nope.yaml"))
+    assert result.exit_code == 2 and "cannot read" in result.output
+
+
+def test_validate_a_bare_spec_and_multiple_documents(tmp_path: Path) -> None:
+    path = tmp_path / "two.yaml"
+    path.write_text(
+        "template: {name: mlp, params: {features: 8, hidden: 16}}\n---\n"
+        "template: {name: lora-adapter, params: {features: 8, rank: 99}}\n"
+    )
+    result = run("validate", str(path))
+    assert result.exit_code == 1
+    assert f"{path}#0: ok" in result.output
+    assert f"{path}#1: spec.template.params" in result.output
+
+
+def test_compile_refuses_an_invalid_blueprint_without_compiling(tmp_path: Path) -> None:
+    result = run("compile", str(EXAMPLES / "invalid-blueprint.yaml"), "--store", str(tmp_path / "store"))
+    assert result.exit_code == 65
+    assert "broken-mlp (cpu): InvalidBlueprint" in result.output
+    assert not list((tmp_path / "store").glob("kernels/*"))
+
+
+def test_compile_refuses_an_unsupported_target(tmp_path: Path) -> None:
+    result = run(
+        "compile", str(EXAMPLES / "blueprint.yaml"), "--target", "cuda-sm90", "--store", str(tmp_path)
+    )
+    assert result.exit_code == 66
+
+
+def test_kernels_on_a_missing_store_exits_2(tmp_path: Path) -> None:
+    result = run("kernels", "--store", str(tmp_path / "missing"))
+    assert result.exit_code == 2 and "no such store directory" in result.output
+
+
+def test_kernels_on_an_empty_store_lists_nothing(tmp_path: Path) -> None:
+    result = run("kernels", "--store", str(tmp_path), "--json")
+    assert result.exit_code == 0 and result.output.strip() == "[]"
+
+
+def test_templates_and_ops_list_everything() -> None:
+    from esper.blueprint import OPS, TEMPLATES
+
+    templates, ops = run("templates"), run("ops")
+    assert templates.exit_code == ops.exit_code == 0
+    for name in TEMPLATES:
+        assert name[:8] in templates.output
+    for name in OPS:
+        assert name[:8] in ops.output
+
+
+def test_inject_needs_a_choice_of_kernels(tmp_path: Path) -> None:
+    pod = tmp_path / "pod.yaml"
+    pod.write_text(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: [{name: c, image: i}]}\n"
+    )
+    assert run("kasmina", "inject", str(pod)).exit_code == 2
+    result = run("kasmina", "inject", str(pod), "--kernels", "cpu-0123")
+    assert (
+        result.exit_code == 0
+        and "esper-kasmina" in result.output
+        and "restartPolicy: Always" in result.output
+    )
+    bad = tmp_path / "cm.yaml"
+    bad.write_text("apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {}\n")
+    assert run("kasmina", "inject", str(bad), "--kernels", "x").output.strip().startswith("apiVersion")
