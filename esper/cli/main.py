@@ -56,9 +56,12 @@ def load_documents(path: Path) -> list[tuple[str, Any]]:
             name = (doc.get("metadata") or {}).get("name")
             out.append((f"{label} ({name})" if name else label, doc.get("spec")))
         elif isinstance(doc, dict) and "kind" in doc:
-            raise InputError(f"{label}: kind {doc['kind']!r} is not a Blueprint")
+            continue  # other resources of a manifest (a Pod, RBAC) are not ours to check
         else:
             out.append((label, doc))
+    if not out:
+        kinds = ", ".join(sorted({str(d.get("kind")) for d in docs if isinstance(d, dict)}))
+        raise InputError(f"{path}: no Blueprint in this file (found {kinds})")
     return out
 
 
@@ -152,6 +155,27 @@ def compile_(
     console.print(table)
     if failed:
         raise typer.Exit(failed)
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option(help="Where the demo writes its PNG and JSON.")] = Path(
+        ".esper/demo"
+    ),
+    store: Annotated[Path, typer.Option(help="Local store the examples compile into.")] = Path(DEFAULT_STORE),
+    quick: Annotated[bool, typer.Option(help="Fewer steps and one kernel (about a minute).")] = False,
+    update_docs: Annotated[bool, typer.Option(help="Also write docs/demo-loss.png.")] = False,
+) -> None:
+    """The main job: compile the example Blueprints, then grow a model with them and compare."""
+    from esper.demo import DemoError, run_demo
+
+    docs_png = Path("docs/demo-loss.png") if update_docs else None
+    try:
+        result = run_demo(workdir, quick=quick, console=console, docs_png=docs_png, store=store)
+    except DemoError as exc:
+        typer.echo(f"esper demo: {exc}", err=True)
+        raise typer.Exit(1) from None
+    console.print(f"loss curves: {result.png}   numbers: {result.json_path}")
 
 
 @app.command()
@@ -249,6 +273,15 @@ def kasmina_sync() -> None:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
     raise typer.Exit(code)
+
+
+@kasmina_app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def kasmina_train(ctx: typer.Context) -> None:
+    """The example trainer of a training pod: grows the demo model with the Kernels the sidecar
+    delivers (--kernel-dir or ESPER_KERNEL_DIR, --steps, --slots, --metrics-port, --seed)."""
+    from esper.kasmina.trainer import main
+
+    raise typer.Exit(main(list(ctx.args)))
 
 
 @kasmina_app.command("inject")

@@ -18,10 +18,13 @@ def run(*args: str, input: str | None = None):
 
 
 def test_validate_accepts_the_examples() -> None:
-    good = [str(p) for p in sorted(EXAMPLES.glob("*.yaml")) if p.name != "invalid-blueprint.yaml"]
-    result = run("validate", *good)
+    good = [p for p in sorted(EXAMPLES.glob("*.yaml")) if p.name != "invalid-blueprint.yaml"]
+    blueprints = [p for p in good if "kind: Blueprint" in p.read_text()]
+    result = run("validate", *map(str, good))
+    assert result.exit_code == 2, "training-pod.yaml holds no Blueprint"
+    result = run("validate", *map(str, blueprints))
     assert result.exit_code == 0, result.output
-    assert result.output.count(": ok, digest ") == len(good)
+    assert result.output.count(": ok, digest ") == len(blueprints) >= 5
 
 
 def test_validate_prints_one_line_per_problem_with_file_and_path() -> None:
@@ -39,7 +42,7 @@ def test_validate_prints_one_line_per_problem_with_file_and_path() -> None:
     [
         ("a: [unclosed", "not valid YAML (line 1)"),
         ("", "no documents"),
-        ("kind: Pod\nmetadata: {name: x}\n", "kind 'Pod' is not a Blueprint"),
+        ("kind: Pod\nmetadata: {name: x}\n", "no Blueprint in this file (found Pod)"),
     ],
 )
 def test_validate_unreadable_input_exits_2(tmp_path: Path, content: str, message: str) -> None:

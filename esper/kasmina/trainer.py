@@ -1,0 +1,139 @@
+"""`esper kasmina train`: the example trainer of a training pod.
+
+It trains the demo's under-sized host on the demo's synthetic task and grows it with whatever Kernels
+the Kasmina sidecar delivers: between steps it stats the sidecar's index (one `os.stat`), adds newly
+arrived bundles to the policy's catalog (verified against the sha256 the index recorded when a seed
+loads them), and lets the plateau policy germinate, train, blend and fossilize or cull. Seed events
+are printed as JSON lines; seed metrics are served for Prometheus.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("esper.kasmina.trainer")
+
+
+@dataclass(frozen=True)
+class TrainerOptions:
+    kernel_dir: Path
+    steps: int = 0  # 0: until SIGTERM
+    slots: int = 4
+    metrics_port: int = 9091
+    seed: int = 0
+
+
+def _emit(event: dict[str, Any]) -> None:
+    print(json.dumps(event, default=str), flush=True)
+
+
+def train(options: TrainerOptions) -> int:
+    import torch
+    from prometheus_client import start_http_server
+
+    from esper.demo import DemoConfig, build_host, make_task
+    from esper.kasmina import KernelCatalog, PlateauPolicy, default_metrics, warmup, wrap
+    from esper.kasmina.index import IndexCorrupt, IndexWatcher
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    cfg = DemoConfig(seed=options.seed)
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    _emit({"event": "start", "warmupSeconds": round(warmup(), 3), "kernelDir": str(options.kernel_dir)})
+    if options.metrics_port:
+        start_http_server(options.metrics_port)
+    task = make_task(cfg)
+    model = build_host(cfg, options.slots)
+    wrap(
+        model,
+        [f"blocks.{i}" for i in range(options.slots)],
+        blend_steps=cfg.blend_steps,
+        metrics=default_metrics(),
+    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    loss_fn = torch.nn.MSELoss()
+
+    def evaluate() -> float:
+        model.eval()
+        with torch.no_grad():
+            loss = loss_fn(model(task.x_val[: cfg.eval_batch]), task.y_val[: cfg.eval_batch]).item()
+        model.train()
+        return loss
+
+    catalog = KernelCatalog()
+    policy = PlateauPolicy(
+        patience=cfg.patience,
+        min_delta=cfg.min_delta,
+        train_steps=cfg.train_steps,
+        blend_steps=cfg.blend_steps,
+        cull_threshold=cfg.cull_threshold,
+        catalog=catalog,
+        evaluate=evaluate,
+        model=model,
+        optimizer=optimizer,
+        group_options={"lr": cfg.seed_lr},
+    )
+    watcher = IndexWatcher(options.kernel_dir)
+    known: set[str] = set()
+    seen_events = 0
+    generator = torch.Generator().manual_seed(cfg.seed)
+    step = 0
+    while not stop.is_set() and (options.steps == 0 or step < options.steps):
+        try:
+            index = watcher.changed()
+        except IndexCorrupt as exc:  # the sidecar rewrites it atomically; a corrupt file is someone else's
+            log.warning("%s", exc)
+            index = None
+        if index is not None:
+            for entry in index.kernels:
+                if entry.key in known:
+                    continue
+                found = KernelCatalog.from_bundles([entry.bundle_dir(options.kernel_dir)]).ranked()
+                for e in found:
+                    catalog.add(e.key, e.source, e.score, e.sample_shape, sha256=entry.sha256)
+                    known.add(e.key)
+                    _emit({"event": "kernel-arrived", "step": step, "kernel": entry.name, "key": e.key})
+        idx = torch.randint(0, task.x_train.shape[0], (cfg.batch,), generator=generator)
+        loss = loss_fn(model(task.x_train[idx]), task.y_train[idx])
+        loss.backward()
+        optimizer.step()
+        policy.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        if step % cfg.eval_every == 0:
+            val = evaluate()
+            policy.on_eval(val, step)
+            _emit({"event": "eval", "step": step, "valLoss": round(val, 5), "time": time.time()})
+        for ev in policy.events[seen_events:]:
+            _emit(ev)
+        seen_events = len(policy.events)
+    _emit({"event": "stop", "step": step, "valLoss": round(evaluate(), 5)})
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="esper kasmina train", description=__doc__.splitlines()[0])
+    parser.add_argument("--kernel-dir", default=os.environ.get("ESPER_KERNEL_DIR", ""))
+    parser.add_argument("--steps", type=int, default=0, help="0: train until SIGTERM")
+    parser.add_argument("--slots", type=int, default=4)
+    parser.add_argument("--metrics-port", type=int, default=9091)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if not args.kernel_dir:
+        print("esper kasmina train: set ESPER_KERNEL_DIR or --kernel-dir", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    return train(TrainerOptions(Path(args.kernel_dir), args.steps, args.slots, args.metrics_port, args.seed))
