@@ -8,7 +8,7 @@ import json
 import socket
 import sys
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -94,40 +94,49 @@ class Esper:
 
 
 @pytest.fixture
-def esper(
+def start_esper(
     cluster: Cluster,
     kubelet: Any,
     s3_server: str,
     s3_bucket: str,
     operator_process: Callable[..., OperatorProcess],
     tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Esper]:
-    """Operator configured as the Helm chart would, S3 credentials in a Secret the Jobs reference."""
-    secret = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
-    cluster.create(
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": "esper-s3", "namespace": "default"},
-            "data": {k: base64.b64encode(v.encode()).decode() for k, v in secret.items()},
+) -> Callable[..., Esper]:
+    """Start the operator configured as the Helm chart would, S3 credentials in a Secret the Jobs use."""
+
+    def start(**overrides: str) -> Esper:
+        secret = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+        cluster.create(
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": "esper-s3", "namespace": "default"},
+                "data": {k: base64.b64encode(v.encode()).decode() for k, v in secret.items()},
+            }
+        )
+        port = _free_port()
+        env = {
+            "ESPER_STORE_URI": s3_bucket,
+            "ESPER_S3_ENDPOINT": s3_server,
+            "ESPER_S3_SECRET": "esper-s3",
+            "ESPER_COMPILE_COMMAND": json.dumps([sys.executable, "-m", "esper.tezzeret"]),
+            "ESPER_BACKOFF_LIMIT": "1",
+            "ESPER_METRICS_PORT": str(port),
+            "ESPER_RESYNC_SECONDS": "3",
+            **secret,
+            **overrides,
         }
-    )
-    port = _free_port()
-    env = {
-        "ESPER_STORE_URI": s3_bucket,
-        "ESPER_S3_ENDPOINT": s3_server,
-        "ESPER_S3_SECRET": "esper-s3",
-        "ESPER_COMPILE_COMMAND": json.dumps([sys.executable, "-m", "esper.tezzeret"]),
-        "ESPER_BACKOFF_LIMIT": "1",
-        "ESPER_METRICS_PORT": str(port),
-        "ESPER_RESYNC_SECONDS": "3",
-        **secret,
-    }
-    kubelet.volume_dirs["scratch"] = tmp_path_factory.mktemp("node-cache")  # a node's warm cache
-    operator = operator_process("esper_operator.handlers", env=env)
-    operator.wait_for_log("esper operator ready", timeout=60)
-    yield Esper(cluster, kubelet, operator, s3_bucket, port)
-    operator.stop()
+        kubelet.volume_dirs["scratch"] = tmp_path_factory.mktemp("node-cache")  # a node's warm cache
+        operator = operator_process("esper_operator.handlers", env=env)
+        operator.wait_for_log("esper operator ready", timeout=60)
+        return Esper(cluster, kubelet, operator, s3_bucket, port)
+
+    return start
+
+
+@pytest.fixture
+def esper(start_esper: Callable[..., Esper]) -> Esper:
+    return start_esper()
 
 
 def test_blueprint_becomes_a_ready_kernel_with_a_verified_artifact(esper: Esper, tmp_path: Path) -> None:
@@ -282,3 +291,13 @@ def test_deleted_kernel_is_recreated_by_its_blueprint(esper: Esper) -> None:
     wait_for(
         lambda: [k["metadata"]["uid"] for k in esper.kernels()] not in ([], [kernel["metadata"]["uid"]]), 30
     )
+
+
+def test_retention_delete_removes_the_artifact_with_the_kernel(start_esper: Callable[..., Esper]) -> None:
+    esper = start_esper(ESPER_RETENTION="delete")
+    esper.cluster.create(small_blueprint("ephemeral", seed=61))
+    blueprint = esper.wait_phase("blueprints", "ephemeral", "Ready")
+    key = esper.cluster.get("kernels", blueprint["status"]["kernels"][0]["name"])["spec"]["key"]
+    assert esper.store.has_bundle(key)
+    esper.cluster.delete("blueprints", "ephemeral")
+    wait_for(lambda: not esper.kernels() and not esper.store.has_bundle(key), 30)
