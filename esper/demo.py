@@ -12,8 +12,9 @@
      culled by its measured contribution;
    - ``large``: the reference, the same host with every catalog graph built in eager
      (`esper.blueprint.build_module`, initialised from the bundle's params) in the same slots from
-     step 0, combined as a fossilized seed is (``y + g(y)``): the capacity growth could add, trained
-     from scratch.
+     step 0, each block being the graph itself (``g(y)``, exactly what a fossilized seed computes:
+     the residual templates carry their own skip): the capacity growth could add, trained from
+     scratch.
 
 3. Print the tables, write `<workdir>/demo-loss.png` (validation curves, seed events marked) and
    `<workdir>/demo.json` (every number).
@@ -454,22 +455,6 @@ def _host_class() -> type[nn.Module]:
     return Host
 
 
-def _residual(graph_module: nn.Module) -> nn.Module:
-    from torch import nn
-
-    class Fossil(nn.Module):
-        """`y + g(y)`: exactly what a fossilized seed computes at its slot."""
-
-        def __init__(self, g: nn.Module) -> None:
-            super().__init__()
-            self.g = g
-
-        def forward(self, y: Any) -> Any:
-            return y + self.g(y)
-
-    return Fossil(graph_module)
-
-
 def build_host(cfg: DemoConfig, n_points: int) -> nn.Module:
     import torch
 
@@ -478,7 +463,11 @@ def build_host(cfg: DemoConfig, n_points: int) -> nn.Module:
 
 
 def build_large(cfg: DemoConfig, kernels: Sequence[KernelInfo]) -> nn.Module:
-    """The host with each kernel's graph in eager in its own block, initialised from the bundle."""
+    """The host with each kernel's graph in eager in its own block, initialised from the bundle.
+
+    The block is the graph module itself, `g(y)`: what a fossilized seed computes at its slot (the
+    slot's output is the seed's output; residual templates include the skip `y + f(y)` themselves).
+    """
     from safetensors.torch import load_file
 
     from esper.artifact import PARAMS
@@ -489,7 +478,7 @@ def build_large(cfg: DemoConfig, kernels: Sequence[KernelInfo]) -> nn.Module:
         assert k.graph is not None and k.bundle is not None
         g = build_module(Graph.model_validate(k.graph), seed=k.init_seed)
         g.load_state_dict(load_file(str(Path(k.bundle) / PARAMS)))
-        model.blocks[i] = _residual(g)  # type: ignore[index]
+        model.blocks[i] = g  # type: ignore[index]
     return model
 
 
@@ -801,7 +790,7 @@ def run_demo(
         torch.set_num_threads(threads)
         aoti_log.setLevel(aoti_level)
     runs["host"].note = "blocks are identities (the seed slots, all dormant)"
-    runs["large"].note = "every kernel's graph in eager in its block from step 0, y + g(y)"
+    runs["large"].note = "every kernel's graph in eager in its block from step 0, g(y) (as a fossil)"
 
     console.rule("[bold]3. Results")
     console.print(results_table(runs))

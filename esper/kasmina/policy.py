@@ -11,7 +11,10 @@ Trainer protocol::
 
 `evaluate()` returns the validation loss of the current model (it should switch to eval mode and
 no_grad itself); the policy also calls it twice when a blend ends to measure the seed's contribution
-`val_loss(alpha=0) - val_loss(alpha=current)`.
+`val_loss(alpha=0) - val_loss(alpha=1)`. The slot blends convexly (`y + alpha * (s - y)`), so
+alpha=0 is the slot's host output `y` alone and alpha=1 the seed's output `s` in its place: the
+contribution is what the current model would lose by dropping the seed now (after the host has
+co-adapted to it during the blend), not a proof that growing it beat training the host longer.
 """
 
 from __future__ import annotations
@@ -187,6 +190,7 @@ class PlateauPolicy:
         return dormant, len(self.catalog), len(self.tried)
 
     def _decide(self, slot: SeedSlot) -> None:
+        # alpha is 1 here: `current` is the model with the seed's output replacing y, `base` without it.
         with slot.alpha_override(0.0):
             base = float(self.evaluate())
         current = float(self.evaluate())

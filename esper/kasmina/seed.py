@@ -1,18 +1,24 @@
 """Seed slots: points of a host model where a kernel can be grown in, trained, blended and kept.
 
-Forward by state (y is the host output at the slot):
+Forward by state (y is the host output at the slot, s = seed(y)):
 
 - DORMANT, GERMINATED, CULLED: `y` itself (one attribute check; bit-identical to the bare host).
 - TRAINING: the seed learns in isolation. It sees `y.detach()`; the output is `_Isolate(y, s)`, a custom
   autograd Function whose value is an exact copy of `y` and whose backward hands the incoming gradient
   `g` unchanged to both `y` and `s`. The host's outputs and gradients are bit-identical to the bare
-  host, and the seed gets d loss/d y as its signal (what it would get at alpha=1). Chosen over
+  host, and the seed gets d loss/d y as its signal: exactly what it would get as the slot's output,
+  i.e. at alpha = 1 where the slot computes `s` (with the host held at its current `y`). Chosen over
   `y + (s - s.detach())` because a seed that produces inf/NaN would turn that into NaN in the host;
   here the seed's values never reach the output. Caveat: a copy of `y` per step (a view would forbid
   in-place ops after the slot), and the seed's signal ignores its own effect on the loss.
   Under no_grad (evaluation) the seed is not run at all.
-- BLENDING: `y + alpha * seed(y)`, alpha rising linearly 0 -> 1 over `blend_steps` optimizer steps.
-- FOSSILIZED: `y + seed(y)`; the seed is now part of the model (state_dict included).
+- BLENDING: convex blending, `y + alpha * (s - y)` (= (1 - alpha) y + alpha s), alpha rising linearly
+  0 -> 1 over `blend_steps` optimizer steps (at alpha = 1 the output is `s` itself).
+- FOSSILIZED: `s`; the seed is now part of the model (state_dict included).
+
+So the seed *replaces* the activation once blended in. A residual Blueprint (`x + f(x)`: most
+templates) therefore starts from the identity plus its branch and ends as `y + f(y)`; a non-residual
+one (`mlp`, `lora-adapter`, which outputs only its delta) ends as a full replacement of `y`.
 
 A seed that raises in TRAINING or BLENDING is culled on the spot and the slot returns `y`: a bad
 kernel costs the seed, never the training run.
@@ -22,6 +28,13 @@ dormant slot put nothing of a seed into the pending autograd graph; the caller t
 `slot.seed_parameters()` to its optimizer. `defer=True` stages the kernel and installs it at the next
 `step()` boundary instead (for callers that germinate from another thread or between forward and
 backward and want the swap on the step edge).
+
+Cost of an idle slot (dormant, germinated, culled): the forward is the host call plus one flag check;
+`step()` is one counter increment and one comparison (the counters live in a plain object, not in
+nn.Module attributes). Activation telemetry is taken at the first forward (shape, dtype, device and
+one mean/std sample), then every `idle_sample_every` steps for an idle slot and every `sample_every`
+steps for a live seed (with its gradient norm); mean/std come from one `torch.std_mean` over a strided
+subsample of at most 1024 elements (see telemetry.py).
 """
 
 from __future__ import annotations
@@ -29,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -52,6 +66,11 @@ S = SeedState
 KernelSource = nn.Module | Callable[[], nn.Module] | str | os.PathLike[str]
 KernelResolver = Callable[[str], nn.Module]
 EXTRA_STATE_VERSION = 1
+_NEVER = 1 << 62  # a step an idle slot never reaches (no idle sampling)
+_generation = 0  # bumped by every SeedSlot created: invalidates step_slots' cached slot lists
+_slot_cache: weakref.WeakKeyDictionary[nn.Module, tuple[int, tuple[SeedSlot, ...]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class KernelRestoreError(RuntimeError):
@@ -70,6 +89,27 @@ class _Isolate(torch.autograd.Function):
         return g, g
 
 
+def blend(y: torch.Tensor, s: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Convex blend of the host activation `y` and the seed output `s`: `y + alpha * (s - y)`;
+    `s` itself at alpha >= 1 (the fossil's output, bit for bit)."""
+    return s if alpha >= 1.0 else y + alpha * (s - y)
+
+
+class _Counters:
+    """The slot's per-step numbers, in a plain object: `step()` updates them without going through
+    nn.Module.__setattr__ (several µs per assignment). `wake`: the next global step at which `step()`
+    has work to do (0: every step)."""
+
+    __slots__ = ("alpha", "blend_step", "global_step", "state_start", "wake")
+
+    def __init__(self) -> None:
+        self.alpha = 0.0
+        self.blend_step = 0
+        self.global_step = 0
+        self.state_start = 0  # global_step when the current state was entered
+        self.wake = 0
+
+
 class SeedSlot(nn.Module):
     """A host submodule (or an identity, if `module` is None) followed by a seed point."""
 
@@ -80,35 +120,75 @@ class SeedSlot(nn.Module):
         *,
         blend_steps: int = 100,
         sample_every: int = 10,
+        idle_sample_every: int = 200,
         metrics: KasminaMetrics | None = None,
         kernel_resolver: KernelResolver | None = None,
     ) -> None:
         super().__init__()
         if blend_steps < 1:
             raise ValueError("blend_steps must be >= 1")
+        global _generation
+        _generation += 1
+        self._c = _Counters()
         self.name = name
-        self.host = module
+        self.add_module("host", module)  # registered even when None: forward reads _modules["host"]
         self.add_module("seed", None)
         self.blend_steps = blend_steps
-        self.sample_every = sample_every
+        self.sample_every = sample_every  # live seed: grad norm + activation stats every N steps
+        self.idle_sample_every = idle_sample_every  # idle slot: activation stats every N steps
         self.kernel_resolver = kernel_resolver
         self.metrics = metrics if metrics is not None else default_metrics()
         self.telemetry = SeedTelemetry(name)
         self.lifecycle = Lifecycle(name, on_transition=self._on_transition)
-        self.alpha = 0.0
-        self.blend_step = 0
-        self.global_step = 0
-        self.steps_in_state = 0
         self._alpha_override: float | None = None
         self._pending: tuple[nn.Module, str] | None = None
         self._observe_due = True  # the first forward records the activation shape
         self._passthrough = False
         self.metrics.set_state(name, S.DORMANT)
 
+    # ---- counters (plain attributes of self._c; properties for readers and restore) -------------
+
+    @property
+    def alpha(self) -> float:
+        return self._c.alpha
+
+    @alpha.setter
+    def alpha(self, v: float) -> None:
+        self._c.alpha = float(v)
+
+    @property
+    def blend_step(self) -> int:
+        return self._c.blend_step
+
+    @blend_step.setter
+    def blend_step(self, v: int) -> None:
+        self._c.blend_step = int(v)
+
+    @property
+    def global_step(self) -> int:
+        return self._c.global_step
+
+    @global_step.setter
+    def global_step(self, v: int) -> None:
+        c = self._c
+        c.state_start += int(v) - c.global_step  # keep steps_in_state
+        c.global_step = int(v)
+        self._refresh()
+
+    @property
+    def steps_in_state(self) -> int:
+        return self._c.global_step - self._c.state_start
+
+    @steps_in_state.setter
+    def steps_in_state(self, v: int) -> None:
+        self._c.state_start = self._c.global_step - int(v)
+
     # ---- forward -------------------------------------------------------------------------------
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        y = args[0] if self.host is None else self.host(*args, **kwargs)
+        # `_modules["host"]`, not `self.host`: nn.Module.__getattr__ costs ~0.9 µs per lookup.
+        host = self._modules["host"]
+        y = args[0] if host is None else host(*args, **kwargs)
         if self._passthrough:
             return y
         return self._seed_forward(y)
@@ -118,14 +198,14 @@ class SeedSlot(nn.Module):
             return y
         if self._observe_due:
             self.telemetry.observe(y.detach())
-            self._observe_due = False
+            object.__setattr__(self, "_observe_due", False)
             self._refresh()
         state, seed = self.lifecycle.state, self.seed
         if seed is None or state not in KERNEL_STATES:
             return y
         if self._alpha_override is not None:
             a = self._alpha_override
-            return y if a == 0.0 else y + a * seed(y)
+            return y if a == 0.0 else blend(y, seed(y), a)
         if state in IDENTITY_STATES:
             return y
         if state is S.TRAINING:
@@ -135,8 +215,8 @@ class SeedSlot(nn.Module):
             return y if s is None else _Isolate.apply(y, s)
         if state is S.BLENDING:
             s = self._guarded(seed, y, y)
-            return y if s is None else y + self.alpha * s
-        return y + seed(y)  # FOSSILIZED
+            return y if s is None else blend(y, s, self._c.alpha)
+        return seed(y)  # FOSSILIZED: the seed's output replaces y
 
     def _guarded(self, seed: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         """Run a live seed; if it fails or returns the wrong shape, cull it and carry on without it."""
@@ -152,10 +232,16 @@ class SeedSlot(nn.Module):
         return s
 
     def _refresh(self) -> None:
-        """Recompute the fast-path flag: identity state, nothing to observe, no alpha override."""
-        self._passthrough = (
-            self.lifecycle.state in IDENTITY_STATES and not self._observe_due and self._alpha_override is None
-        )
+        """Recompute the fast paths: `_passthrough` (identity state, nothing to observe, no alpha
+        override) for forward, and `wake` (the next step with work to do) for `step()`."""
+        idle = self.lifecycle.state in IDENTITY_STATES and self._alpha_override is None
+        object.__setattr__(self, "_passthrough", idle and not self._observe_due)
+        c = self._c
+        if idle and self._pending is None:
+            every = self.idle_sample_every
+            c.wake = (c.global_step // every + 1) * every if every > 0 else _NEVER
+        else:
+            c.wake = 0
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -168,7 +254,7 @@ class SeedSlot(nn.Module):
         return kernel_key_of(self.seed)
 
     def _on_transition(self, t: Transition) -> None:
-        self.steps_in_state = 0
+        self._c.state_start = self._c.global_step
         self.telemetry.state = t.to_state
         self.metrics.transition(self.name, t.to_state)
         log.info("seed %s: %s -> %s at step %d (%s)", self.name, t.from_state.value, t.to_state.value,
@@ -207,6 +293,7 @@ class SeedSlot(nn.Module):
         reason = f"kernel {kernel_key_of(module)}"
         if defer:
             self._pending = (module, reason)
+            self._refresh()  # step() must look at the pending kernel
         else:
             self._install(module, step, reason)
         return True
@@ -259,7 +346,7 @@ class SeedSlot(nn.Module):
     def _install(self, module: nn.Module, step: int | None, reason: str) -> None:
         module.train(self.training)
         self.seed = module
-        self.alpha, self.blend_step = 0.0, 0
+        self._c.alpha, self._c.blend_step = 0.0, 0
         self.telemetry.kernel_key = kernel_key_of(module)
         self._move(S.GERMINATED, step, reason)
 
@@ -272,17 +359,17 @@ class SeedSlot(nn.Module):
                 raise ValueError("blend_steps must be >= 1")
             self.blend_steps = blend_steps
         self._move(S.BLENDING, step, f"blend over {self.blend_steps} steps")
-        self.alpha, self.blend_step = 0.0, 0
+        self._c.alpha, self._c.blend_step = 0.0, 0
 
     def fossilize(self, step: int | None = None, reason: str = "kept") -> None:
         self._move(S.FOSSILIZED, step, reason)
-        self.alpha = 1.0
+        self._c.alpha = 1.0
 
     def cull(self, reason: str, step: int | None = None) -> None:
         """Discard the seed (its parameters leave the model); the slot then waits for `reset()`."""
         self._move(S.CULLED, step, reason)
         self.seed = None
-        self.alpha = 0.0
+        self._c.alpha = 0.0
         self.telemetry.last_error = reason
 
     def reset(self, step: int | None = None) -> None:
@@ -291,18 +378,30 @@ class SeedSlot(nn.Module):
         self.telemetry.kernel_key = None
 
     def step(self) -> None:
-        """Advance one optimizer step: call after optimizer.step() and before zero_grad()."""
-        self.global_step += 1
-        self.steps_in_state += 1
+        """Advance one optimizer step: call after optimizer.step() and before zero_grad().
+
+        An idle slot (dormant, germinated, culled; nothing pending) does one increment and one
+        comparison here, and only every `idle_sample_every` steps more.
+        """
+        c = self._c
+        c.global_step += 1
+        if c.global_step < c.wake:
+            return
+        self._advance()
+
+    def _advance(self) -> None:
+        c = self._c
         if self._pending is not None:
             module, reason = self._pending
             self._pending = None
             self._install(module, None, reason)
-        if self.lifecycle.state is S.BLENDING:
-            self.blend_step += 1
-            self.alpha = min(1.0, self.blend_step / self.blend_steps)
-        if self.sample_every > 0 and self.global_step % self.sample_every == 0:
-            self._observe_due = True
+        state = self.lifecycle.state
+        if state is S.BLENDING:
+            c.blend_step += 1
+            c.alpha = min(1.0, c.blend_step / self.blend_steps)
+        every = self.idle_sample_every if state in IDENTITY_STATES else self.sample_every
+        if every > 0 and c.global_step % every == 0:
+            object.__setattr__(self, "_observe_due", True)
             self._sample_grads()
         self._refresh()
 
@@ -319,8 +418,9 @@ class SeedSlot(nn.Module):
 
     @contextlib.contextmanager
     def alpha_override(self, alpha: float) -> Iterator[None]:
-        """Evaluate with `y + alpha * seed(y)` whatever the state (0.0: the host alone). For
-        evaluation (measuring a seed's contribution), not training: it bypasses isolation."""
+        """Evaluate with `y + alpha * (seed(y) - y)` whatever the state (0.0: the host alone, 1.0:
+        the seed's output). For evaluation (measuring a seed's contribution), not training: it
+        bypasses isolation."""
         prev = self._alpha_override
         self._alpha_override = float(alpha)
         self._refresh()
@@ -379,11 +479,12 @@ class SeedSlot(nn.Module):
             self.seed = None
         self._pending = None
         self.lifecycle.restore(to, [Transition.from_json(t) for t in state.get("history", [])])
-        self.alpha = float(state["alpha"])
-        self.blend_step = int(state["blendStep"])
+        c = self._c
+        c.alpha = float(state["alpha"])
+        c.blend_step = int(state["blendStep"])
         self.blend_steps = int(state["blendSteps"])
-        self.global_step = int(state["globalStep"])
-        self.steps_in_state = int(state["stepsInState"])
+        c.global_step = int(state["globalStep"])
+        c.state_start = c.global_step - int(state["stepsInState"])
         self.telemetry.state, self.telemetry.kernel_key = to, self.kernel_key
         self.metrics.set_state(self.name, to)
         self._refresh()
@@ -433,8 +534,17 @@ def slots(model: nn.Module) -> dict[str, SeedSlot]:
 
 
 def step_slots(model: nn.Module) -> None:
-    """`slot.step()` for every slot (once per optimizer step)."""
-    for s in slots(model).values():
+    """`slot.step()` for every slot (once per optimizer step).
+
+    The slot list is cached per model (walking `model.modules()` every step costs ~75 µs on a
+    50-module host) and rebuilt whenever a SeedSlot has been created since; a slot *removed* from the
+    model without a new one being created stays in the cache (it is stepped, harmlessly, alone).
+    """
+    hit = _slot_cache.get(model)
+    if hit is None or hit[0] != _generation:
+        hit = (_generation, tuple(slots(model).values()))
+        _slot_cache[model] = hit
+    for s in hit[1]:
         s.step()
 
 

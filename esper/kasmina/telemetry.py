@@ -1,7 +1,10 @@
 """Per-seed telemetry and the Prometheus metrics of the seed runtime.
 
 Cheap by construction: activation statistics are running averages kept as 0-dim tensors (no device
-sync in the training loop) and updated only on sampled steps; they become floats only when read.
+sync in the training loop) and updated only on sampled steps (a slot's first forward, then every
+`sample_every` steps for a live seed and every `idle_sample_every` steps for an idle slot); each
+sample is one `torch.std_mean` over a strided subsample of at most `SAMPLE_ELEMENTS` elements of the
+activation, so its cost does not grow with the activation. They become floats only when read.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 _EMA = 0.1  # weight of a new sample in the running activation statistics
+SAMPLE_ELEMENTS = 1024  # at most this many activation elements per statistics sample (~10 µs)
 
 
 class KasminaMetrics:
@@ -92,17 +96,23 @@ class SeedTelemetry:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def observe(self, y: torch.Tensor) -> None:
-        """Fold one (detached) activation into the running mean/std; record its per-sample shape."""
+        """Record the (detached) activation's per-sample shape, dtype and device, and fold a mean/std
+        sample into the running statistics: `torch.std_mean` over every k-th element of the flattened
+        activation (k odd, so that a power-of-two row length does not pin the sample to a few
+        columns), at most SAMPLE_ELEMENTS elements."""
         import torch
 
         self.activation_shape = tuple(int(d) for d in y.shape[1:])
         self.activation_dtype = str(y.dtype).removeprefix("torch.")
         self.activation_device = str(y.device)
-        if y.numel() < 2 or not y.is_floating_point():
+        n = y.numel()
+        if n < 2 or not y.is_floating_point():
             return
         with torch.no_grad():
-            yf = y.float()
-            mean, std = yf.mean(), yf.std()
+            flat = y.reshape(-1)
+            if n > SAMPLE_ELEMENTS:
+                flat = flat[:: (n // SAMPLE_ELEMENTS) | 1]
+            std, mean = torch.std_mean(flat.float())
             if self.act_mean is None or self.act_std is None:
                 self.act_mean, self.act_std = mean, std
             else:

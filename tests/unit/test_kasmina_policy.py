@@ -12,11 +12,22 @@ from esper.kasmina import KernelCatalog, PlateauPolicy, SeedState, wrap
 H = 16
 
 
+class ResidualSeed(nn.Module):
+    """x + f(x), f's last layer at zero: the seed starts as the identity (a residual Blueprint's
+    shape; the slot's convex blend then moves from y to y + f(y))."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = nn.Sequential(nn.Linear(H, 32), nn.Tanh(), nn.Linear(32, H))
+        nn.init.zeros_(self.f[2].weight)
+        nn.init.zeros_(self.f[2].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.f(x)
+
+
 def mlp_seed() -> nn.Module:
-    m = nn.Sequential(nn.Linear(H, 32), nn.Tanh(), nn.Linear(32, H))
-    nn.init.zeros_(m[2].weight)  # starts as a no-op residual
-    nn.init.zeros_(m[2].bias)
-    return m
+    return ResidualSeed()
 
 
 def catalog() -> KernelCatalog:

@@ -1,4 +1,4 @@
-"""Seed slots: identity when dormant, isolation when training, exact blending, checkpoints."""
+"""Seed slots: identity when dormant, isolation when training, exact convex blending, checkpoints."""
 
 from __future__ import annotations
 
@@ -76,6 +76,58 @@ def test_dormant_is_bit_identical_and_takes_the_fast_path() -> None:
     x = torch.randn(3, F)
     assert explicit(x) is x and explicit(x) is x and explicit._passthrough
     assert ss["blocks.0"].telemetry.activation_shape == (F,)
+    assert ss["blocks.0"].telemetry.samples == 1  # the first forward also takes one mean/std sample
+
+
+def test_dormant_step_is_cheap_and_samples_rarely() -> None:
+    _, wrapped, ss = pair(idle_sample_every=100)
+    slot = ss["blocks.0"]
+    x = torch.randn(4, F)
+    wrapped(x)
+    for step in range(1, 250):
+        slot.step()
+        assert slot.global_step == step and slot.steps_in_state == step
+        assert slot._passthrough is (step not in (100, 200))  # observe at the next forward
+        wrapped(x)
+    assert slot.telemetry.samples == 3  # first forward, steps 100 and 200
+    assert "_c" not in slot._modules and "global_step" not in slot.__dict__  # plain counters
+    assert slot.state is S.DORMANT and torch.equal(wrapped(x), wrapped(x))
+
+
+def test_step_slots_sees_slots_created_after_its_first_call() -> None:
+    _, model, ss = pair()
+    step_slots(model)
+    assert [s.global_step for s in ss.values()] == [1, 1]
+    model.head = SeedSlot("head", model.head, metrics=metrics())
+    step_slots(model)
+    assert [s.global_step for s in slots(model).values()] == [2, 2, 1]
+
+
+def test_steps_in_state_and_checkpoint_counters_round_trip() -> None:
+    _, model, ss = pair(blend_steps=10)
+    slot = ss["blocks.0"]
+    for _ in range(5):
+        slot.step()
+    slot.germinate(make_seed(), key="k")
+    slot.start_training()
+    for _ in range(3):
+        slot.step()
+    slot.start_blending()
+    for _ in range(4):
+        slot.step()
+    assert (slot.global_step, slot.steps_in_state, slot.blend_step, slot.alpha) == (12, 4, 4, 0.4)
+    extra = slot.get_extra_state()
+    assert (extra["globalStep"], extra["stepsInState"], extra["blendStep"], extra["alpha"]) == (12, 4, 4, 0.4)
+    _, fresh, fs = pair(blend_steps=10)
+    set_kernel_resolver(fresh, lambda key: EagerKernel(make_seed(), key))
+    fresh.load_state_dict(model.state_dict())
+    r = fs["blocks.0"]
+    assert (r.global_step, r.steps_in_state, r.blend_step, r.alpha, r.state) == (12, 4, 4, 0.4, S.BLENDING)
+    r.step()
+    assert (r.global_step, r.steps_in_state, r.alpha) == (13, 5, 0.5)
+    x = torch.randn(3, F)
+    y = r.host(x)
+    assert torch.equal(r(x), y + 0.5 * (r.seed(y) - y))
 
 
 def test_training_is_isolated_but_the_seed_learns() -> None:
@@ -132,7 +184,10 @@ def test_blending_schedule_and_exact_math() -> None:
     x = torch.randn(5, F)
     y = slot.host(x)
     s = slot.seed(y)
-    assert torch.equal(slot(x), y + 0.25 * s)
+    assert torch.equal(slot(x), y + 0.25 * (s - y))  # convex: (1 - alpha) y + alpha s
+    slot.alpha = 1.0
+    assert torch.equal(slot(x), s)  # blended in: the seed's output replaces y
+    slot.alpha = 0.25
     out = wrapped(x).sum()
     out.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in slot.seed_parameters())
@@ -162,12 +217,41 @@ def test_alpha_override_and_fossilized_math() -> None:
     slot.fossilize()
     x = torch.randn(3, F)
     y, s = slot.host(x), slot.seed(slot.host(x))
-    assert torch.equal(slot(x), y + s)
+    assert torch.equal(slot(x), s)  # a fossil computes s, not y + s
     with slot.alpha_override(0.0):
         assert torch.equal(slot(x), y)
     with slot.alpha_override(0.5):
-        assert torch.equal(slot(x), y + 0.5 * s)
-    assert torch.equal(slot(x), y + s)
+        assert torch.equal(slot(x), y + 0.5 * (s - y))
+    with slot.alpha_override(1.0):
+        assert torch.equal(slot(x), s)
+    assert torch.equal(slot(x), s)
+
+
+class Residual(nn.Module):
+    """x + f(x) with f's last layer at zero: what most Blueprint templates look like, at init."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = make_seed()
+        nn.init.zeros_(self.f[2].weight)
+        nn.init.zeros_(self.f[2].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.f(x)
+
+
+def test_a_residual_seed_blends_from_the_identity_and_does_not_double_y() -> None:
+    bare, wrapped, ss = pair(blend_steps=3)
+    slot = ss["blocks.0"]
+    slot.germinate(Residual())
+    slot.start_training()
+    slot.start_blending()
+    x = torch.randn(4, F)
+    for _ in range(4):  # alpha 0, 1/3, 2/3, 1: s == y at init, so every blend is the host itself
+        torch.testing.assert_close(wrapped(x), bare(x), rtol=0, atol=1e-6)
+        slot.step()
+    slot.fossilize()
+    torch.testing.assert_close(wrapped(x), bare(x), rtol=0, atol=1e-6)  # y + f(y) = y, not 2y
 
 
 def test_illegal_slot_operations_raise() -> None:
