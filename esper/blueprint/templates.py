@@ -107,6 +107,9 @@ class LoraParams(Params):
     rank: Annotated[int, Field(ge=1, le=256)] = 8
     alpha: float = Field(default=16.0, gt=0, le=1024, description="Output scale is alpha / rank.")
     zeroInit: bool = Field(default=False, description="Start B at zero, so the adapter starts as 0.")
+    residual: bool = Field(
+        default=True, description="Return x + delta (a seed replaces its activation when fossilized)."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> LoraParams:
@@ -116,12 +119,13 @@ class LoraParams(Params):
 
 
 def lora_adapter(p: LoraParams) -> Graph:
-    """Low-rank delta B(A x) * alpha/rank; the output is the delta, not x plus it."""
+    """x + B(A x) * alpha/rank, or the delta alone with `residual: false`."""
     g = _Graph([p.features])
     a = g.op("lora_a", "linear", "x", outFeatures=p.rank, bias=False)
     init = "zeros" if p.zeroInit else "default"
     b = g.op("lora_b", "linear", a, outFeatures=p.features, bias=False, init=init)
-    return g.graph(g.op("scale", "scale", b, value=p.alpha / p.rank))
+    delta = g.op("scale", "scale", b, value=p.alpha / p.rank)
+    return g.graph(g.op("add", "add", "x", delta) if p.residual else delta)
 
 
 class AttentionBlockParams(Params):
@@ -261,7 +265,7 @@ TEMPLATES: dict[str, TemplateDef] = {
         _t("mlp", MlpParams, mlp, "Two linear layers and an activation."),
         _t("residual-mlp", ResidualMlpParams, residual_mlp, "Blocks of x + fc2(act(fc1(norm(x))))."),
         _t("bottleneck", BottleneckParams, bottleneck, "x + up(act(down(x))), a narrow middle."),
-        _t("lora-adapter", LoraParams, lora_adapter, "Low-rank delta B(A x) * alpha / rank."),
+        _t("lora-adapter", LoraParams, lora_adapter, "x + B(A x) * alpha / rank (low-rank)."),
         _t("attention-block", AttentionBlockParams, attention_block, "x + attention(layer_norm(x))."),
         _t("transformer-mlp", TransformerMlpParams, transformer_mlp, "Pre-norm MLP block with residual."),
         _t("transformer-block", TransformerBlockParams, transformer_block, "Pre-norm attention + MLP."),

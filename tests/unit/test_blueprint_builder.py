@@ -81,9 +81,12 @@ def test_every_template_builds_and_runs(name: str) -> None:
     assert x.grad is not None and all(p.grad is not None for p in module.parameters())
 
 
-def test_lora_zero_init_starts_at_zero() -> None:
-    m = build_module(template_graph("lora-adapter", features=16, rank=4, zeroInit=True))
-    assert torch.count_nonzero(m(torch.randn(2, 16))) == 0
+def test_lora_zero_init_starts_as_identity_or_zero_delta() -> None:
+    x = torch.randn(2, 16)
+    residual = build_module(template_graph("lora-adapter", features=16, rank=4, zeroInit=True))
+    assert torch.equal(residual(x), x)  # a seed that starts exactly as the activation it replaces
+    delta = build_module(template_graph("lora-adapter", features=16, rank=4, zeroInit=True, residual=False))
+    assert torch.count_nonzero(delta(x)) == 0
 
 
 def test_multiple_inputs_and_outputs() -> None:
