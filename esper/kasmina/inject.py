@@ -43,9 +43,15 @@ def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
     return {"httpGet": {"path": path, "port": PORT}, "periodSeconds": period, "failureThreshold": failures}
 
 
-def sidecar_container(*, image: str, kernels: Sequence[str] = (), selector: str | None = None,
-                      store_uri: str | None = None, kernel_dir: str = DEFAULT_KERNEL_DIR,
-                      token_volume: bool = False) -> dict[str, Any]:
+def sidecar_container(
+    *,
+    image: str,
+    kernels: Sequence[str] = (),
+    selector: str | None = None,
+    store_uri: str | None = None,
+    kernel_dir: str = DEFAULT_KERNEL_DIR,
+    token_volume: bool = False,
+) -> dict[str, Any]:
     """The esper-kasmina native sidecar container."""
     env: list[dict[str, Any]] = [{"name": "ESPER_KERNEL_DIR", "value": kernel_dir}]
     if kernels:
@@ -122,9 +128,16 @@ def _upsert(items: list[dict[str, Any]], item: dict[str, Any], at: int | None = 
     items.insert(len(items) if at is None else at, item)
 
 
-def inject(manifest: dict[str, Any], *, image: str, kernels: Sequence[str] | str | None = None,
-           selector: str | None = None, store_uri: str | None = None, kernel_dir: str = DEFAULT_KERNEL_DIR,
-           service_account: str | None = None) -> dict[str, Any]:
+def inject(
+    manifest: dict[str, Any],
+    *,
+    image: str,
+    kernels: Sequence[str] | str | None = None,
+    selector: str | None = None,
+    store_uri: str | None = None,
+    kernel_dir: str = DEFAULT_KERNEL_DIR,
+    service_account: str | None = None,
+) -> dict[str, Any]:
     """A copy of `manifest` (one workload) with the sidecar, the volume and the mounts; idempotent.
 
     ValueError: unknown kind, no containers, nothing to sync, a bad name, or a conflicting volume,
@@ -165,13 +178,20 @@ def inject(manifest: dict[str, Any], *, image: str, kernels: Sequence[str] | str
     for c in spec["containers"]:
         for m in c.get("volumeMounts", []):
             if m.get("mountPath") == kernel_dir and m.get("name") != VOLUME:
-                raise ValueError(f"{where}: container {c.get('name')!r} already mounts {m['name']!r} at "
-                                 f"{kernel_dir}")
+                raise ValueError(
+                    f"{where}: container {c.get('name')!r} already mounts {m['name']!r} at {kernel_dir}"
+                )
         _upsert(c.setdefault("volumeMounts", []), {"name": VOLUME, "mountPath": kernel_dir, "readOnly": True})
         _upsert(c.setdefault("env", []), {"name": "ESPER_KERNEL_DIR", "value": kernel_dir})
 
-    sidecar = sidecar_container(image=image, kernels=names, selector=selector, store_uri=store_uri,
-                                kernel_dir=kernel_dir, token_volume=token)
+    sidecar = sidecar_container(
+        image=image,
+        kernels=names,
+        selector=selector,
+        store_uri=store_uri,
+        kernel_dir=kernel_dir,
+        token_volume=token,
+    )
     _upsert(spec.setdefault("initContainers", []), sidecar, at=0)  # first: later init containers see kernels
     return doc
 
@@ -191,8 +211,10 @@ def inject_documents(text: str, **kwargs: Any) -> str:
         if isinstance(doc, dict) and doc.get("kind") in TEMPLATE_PATHS:
             out.append("\n" + yaml.safe_dump(inject(doc, **kwargs), sort_keys=False))
         elif isinstance(doc, dict) and doc.get("kind") == "List" and isinstance(doc.get("items"), list):
-            doc["items"] = [inject(i, **kwargs) if isinstance(i, dict) and i.get("kind") in TEMPLATE_PATHS
-                            else i for i in doc["items"]]
+            doc["items"] = [
+                inject(i, **kwargs) if isinstance(i, dict) and i.get("kind") in TEMPLATE_PATHS else i
+                for i in doc["items"]
+            ]
             out.append("\n" + yaml.safe_dump(doc, sort_keys=False))
         else:
             out.append(chunk)

@@ -29,26 +29,46 @@ class SyncMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.installed = Gauge("esper_sync_kernels_installed", "Kernels installed and listed in the index.",
-                               registry=r)
-        self.downloads = Counter("esper_sync_downloads", "Bundle fetches by outcome "
-                                 "(success, storage_error, artifact_error, not_found, error).",
-                                 ["outcome"], registry=r)
-        self.download_seconds = Histogram("esper_sync_download_seconds", "Wall time of one bundle fetch.",
-                                          buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
-                                          registry=r)
-        self.errors = Counter("esper_sync_errors", "Errors by kind (storage, artifact, not_found, kube_api, "
-                              "watch_expired, bad_kernel, index, internal).", ["kind"], registry=r)
-        self.last_success = Gauge("esper_sync_last_success_timestamp",
-                                  "Unix time of the last reconcile that left every wanted kernel installed.",
-                                  registry=r)
+        self.installed = Gauge(
+            "esper_sync_kernels_installed", "Kernels installed and listed in the index.", registry=r
+        )
+        self.downloads = Counter(
+            "esper_sync_downloads",
+            "Bundle fetches by outcome (success, storage_error, artifact_error, not_found, error).",
+            ["outcome"],
+            registry=r,
+        )
+        self.download_seconds = Histogram(
+            "esper_sync_download_seconds",
+            "Wall time of one bundle fetch.",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+            registry=r,
+        )
+        self.errors = Counter(
+            "esper_sync_errors",
+            "Errors by kind (storage, artifact, not_found, kube_api, "
+            "watch_expired, bad_kernel, index, internal).",
+            ["kind"],
+            registry=r,
+        )
+        self.last_success = Gauge(
+            "esper_sync_last_success_timestamp",
+            "Unix time of the last reconcile that left every wanted kernel installed.",
+            registry=r,
+        )
 
 
 class SyncServer:
     """Serves /readyz (200 once `ready()` is true, else 503), /healthz and /metrics."""
 
-    def __init__(self, registry: CollectorRegistry, ready: Callable[[], bool], *, port: int = 9090,
-                 host: str = "0.0.0.0") -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        ready: Callable[[], bool],
+        *,
+        port: int = 9090,
+        host: str = "0.0.0.0",
+    ) -> None:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]

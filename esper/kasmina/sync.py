@@ -81,10 +81,16 @@ def desired_of(obj: Mapping[str, Any], namespace: str, target: str | None = None
     try:
         artifact = ArtifactRef.model_validate(status["artifact"])
         name = meta["name"]
-        entry = IndexEntry(name=name, namespace=meta.get("namespace") or namespace, key=spec.get("key", ""),
-                           sha256=artifact.sha256, target=spec.get("target", ""),
-                           blueprint=spec.get("blueprint", ""), path=f"{KERNELS_SUBDIR}/{name}",
-                           size=artifact.size)
+        entry = IndexEntry(
+            name=name,
+            namespace=meta.get("namespace") or namespace,
+            key=spec.get("key", ""),
+            sha256=artifact.sha256,
+            target=spec.get("target", ""),
+            blueprint=spec.get("blueprint", ""),
+            path=f"{KERNELS_SUBDIR}/{name}",
+            size=artifact.size,
+        )
     except (ValidationError, KeyError) as e:
         raise ValueError(f"Kernel {meta.get('name')!r} is malformed: {e}") from None
     return Desired(entry, artifact.uri)
@@ -135,9 +141,14 @@ def make_api_client() -> Any:
 class KernelSync:
     """List + watch the wanted Kernels and keep `config.kernel_dir` matching them (see the module doc)."""
 
-    def __init__(self, config: SyncConfig, *, api_client: Any = None,
-                 store_factory: Callable[[str], Store] = open_store,
-                 metrics: SyncMetrics | None = None) -> None:
+    def __init__(
+        self,
+        config: SyncConfig,
+        *,
+        api_client: Any = None,
+        store_factory: Callable[[str], Store] = open_store,
+        metrics: SyncMetrics | None = None,
+    ) -> None:
         from kubernetes import client
 
         self.config = config
@@ -200,7 +211,11 @@ class KernelSync:
     def list_kernels(self) -> str:
         """List the namespace's Kernels into `observed`; returns the list's resourceVersion."""
         resp = self.api.list_namespaced_custom_object(
-            GROUP, VERSION, self.config.namespace, PLURAL, _request_timeout=(10, 60),
+            GROUP,
+            VERSION,
+            self.config.namespace,
+            PLURAL,
+            _request_timeout=(10, 60),
         )
         items = {o["metadata"]["name"]: o for o in resp.get("items") or [] if self.wanted(o)}
         with self._lock:
@@ -237,9 +252,14 @@ class KernelSync:
                     rv = self.list_kernels()
                 w = self._watch = watch.Watch()
                 for event in w.stream(
-                    self.api.list_namespaced_custom_object, GROUP, VERSION, self.config.namespace, PLURAL,
+                    self.api.list_namespaced_custom_object,
+                    GROUP,
+                    VERSION,
+                    self.config.namespace,
+                    PLURAL,
                     resource_version=rv or None,
-                    timeout_seconds=self.config.watch_timeout, allow_watch_bookmarks=True,
+                    timeout_seconds=self.config.watch_timeout,
+                    allow_watch_bookmarks=True,
                     _request_timeout=(10, self.config.watch_timeout + 30),
                 ):
                     if self._stop.is_set():
@@ -416,10 +436,12 @@ class KernelSync:
                 old = self._failures.get(r.name)
                 attempts = old.attempts + 1 if old and old.sha256 == r.desired.entry.sha256 else 1
                 delay = self._backoff(attempts)
-                self._failures[r.name] = _Failure(r.desired.entry.sha256, attempts, time.monotonic() + delay,
-                                                  r.settled, r.error)
-                log.warning("%s not installed (attempt %d, retry in %.1fs): %s", r.name, attempts, delay,
-                            r.error)
+                self._failures[r.name] = _Failure(
+                    r.desired.entry.sha256, attempts, time.monotonic() + delay, r.settled, r.error
+                )
+                log.warning(
+                    "%s not installed (attempt %d, retry in %.1fs): %s", r.name, attempts, delay, r.error
+                )
 
     # -- status --
 
@@ -511,8 +533,9 @@ def run_sync(config: SyncConfig | None = None, *, api_client: Any = None) -> int
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: sync.request_stop())
     what = ", ".join(config.kernels) + (f" selector {config.selector!r}" if config.selector else "")
-    log.info("syncing %s in namespace %s into %s (port %d)", what, config.namespace, config.kernel_dir,
-             server.port)
+    log.info(
+        "syncing %s in namespace %s into %s (port %d)", what, config.namespace, config.kernel_dir, server.port
+    )
     try:
         sync.run()
     finally:

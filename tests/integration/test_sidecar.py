@@ -59,8 +59,9 @@ def make_ready(c: Cluster, name: str, ref: ArtifactRef) -> None:
     c.patch("kernels", name, {"status": {"phase": "Ready", "artifact": ref.model_dump()}}, status=True)
 
 
-def add_ready_kernel(c: Cluster, store_uri: str, workdir: Path, name: str, seed: int,
-                     labels: dict[str, str] | None = None) -> tuple[str, ArtifactRef]:
+def add_ready_kernel(
+    c: Cluster, store_uri: str, workdir: Path, name: str, seed: int, labels: dict[str, str] | None = None
+) -> tuple[str, ArtifactRef]:
     key, ref = upload(store_uri, workdir, seed)
     c.create(kernel(name, key, labels))
     make_ready(c, name, ref)
@@ -117,12 +118,24 @@ def sidecar(cluster: Cluster, tmp_path: Path) -> Iterator[Factory]:
     """A factory: `sidecar(kernels=(...), store=...)` -> (a started KernelSync, its HTTP port)."""
     started: list[tuple[KernelSync, SyncServer]] = []
 
-    def make(store: Any = None, api_client: Any = None, start: bool = True, **overrides: Any) -> tuple[
-            KernelSync, int]:
-        cfg = {"kernel_dir": tmp_path / "vol", "namespace": "default", "port": 0, "host": "127.0.0.1",
-               "watch_timeout": 5, "retry_base": 0.05, "retry_max": 0.4, **overrides}
-        sync = KernelSync(SyncConfig(**cfg), api_client=api_client or cluster.api_client(),
-                          store_factory=(lambda uri: store) if store is not None else open_store)
+    def make(
+        store: Any = None, api_client: Any = None, start: bool = True, **overrides: Any
+    ) -> tuple[KernelSync, int]:
+        cfg = {
+            "kernel_dir": tmp_path / "vol",
+            "namespace": "default",
+            "port": 0,
+            "host": "127.0.0.1",
+            "watch_timeout": 5,
+            "retry_base": 0.05,
+            "retry_max": 0.4,
+            **overrides,
+        }
+        sync = KernelSync(
+            SyncConfig(**cfg),
+            api_client=api_client or cluster.api_client(),
+            store_factory=(lambda uri: store) if store is not None else open_store,
+        )
         server = SyncServer(sync.metrics.registry, sync.ready, port=0, host="127.0.0.1").start()
         started.append((sync, server))
         if start:
@@ -139,8 +152,9 @@ def sidecar(cluster: Cluster, tmp_path: Path) -> Iterator[Factory]:
 
 
 @pytest.mark.cluster
-def test_installs_ready_kernels_and_flips_readiness(cluster: Cluster, sidecar: Factory, s3_bucket: str,
-                                                    tmp_path: Path) -> None:
+def test_installs_ready_kernels_and_flips_readiness(
+    cluster: Cluster, sidecar: Factory, s3_bucket: str, tmp_path: Path
+) -> None:
     _, ref_a = add_ready_kernel(cluster, s3_bucket, tmp_path, "kernel-a", 1)
     key_b, ref_b = upload(s3_bucket, tmp_path, 2)
     cluster.create(kernel("kernel-b", key_b))  # Pending: not waited for, installed once Ready
@@ -159,8 +173,16 @@ def test_installs_ready_kernels_and_flips_readiness(cluster: Cluster, sidecar: F
     wait_for(lambda: http_status(port, "/readyz") == 200)
     assert installed(vol, "kernel-a", ref_a.sha256)
     entry = read_index(vol).get("kernel-a")
-    assert entry == IndexEntry(name="kernel-a", namespace="default", key=entry.key, sha256=ref_a.sha256,
-                               target="cpu", blueprint="mlp", path="kernels/kernel-a", size=ref_a.size)
+    assert entry == IndexEntry(
+        name="kernel-a",
+        namespace="default",
+        key=entry.key,
+        sha256=ref_a.sha256,
+        target="cpu",
+        blueprint="mlp",
+        path="kernels/kernel-a",
+        size=ref_a.size,
+    )
     assert not (vol / "kernels" / "other").exists()
 
     version = read_index(vol).version
@@ -176,12 +198,19 @@ def test_installs_ready_kernels_and_flips_readiness(cluster: Cluster, sidecar: F
 
 
 @pytest.mark.cluster
-def test_s3_outage_is_retried_with_backoff_and_recovers(cluster: Cluster, sidecar: Factory,
-                                                        s3_bucket: str, tmp_path: Path) -> None:
+def test_s3_outage_is_retried_with_backoff_and_recovers(
+    cluster: Cluster, sidecar: Factory, s3_bucket: str, tmp_path: Path
+) -> None:
     _, ref = add_ready_kernel(cluster, s3_bucket, tmp_path, "kernel-a", 1)
     bucket, prefix = parse_s3_uri(s3_bucket)
-    dead = S3Store(bucket, prefix, endpoint_url=f"http://127.0.0.1:{free_port()}", max_attempts=1,
-                   connect_timeout=1, read_timeout=1)
+    dead = S3Store(
+        bucket,
+        prefix,
+        endpoint_url=f"http://127.0.0.1:{free_port()}",
+        max_attempts=1,
+        connect_timeout=1,
+        read_timeout=1,
+    )
     store = SwitchStore(dead)
     sync, port = sidecar(store=store, kernels=("kernel-a",))
 
@@ -215,8 +244,9 @@ class PerKeyStore(SwitchStore):
 
 
 @pytest.mark.cluster
-def test_one_slow_or_failing_kernel_does_not_block_the_others(cluster: Cluster, sidecar: Factory,
-                                                              s3_bucket: str, tmp_path: Path) -> None:
+def test_one_slow_or_failing_kernel_does_not_block_the_others(
+    cluster: Cluster, sidecar: Factory, s3_bucket: str, tmp_path: Path
+) -> None:
     _, ref_a = add_ready_kernel(cluster, s3_bucket, tmp_path, "kernel-a", 1)
     key_b, ref_b = add_ready_kernel(cluster, s3_bucket, tmp_path, "kernel-b", 2)
     key_c, ref_c = add_ready_kernel(cluster, s3_bucket, tmp_path, "kernel-c", 3)
@@ -235,8 +265,9 @@ def test_one_slow_or_failing_kernel_does_not_block_the_others(cluster: Cluster, 
 
 
 @pytest.mark.cluster
-def test_deleted_unready_or_unmatched_kernels_are_removed(cluster: Cluster, sidecar: Factory,
-                                                          s3_bucket: str, tmp_path: Path) -> None:
+def test_deleted_unready_or_unmatched_kernels_are_removed(
+    cluster: Cluster, sidecar: Factory, s3_bucket: str, tmp_path: Path
+) -> None:
     labels = {"esper.dev/blueprint": "mlp"}
     _, ref_a = add_ready_kernel(cluster, s3_bucket, tmp_path, "kernel-a", 1, labels)
     _, ref_b = add_ready_kernel(cluster, s3_bucket, tmp_path, "kernel-b", 2, labels)
@@ -244,8 +275,12 @@ def test_deleted_unready_or_unmatched_kernels_are_removed(cluster: Cluster, side
     add_ready_kernel(cluster, s3_bucket, tmp_path, "unlabelled", 4)
     sync, port = sidecar(selector="esper.dev/blueprint=mlp")
     vol = tmp_path / "vol"
-    wait_for(lambda: all(installed(vol, n, r.sha256)
-                         for n, r in (("kernel-a", ref_a), ("kernel-b", ref_b), ("kernel-c", ref_c))))
+    wait_for(
+        lambda: all(
+            installed(vol, n, r.sha256)
+            for n, r in (("kernel-a", ref_a), ("kernel-b", ref_b), ("kernel-c", ref_c))
+        )
+    )
     assert read_index(vol).get("unlabelled") is None
     assert http_status(port, "/readyz") == 200
 
@@ -260,8 +295,9 @@ def test_deleted_unready_or_unmatched_kernels_are_removed(cluster: Cluster, side
 
 
 @pytest.mark.cluster
-def test_tampered_bundle_is_refused_then_repaired(cluster: Cluster, sidecar: Factory,
-                                                  s3_bucket: str, tmp_path: Path) -> None:
+def test_tampered_bundle_is_refused_then_repaired(
+    cluster: Cluster, sidecar: Factory, s3_bucket: str, tmp_path: Path
+) -> None:
     key, ref = upload(s3_bucket, tmp_path, 1)
     bucket, prefix = parse_s3_uri(s3_bucket)
     s3 = boto3.client("s3", endpoint_url=os.environ["ESPER_S3_ENDPOINT"], region_name="us-east-1")
@@ -283,8 +319,9 @@ def test_tampered_bundle_is_refused_then_repaired(cluster: Cluster, sidecar: Fac
 
 
 @pytest.mark.cluster
-def test_watch_reconnects_and_a_restart_reuses_the_volume(cluster: Cluster, sidecar: Factory,
-                                                          s3_bucket: str, tmp_path: Path) -> None:
+def test_watch_reconnects_and_a_restart_reuses_the_volume(
+    cluster: Cluster, sidecar: Factory, s3_bucket: str, tmp_path: Path
+) -> None:
     _, ref_a = add_ready_kernel(cluster, s3_bucket, tmp_path, "kernel-a", 1)
     sync, _ = sidecar(kernels=("kernel-a", "kernel-b"))
     vol = tmp_path / "vol"
@@ -305,8 +342,9 @@ def test_watch_reconnects_and_a_restart_reuses_the_volume(cluster: Cluster, side
 @pytest.mark.cluster
 def test_api_unreachable_keeps_serving_what_is_installed(s3_bucket: str, tmp_path: Path) -> None:
     vol = tmp_path / "vol"
-    config = SyncConfig(kernel_dir=vol, kernels=("kernel-a",), port=0, watch_timeout=5, retry_base=0.05,
-                        retry_max=0.2)
+    config = SyncConfig(
+        kernel_dir=vol, kernels=("kernel-a",), port=0, watch_timeout=5, retry_base=0.05, retry_max=0.2
+    )
     with running_cluster(tmp_path / "cluster") as c:
         _, ref = add_ready_kernel(c, s3_bucket, tmp_path, "kernel-a", 1)
         sync = KernelSync(config, api_client=c.api_client()).start()
@@ -322,12 +360,24 @@ def test_api_unreachable_keeps_serving_what_is_installed(s3_bucket: str, tmp_pat
 def test_run_sync_entry_point_in_a_process(cluster: Cluster, s3_bucket: str, tmp_path: Path) -> None:
     _, ref = add_ready_kernel(cluster, s3_bucket, tmp_path, "kernel-a", 1)
     port = free_port()
-    env = {**os.environ, **cluster.env(), "ESPER_KERNEL_DIR": str(tmp_path / "vol"),
-           "ESPER_KERNELS": "kernel-a", "ESPER_SYNC_PORT": str(port), "ESPER_SYNC_HOST": "127.0.0.1",
-           "POD_NAMESPACE": "default"}
+    env = {
+        **os.environ,
+        **cluster.env(),
+        "ESPER_KERNEL_DIR": str(tmp_path / "vol"),
+        "ESPER_KERNELS": "kernel-a",
+        "ESPER_SYNC_PORT": str(port),
+        "ESPER_SYNC_HOST": "127.0.0.1",
+        "POD_NAMESPACE": "default",
+    }
     code = "import sys; from esper.kasmina.sync import run_sync; sys.exit(run_sync())"
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         wait_for(lambda: proc.poll() is None and http_status(port, "/readyz") == 200, timeout=60)
         assert installed(tmp_path / "vol", "kernel-a", ref.sha256)
@@ -344,16 +394,34 @@ def test_run_sync_entry_point_in_a_process(cluster: Cluster, s3_bucket: str, tmp
 
 
 def test_config_from_env(tmp_path: Path) -> None:
-    cfg = SyncConfig.from_env({"ESPER_KERNEL_DIR": str(tmp_path), "ESPER_KERNELS": " a, b ,,",
-                               "ESPER_TARGET": "cpu", "ESPER_NAMESPACE": "ml", "ESPER_SYNC_PORT": "9191"})
+    cfg = SyncConfig.from_env(
+        {
+            "ESPER_KERNEL_DIR": str(tmp_path),
+            "ESPER_KERNELS": " a, b ,,",
+            "ESPER_TARGET": "cpu",
+            "ESPER_NAMESPACE": "ml",
+            "ESPER_SYNC_PORT": "9191",
+        }
+    )
     assert cfg.kernels == ("a", "b") and cfg.namespace == "ml" and cfg.port == 9191 and cfg.target == "cpu"
-    assert SyncConfig.from_env({"ESPER_KERNEL_DIR": "/k", "ESPER_KERNEL_SELECTOR": "a in (x,y),!b",
-                                "POD_NAMESPACE": "team"}).namespace == "team"
+    assert (
+        SyncConfig.from_env(
+            {"ESPER_KERNEL_DIR": "/k", "ESPER_KERNEL_SELECTOR": "a in (x,y),!b", "POD_NAMESPACE": "team"}
+        ).namespace
+        == "team"
+    )
     with pytest.raises(ConfigError, match="ESPER_KERNEL_DIR: required"):
         SyncConfig.from_env({"ESPER_KERNELS": "a"})
     with pytest.raises(ConfigError) as err:
-        SyncConfig.from_env({"ESPER_KERNEL_DIR": "/k", "ESPER_KERNELS": "Bad_Name", "ESPER_SYNC_PORT": "x",
-                             "ESPER_TARGET": "tpu", "ESPER_STORE_URI": "gs://b/p"})
+        SyncConfig.from_env(
+            {
+                "ESPER_KERNEL_DIR": "/k",
+                "ESPER_KERNELS": "Bad_Name",
+                "ESPER_SYNC_PORT": "x",
+                "ESPER_TARGET": "tpu",
+                "ESPER_STORE_URI": "gs://b/p",
+            }
+        )
     text = str(err.value)
     for var in ("ESPER_KERNELS", "ESPER_SYNC_PORT", "ESPER_TARGET", "ESPER_STORE_URI"):
         assert f"{var}:" in text, text
@@ -388,8 +456,10 @@ def test_selectors_and_artifact_uris() -> None:
 def test_desired_of_filters_and_validates() -> None:
     obj = kernel("k", "a" * 64)
     assert desired_of(obj, "default") is None  # not Ready
-    obj["status"] = {"phase": "Ready", "artifact": {"uri": "s3://b/kernels/" + "a" * 64, "sha256": "c" * 64,
-                                                    "size": 3}}
+    obj["status"] = {
+        "phase": "Ready",
+        "artifact": {"uri": "s3://b/kernels/" + "a" * 64, "sha256": "c" * 64, "size": 3},
+    }
     d = desired_of(obj, "default")
     assert d is not None and d.entry.sha256 == "c" * 64 and d.entry.path == "kernels/k"
     assert desired_of(obj, "default", target="cuda-sm90") is None
@@ -463,8 +533,10 @@ def test_watch_expiry_410_relists(tmp_path: Path) -> None:
             idle.wait(0.05)  # an idle watch that times out: keeps the loop from spinning
             return _FakeWatchResponse([])
 
-    sync = KernelSync(SyncConfig(kernel_dir=tmp_path / "vol", kernels=("kernel-a",), retry_base=0.05,
-                                 retry_max=0.2), api_client=object())
+    sync = KernelSync(
+        SyncConfig(kernel_dir=tmp_path / "vol", kernels=("kernel-a",), retry_base=0.05, retry_max=0.2),
+        api_client=object(),
+    )
     sync.api = FakeApi()  # type: ignore[assignment]
     sync.start()
     try:

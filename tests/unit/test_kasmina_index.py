@@ -21,8 +21,16 @@ from esper.kasmina.index import (
 
 
 def _entry(name: str = "cpu-0123456789abcdef", sha: str = "a" * 64) -> IndexEntry:
-    return IndexEntry(name=name, namespace="ml", key="b" * 64, sha256=sha, target="cpu", blueprint="mlp",
-                      path=f"kernels/{name}", size=123)
+    return IndexEntry(
+        name=name,
+        namespace="ml",
+        key="b" * 64,
+        sha256=sha,
+        target="cpu",
+        blueprint="mlp",
+        path=f"kernels/{name}",
+        size=123,
+    )
 
 
 def test_missing_index_reads_as_empty(tmp_path: Path) -> None:
@@ -86,8 +94,9 @@ def test_watcher_stats_once_and_parses_only_on_change(
     write_index(tmp_path, [_entry()], version=1)
     parses: list[bytes] = []
     real_parse = index_mod.parse_index
-    monkeypatch.setattr(index_mod, "parse_index",
-                        lambda data, source="": parses.append(data) or real_parse(data))
+    monkeypatch.setattr(
+        index_mod, "parse_index", lambda data, source="": parses.append(data) or real_parse(data)
+    )
     stats: list[object] = []
     real_stat = os.stat
     monkeypatch.setattr(index_mod.os, "stat", lambda p, *a, **k: stats.append(p) or real_stat(p, *a, **k))

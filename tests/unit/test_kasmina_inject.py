@@ -22,8 +22,11 @@ def _template() -> dict[str, Any]:
             "restartPolicy": "Never",
             "containers": [
                 {"name": "train", "image": "python:3.11", "command": ["python", "train.py"]},
-                {"name": "logger", "image": "busybox:1.36",
-                 "volumeMounts": [{"name": "data", "mountPath": "/d"}]},
+                {
+                    "name": "logger",
+                    "image": "busybox:1.36",
+                    "volumeMounts": [{"name": "data", "mountPath": "/d"}],
+                },
             ],
             "volumes": [{"name": "data", "emptyDir": {}}],
         },
@@ -39,16 +42,36 @@ def _workload(kind: str) -> dict[str, Any]:
     return {
         "Pod": {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": t["spec"]},
         "Job": {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": {"template": t}},
-        "CronJob": {"apiVersion": "batch/v1", "kind": "CronJob", "metadata": meta,
-                    "spec": {"schedule": "0 * * * *", "jobTemplate": {"spec": {"template": t}}}},
-        "Deployment": {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta,
-                       "spec": {"selector": selector, "template": always}},
-        "StatefulSet": {"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": meta,
-                        "spec": {"selector": selector, "serviceName": "x", "template": always}},
-        "DaemonSet": {"apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": meta,
-                      "spec": {"selector": selector, "template": always}},
-        "ReplicaSet": {"apiVersion": "apps/v1", "kind": "ReplicaSet", "metadata": meta,
-                       "spec": {"selector": selector, "template": always}},
+        "CronJob": {
+            "apiVersion": "batch/v1",
+            "kind": "CronJob",
+            "metadata": meta,
+            "spec": {"schedule": "0 * * * *", "jobTemplate": {"spec": {"template": t}}},
+        },
+        "Deployment": {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": meta,
+            "spec": {"selector": selector, "template": always},
+        },
+        "StatefulSet": {
+            "apiVersion": "apps/v1",
+            "kind": "StatefulSet",
+            "metadata": meta,
+            "spec": {"selector": selector, "serviceName": "x", "template": always},
+        },
+        "DaemonSet": {
+            "apiVersion": "apps/v1",
+            "kind": "DaemonSet",
+            "metadata": meta,
+            "spec": {"selector": selector, "template": always},
+        },
+        "ReplicaSet": {
+            "apiVersion": "apps/v1",
+            "kind": "ReplicaSet",
+            "metadata": meta,
+            "spec": {"selector": selector, "template": always},
+        },
     }[kind]
 
 
@@ -140,12 +163,23 @@ def test_existing_init_containers_run_after_the_sidecar() -> None:
         (lambda d: d.update(kind="Service"), {}, "cannot inject into kind 'Service'"),
         (lambda d: d["spec"].update(containers=[]), {}, "no containers"),
         (lambda d: d.pop("spec"), {}, "no pod template spec"),
-        (lambda d: d["spec"]["volumes"].append({"name": VOLUME, "configMap": {"name": "x"}}), {},
-         "already exists and is not an emptyDir"),
-        (lambda d: d["spec"]["containers"][0].update(
-            volumeMounts=[{"name": "data", "mountPath": "/var/lib/esper/kernels"}]), {}, "already mounts"),
-        (lambda d: d["spec"].update(serviceAccountName="other"), {"service_account": "trainer"},
-         "serviceAccountName is 'other'"),
+        (
+            lambda d: d["spec"]["volumes"].append({"name": VOLUME, "configMap": {"name": "x"}}),
+            {},
+            "already exists and is not an emptyDir",
+        ),
+        (
+            lambda d: d["spec"]["containers"][0].update(
+                volumeMounts=[{"name": "data", "mountPath": "/var/lib/esper/kernels"}]
+            ),
+            {},
+            "already mounts",
+        ),
+        (
+            lambda d: d["spec"].update(serviceAccountName="other"),
+            {"service_account": "trainer"},
+            "serviceAccountName is 'other'",
+        ),
         (lambda d: None, {"kernels": None}, "nothing to sync"),
         (lambda d: None, {"kernels": ["Bad_Name"]}, "not Kubernetes object names"),
         (lambda d: None, {"kernel_dir": "relative"}, "must be an absolute path"),
@@ -164,14 +198,18 @@ def test_an_existing_empty_dir_of_that_name_is_reused() -> None:
     doc["spec"]["volumes"].append({"name": VOLUME, "emptyDir": {"sizeLimit": "1Gi"}})
     out = inject(doc, image=IMAGE, kernels=[KERNEL])
     assert [v for v in out["spec"]["volumes"] if v["name"] == VOLUME] == [
-        {"name": VOLUME, "emptyDir": {"sizeLimit": "1Gi"}}]
+        {"name": VOLUME, "emptyDir": {"sizeLimit": "1Gi"}}
+    ]
 
 
 def test_multi_document_yaml() -> None:
-    service = ("# a comment kept verbatim\napiVersion: v1\nkind: Service\nmetadata: {name: s}\n"
-               "spec:\n  ports: [{port: 80}]\n")
-    text = "\n---\n".join([service.rstrip("\n"), yaml.safe_dump(_workload("Deployment")),
-                           yaml.safe_dump(_workload("Job"))])
+    service = (
+        "# a comment kept verbatim\napiVersion: v1\nkind: Service\nmetadata: {name: s}\n"
+        "spec:\n  ports: [{port: 80}]\n"
+    )
+    text = "\n---\n".join(
+        [service.rstrip("\n"), yaml.safe_dump(_workload("Deployment")), yaml.safe_dump(_workload("Job"))]
+    )
     out = inject_documents(text, image=IMAGE, kernels=[KERNEL])
     assert out.startswith(service)  # non-workload documents pass through byte for byte
     docs = list(yaml.safe_load_all(out))
@@ -183,8 +221,11 @@ def test_multi_document_yaml() -> None:
 
 
 def test_multi_document_list_kind_and_errors() -> None:
-    listing = {"apiVersion": "v1", "kind": "List", "items": [_workload("Pod"), {"apiVersion": "v1",
-                                                                                 "kind": "ConfigMap"}]}
+    listing = {
+        "apiVersion": "v1",
+        "kind": "List",
+        "items": [_workload("Pod"), {"apiVersion": "v1", "kind": "ConfigMap"}],
+    }
     out = list(yaml.safe_load_all(inject_documents(yaml.safe_dump(listing), image=IMAGE, kernels=[KERNEL])))
     assert out[0]["items"][0]["spec"]["initContainers"][0]["name"] == SIDECAR
     assert out[0]["items"][1] == {"apiVersion": "v1", "kind": "ConfigMap"}
