@@ -22,6 +22,7 @@ demo: $(STAMP)
 ## test: the whole suite (unit, compiler round trips, emulated cluster); what CI runs
 test: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m esper.contracts.crd --check
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
 
@@ -31,6 +32,7 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m ruff format --check .
 
 ## crds: regenerate crds/ and the chart's copy from the pydantic models

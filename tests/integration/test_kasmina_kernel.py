@@ -1,17 +1,14 @@
 """A real compiled kernel (AOTInductor forward + backward) loaded into a seed: numerics, refusals, restore.
 
-One tiny MLP (16 -> 32 -> 16) is compiled once per session (~25 s on 2 cores) with the recipe of
-docs/notes/aoti-road-experiment.py, in the bundle format of esper.artifact.
+One tiny MLP (16 -> 32 -> 16) is compiled once per session (~25 s on 2 cores) by the real compiler.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import shutil
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -19,7 +16,6 @@ from prometheus_client import CollectorRegistry
 from torch import nn
 
 from esper import artifact
-from esper.contracts.common import CompileOptions, Toolchain
 from esper.kasmina import (
     KasminaMetrics,
     KernelLoadError,
@@ -36,64 +32,32 @@ pytestmark = pytest.mark.slow
 F, HID, MAX_BATCH = 16, 32, 64
 
 
+TEMPLATE = {"name": "mlp", "params": {"features": F, "hidden": HID, "activation": "gelu"}}
+
+
 def reference_module() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(F, HID), nn.GELU(), nn.Linear(HID, F)).eval()
+    """The eager module the kernel was compiled from (same graph, same init seed)."""
+    from esper.blueprint import build_module, validate_source
+
+    return build_module(validate_source({"template": TEMPLATE}), seed=0).eval()
 
 
 def compile_bundle(out: Path) -> None:
-    """forward.pt2 = (x, params) -> y; backward.pt2 = (x, g, params) -> (gx, *gparams); params; manifest."""
-    from safetensors.torch import save_file
-    from torch.func import functional_call
-    from torch.fx.experimental.proxy_tensor import make_fx
+    """Compile with the real compiler (the compile Job's entrypoint) and take the bundle out of its store."""
+    import json
 
-    m = reference_module()
-    names = [n for n, _ in m.named_parameters()]
-    params = [p.detach() for _, p in m.named_parameters()]
+    from esper.tezzeret.entrypoint import main as tezzeret
 
-    class Fwd(nn.Module):
-        def forward(self, x: torch.Tensor, ps: tuple[torch.Tensor, ...]) -> torch.Tensor:
-            return functional_call(m, dict(zip(names, ps, strict=True)), (x,))
-
-    def joint(x: torch.Tensor, g: torch.Tensor, *ps: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        x = x.detach().requires_grad_(True)
-        leaves = [p.detach().requires_grad_(True) for p in ps]
-        with torch.enable_grad():
-            y = functional_call(m, dict(zip(names, leaves, strict=True)), (x,))
-            return torch.autograd.grad(y, [x, *leaves], g)
-
-    x, g = torch.randn(4, F), torch.randn(4, F)
-    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    pspec = tuple(None for _ in params)
-    fwd = torch.export.export(Fwd(), (x, tuple(params)), dynamic_shapes=({0: batch}, pspec))
-    gm = make_fx(joint, tracing_mode="symbolic")(x, g, *params)
-
-    class Bwd(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.gm = gm
-
-        def forward(self, x: torch.Tensor, g: torch.Tensor, ps: tuple[torch.Tensor, ...]) -> Any:
-            return tuple(self.gm(x, g, *ps))
-
-    bwd = torch.export.export(Bwd(), (x, g, tuple(params)), dynamic_shapes=({0: batch}, {0: batch}, pspec))
-    out.mkdir(parents=True)
-    torch._inductor.aoti_compile_and_package(fwd, package_path=str(out / artifact.FORWARD))
-    torch._inductor.aoti_compile_and_package(bwd, package_path=str(out / artifact.BACKWARD))
-    save_file({n: p.contiguous() for n, p in zip(names, params, strict=True)}, str(out / artifact.PARAMS))
-
-    options = CompileOptions(maxBatch=MAX_BATCH)
-    toolchain = Toolchain(torch=torch.__version__.split("+")[0], capability="cpu-avx2")
-    digest = hashlib.sha256(b"test-mlp-16-32-16").hexdigest()
-    spec = [artifact.IOSpec(name="x", shape=["batch", F])]
-    manifest = artifact.Manifest(
-        key=artifact.kernel_key(digest, "cpu", options, toolchain), irDigest=digest, target="cpu",
-        options=options, toolchain=toolchain, graph={"note": "test graph"}, inputs=spec,
-        outputs=[artifact.IOSpec(name="y", shape=["batch", F])],
-        params=[artifact.ParamSpec(name=n, shape=list(p.shape), dtype="float32")
-                for n, p in zip(names, params, strict=True)],
-    )  # fmt: skip
-    artifact.write_manifest(out, manifest)
+    work = out.parent
+    spec = {
+        "template": TEMPLATE,
+        "compile": {"maxBatch": MAX_BATCH, "validateBatches": [1, 5], "benchmarkBatches": [8]},
+    }
+    (work / "bp.json").write_text(json.dumps(spec))
+    argv = ["--blueprint", str(work / "bp.json"), "--target", "cpu", "--store", str(work / "store")]
+    assert tezzeret([*argv, "--result-path", str(work / "result.json")]) == 0
+    key = json.loads((work / "result.json").read_text())["key"]
+    shutil.copytree(work / "store" / "kernels" / key, out)
 
 
 @pytest.fixture(scope="session")
