@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
     from torch import nn
 
-    from esper.kasmina import PlateauPolicy
+    from esper.kasmina import KernelCatalog, PlateauPolicy
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 #: The example Blueprints whose seeds take [batch, 64] -> [batch, 64] (attention-block is 8x32).
@@ -115,6 +115,25 @@ class DemoConfig:
     cull_threshold: float = 0.0
     threads: int = 1  # small matrices: one thread is fastest and least noisy on a shared machine
     examples: tuple[str, ...] = WIDTH64_EXAMPLES
+
+    def policy(
+        self, catalog: KernelCatalog, evaluate: Callable[[], float], model: nn.Module, optimizer: Any
+    ) -> PlateauPolicy:
+        """The plateau policy with this config's knobs (the demo's and the in-pod trainer's)."""
+        from esper.kasmina import PlateauPolicy
+
+        return PlateauPolicy(
+            patience=self.patience,
+            min_delta=self.min_delta,
+            train_steps=self.train_steps,
+            blend_steps=self.blend_steps,
+            cull_threshold=self.cull_threshold,
+            catalog=catalog,
+            evaluate=evaluate,
+            model=model,
+            optimizer=optimizer,
+            group_options={"lr": self.seed_lr},
+        )
 
     @classmethod
     def quick(cls) -> DemoConfig:
@@ -568,7 +587,7 @@ def grow(
     compiled Blueprint gets its turn, in the examples' order, instead of the top-ranked one
     filling every slot.
     """
-    from esper.kasmina import CatalogEntry, KasminaMetrics, KernelCatalog, PlateauPolicy, slots, wrap
+    from esper.kasmina import CatalogEntry, KasminaMetrics, KernelCatalog, slots, wrap
 
     names = {k.key: k.blueprint for k in kernels}
     # Scores follow the examples' order, not the reports' speedups: those are measured at compile
@@ -591,20 +610,7 @@ def grow(
     made: list[PlateauPolicy] = []
 
     def make_policy(m: nn.Module, opt: torch.optim.Optimizer, evaluate: Callable[[], float]) -> PlateauPolicy:
-        made.append(
-            PlateauPolicy(
-                patience=cfg.patience,
-                min_delta=cfg.min_delta,
-                train_steps=cfg.train_steps,
-                blend_steps=cfg.blend_steps,
-                cull_threshold=cfg.cull_threshold,
-                catalog=catalog,
-                evaluate=evaluate,
-                model=m,
-                optimizer=opt,
-                group_options={"lr": cfg.seed_lr},
-            )
-        )
+        made.append(cfg.policy(catalog, evaluate, m, opt))
         return made[0]
 
     def on_step(policy: PlateauPolicy) -> None:

@@ -41,7 +41,7 @@ def train(options: TrainerOptions) -> int:
     from prometheus_client import start_http_server
 
     from esper.demo import DemoConfig, build_host, make_task
-    from esper.kasmina import KernelCatalog, PlateauPolicy, default_metrics, warmup, wrap
+    from esper.kasmina import KernelCatalog, default_metrics, warmup, wrap
     from esper.kasmina.index import IndexCorrupt, IndexWatcher
 
     stop = threading.Event()
@@ -72,18 +72,7 @@ def train(options: TrainerOptions) -> int:
         return loss
 
     catalog = KernelCatalog()
-    policy = PlateauPolicy(
-        patience=cfg.patience,
-        min_delta=cfg.min_delta,
-        train_steps=cfg.train_steps,
-        blend_steps=cfg.blend_steps,
-        cull_threshold=cfg.cull_threshold,
-        catalog=catalog,
-        evaluate=evaluate,
-        model=model,
-        optimizer=optimizer,
-        group_options={"lr": cfg.seed_lr},
-    )
+    policy = cfg.policy(catalog, evaluate, model, optimizer)
     watcher = IndexWatcher(options.kernel_dir)
     known: set[str] = set()
     seen_events = 0
