@@ -233,6 +233,7 @@ def find_kernel(store_dir: Path, console: Any) -> tuple[Path, str, int]:
     compiling SMALL_BLUEPRINT into it first if it has none."""
     from esper.artifact import sha256_bytes
     from esper.storage import open_store
+    from esper.tezzeret.entrypoint import command
 
     store = open_store(str(store_dir))
 
@@ -251,19 +252,7 @@ def find_kernel(store_dir: Path, console: Any) -> tuple[Path, str, int]:
     found = pick()
     if found is None:
         console.print(f"no [batch, F] kernel in {store_dir}: compiling {SMALL_BLUEPRINT.name} (~30 s)")
-        cmd = [
-            sys.executable,
-            "-m",
-            "esper.tezzeret",
-            "--target",
-            "cpu",
-            "--store",
-            str(store_dir),
-            "--blueprint",
-            str(SMALL_BLUEPRINT),
-            "--result-path",
-            os.devnull,
-        ]
+        cmd = command(SMALL_BLUEPRINT, target="cpu", store=store_dir, result_path=os.devnull)
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode:
             raise SystemExit(f"compile failed ({proc.returncode}):\n{proc.stderr[-3000:]}")

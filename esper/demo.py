@@ -31,7 +31,6 @@ import math
 import os
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -268,19 +267,9 @@ def _compile_one(
     bp.write_text(json.dumps({"apiVersion": "esper.dev/v1alpha1", "kind": "Blueprint", "spec": spec}))
     result = jobs_dir / f"{label}.result.json"
     result.unlink(missing_ok=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "esper.tezzeret",
-        "--target",
-        "cpu",
-        "--store",
-        str(store_dir),
-        "--blueprint",
-        str(bp),
-        "--result-path",
-        str(result),
-    ]
+    from esper.tezzeret.entrypoint import command
+
+    cmd = command(bp, target="cpu", store=store_dir, result_path=result)
     tail: list[str] = []
     with subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as proc:
         assert proc.stderr is not None

@@ -304,6 +304,23 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     }
 
 
+def command(blueprint: Path | str, *, target: str, store: Path | str, result_path: Path | str) -> list[str]:
+    """The compile Job's command line, for running it as a local process (demo, benchmarks)."""
+    return [
+        sys.executable,
+        "-m",
+        "esper.tezzeret",
+        "--target",
+        target,
+        "--store",
+        str(store),
+        "--blueprint",
+        str(blueprint),
+        "--result-path",
+        str(result_path),
+    ]
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m esper.tezzeret", description=__doc__.splitlines()[0])
     ap.add_argument("--target", required=True, help="cpu or cuda-smNN")
