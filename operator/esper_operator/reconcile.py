@@ -248,6 +248,8 @@ class Reconciler:
         status = kernel.get("status") or {}
         if status.get("phase") in FINAL and status.get("jobName") == meta["name"]:
             return  # already carried over
+        if not _finished(job):
+            return  # still running: its Pods are read once, when it ends
         pods = await self.kube.job_pods(namespace, meta["name"])
         outcome = interpret(job, pods, expected_key=kernel["spec"]["key"])
         if outcome.state == "running":
