@@ -102,7 +102,7 @@ async def cleanup_kernel(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 
 @kopf.on.probe(id="kernels")
 def kernels_probe(**_: Any) -> int:
-    return len(metrics._phases)
+    return metrics.kernels_tracked()
 
 
 def _plain(body: kopf.Body) -> dict[str, Any]:

@@ -32,6 +32,10 @@ def observe_kernel(namespace: str, name: str, phase: str | None) -> None:
         KERNELS.labels(phase).inc()
 
 
+def kernels_tracked() -> int:
+    return len(_phases)
+
+
 def serve(port: int) -> None:
     if port:
         start_http_server(port)

@@ -8,6 +8,7 @@ already exists (HTTP 409 on create) is the one we wanted.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from esper.contracts.naming import (
     MANAGED_BY,
     OPERATOR_NAME,
 )
-from esper.storage import open_store
+from esper.storage import Store, open_store
 from esper_operator import metrics
 from esper_operator.config import OperatorConfig
 from esper_operator.jobs import JobOutcome, build_job, interpret
@@ -56,6 +57,11 @@ class Reconciler:
         self.kube = kube
         self.config = config
         self.emit = emit
+
+    @functools.cached_property
+    def store(self) -> Store:
+        """The artifact store, opened once (a boto3 client is not free to build)."""
+        return open_store(self.config.store_uri)
 
     # --- Blueprints ------------------------------------------------------------------------------
 
@@ -265,7 +271,7 @@ class Reconciler:
         artifact = outcome.artifact
         key = artifact.uri.rstrip("/").rsplit("/", 1)[-1]
         try:
-            store = open_store(self.config.store_uri)
+            store = self.store
             if artifact.uri != store.bundle_uri(key):
                 return JobOutcome("failed", "BadResult", f"artifact URI {artifact.uri} is outside the store")
             data = await asyncio.to_thread(store.read_manifest_bytes, key)
@@ -326,8 +332,7 @@ class Reconciler:
         if job_name:
             await self.kube.delete_job(meta["namespace"], job_name)
         if self.config.retention == "delete":
-            store = open_store(self.config.store_uri)
-            await asyncio.to_thread(store.delete_bundle, kernel["spec"]["key"])
+            await asyncio.to_thread(self.store.delete_bundle, kernel["spec"]["key"])
             log.info("deleted artifact of Kernel %s (retention=delete)", meta["name"])
 
 
