@@ -21,6 +21,7 @@ from esper_operator.reconcile import Reconciler
 BLUEPRINTS = (API_GROUP, API_VERSION, "blueprints")
 KERNELS = (API_GROUP, API_VERSION, "kernels")
 RESYNC_SECONDS = float(os.environ.get("ESPER_RESYNC_SECONDS", "300"))
+RETRY_SECONDS = 10  # a failed handler (API conflict storm, store down) is retried this often, forever
 
 
 def _emit(body: dict[str, Any], type_: str, reason: str, message: str) -> None:
@@ -53,9 +54,9 @@ async def configure(
     logger.info("esper operator ready: store %s, compile image %s", config.store_uri, config.compile_image)
 
 
-@kopf.on.resume(*BLUEPRINTS, id="reconcile")
-@kopf.on.create(*BLUEPRINTS, id="reconcile")
-@kopf.on.update(*BLUEPRINTS, id="reconcile")
+@kopf.on.resume(*BLUEPRINTS, id="reconcile", backoff=RETRY_SECONDS)
+@kopf.on.create(*BLUEPRINTS, id="reconcile", backoff=RETRY_SECONDS)
+@kopf.on.update(*BLUEPRINTS, id="reconcile", backoff=RETRY_SECONDS)
 async def reconcile_blueprint(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
     try:
         patch["status"] = await memo.reconciler.reconcile_blueprint(_plain(body))
@@ -74,7 +75,7 @@ async def resync_blueprint(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, 
     patch["status"] = await memo.reconciler.reconcile_blueprint(_plain(body))
 
 
-@kopf.on.delete(*BLUEPRINTS, id="release")
+@kopf.on.delete(*BLUEPRINTS, id="release", backoff=RETRY_SECONDS)
 async def release_blueprint(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     await memo.reconciler.blueprint_deleted(_plain(body))
 
@@ -95,7 +96,7 @@ def kernel_metrics(type: str, name: str, namespace: str, status: kopf.Status, **
     metrics.observe_kernel(namespace, name, None if type == "DELETED" else status.get("phase") or "Pending")
 
 
-@kopf.on.delete(*KERNELS, id="cleanup")
+@kopf.on.delete(*KERNELS, id="cleanup", backoff=RETRY_SECONDS)
 async def cleanup_kernel(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     await memo.reconciler.kernel_deleted(_plain(body))
 
