@@ -61,8 +61,23 @@ def load_documents(path: Path) -> list[tuple[str, Any]]:
             out.append((label, doc))
     if not out:
         kinds = ", ".join(sorted({str(d.get("kind")) for d in docs if isinstance(d, dict)}))
-        raise InputError(f"{path}: no Blueprint in this file (found {kinds})")
+        typer.echo(f"{path}: no Blueprint in this file ({kinds}): skipped", err=True)
     return out
+
+
+def load_all(files: list[Path]) -> list[tuple[str, Any]]:
+    """The Blueprints of every file; exit 2 on an unreadable file or when there is none at all."""
+    docs = []
+    for path in files:
+        try:
+            docs.extend(load_documents(path))
+        except InputError as exc:
+            typer.echo(str(exc), err=True)
+            raise typer.Exit(2) from None
+    if not docs:
+        typer.echo("no Blueprint in the given files", err=True)
+        raise typer.Exit(2)
+    return docs
 
 
 @app.command()
@@ -71,21 +86,15 @@ def validate(
 ) -> None:
     """Check Blueprints as the operator would; print one line per problem."""
     bad = False
-    for path in files:
+    for label, spec in load_all(files):
         try:
-            docs = load_documents(path)
-        except InputError as exc:
-            typer.echo(str(exc), err=True)
-            raise typer.Exit(2) from None
-        for label, spec in docs:
-            try:
-                checked = validate_blueprint_spec(spec)
-            except BlueprintInvalid as exc:
-                bad = True
-                for problem in exc.problems:
-                    typer.echo(f"{label}: {problem.path}: {problem.message}", err=True)
-                continue
-            typer.echo(f"{label}: ok, digest {checked.digest[:16]}")
+            checked = validate_blueprint_spec(spec)
+        except BlueprintInvalid as exc:
+            bad = True
+            for problem in exc.problems:
+                typer.echo(f"{label}: {problem.path}: {problem.message}", err=True)
+            continue
+        typer.echo(f"{label}: ok, digest {checked.digest[:16]}")
     if bad:
         raise typer.Exit(1)
 
@@ -104,16 +113,10 @@ def compile_(
     from esper.tezzeret.entrypoint import main as tezzeret
 
     jobs = []
-    for path in files:
-        try:
-            docs = load_documents(path)
-        except InputError as exc:
-            typer.echo(str(exc), err=True)
-            raise typer.Exit(2) from None
-        for label, spec in docs:
-            targets = target or (spec or {}).get("targets") or ["cpu"]
-            name = label.rsplit(" (", 1)[-1].rstrip(")") if " (" in label else Path(label).stem
-            jobs.extend((name, spec, t) for t in targets)
+    for label, spec in load_all(files):
+        targets = target or (spec if isinstance(spec, dict) else {}).get("targets") or ["cpu"]
+        name = label.rsplit(" (", 1)[-1].rstrip(")") if " (" in label else Path(label).stem
+        jobs.extend((name, spec, t) for t in targets)
     results, failed = [], 0
     logging.getLogger("esper.tezzeret").setLevel(logging.CRITICAL)  # the table and errors below say it
     with tempfile.TemporaryDirectory(prefix="esper-compile-") as tmp:
