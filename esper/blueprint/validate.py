@@ -275,14 +275,18 @@ def analyze(graph: Graph, prefix: str = "spec.graph") -> tuple[Graph, Analysis]:
     return filled, a
 
 
+def _graph_of(src: BlueprintSource, path_prefix: str) -> Graph:
+    """The template's expansion, or the explicit graph."""
+    if src.template is not None:
+        return expand_template(src.template, f"{path_prefix}.template")
+    assert src.graph is not None
+    return src.graph
+
+
 def expand(source: BlueprintSource | Mapping[str, Any] | Any, *, path_prefix: str = "spec") -> Graph:
     """The explicit graph of a source, every op's params defaults-filled (what the digest covers)."""
     src = parse_source(source, path_prefix)
-    if src.template is not None:
-        graph = expand_template(src.template, f"{path_prefix}.template")
-    else:
-        assert src.graph is not None
-        graph = src.graph
+    graph = _graph_of(src, path_prefix)
     filled, _, problems = fill_defaults(graph, f"{path_prefix}.graph")
     if problems:
         raise BlueprintInvalid(_relocate(problems, src, path_prefix))
@@ -308,11 +312,7 @@ def _relocate(problems: list[Problem], src: BlueprintSource, prefix: str) -> lis
 def validate_source(source: BlueprintSource | Mapping[str, Any] | Any, *, path_prefix: str = "spec") -> Graph:
     """The expanded, defaults-filled graph of a valid source; else BlueprintInvalid with every problem."""
     src = parse_source(source, path_prefix)
-    if src.template is not None:
-        graph = expand_template(src.template, f"{path_prefix}.template")
-    else:
-        assert src.graph is not None
-        graph = src.graph
+    graph = _graph_of(src, path_prefix)
     filled, a = analyze(graph, f"{path_prefix}.graph")
     if a.problems:
         raise BlueprintInvalid(sorted(_relocate(a.problems, src, path_prefix), key=_path_key))

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from esper.artifact import ParamSpec
 from esper.contracts.common import CompileOptions, Toolchain
 from esper.targets import Target, check_runtime
 from esper.tezzeret.exitcodes import InvalidBlueprint, UnsupportedTarget
@@ -56,15 +57,6 @@ class InputSpec:
     name: str
     shape: tuple[int, ...]
     dtype: str = "float32"
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    """One parameter, in registration order (the order the packages take them in)."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
 
 
 @dataclass
@@ -343,7 +335,10 @@ def compile_module(
     save_file({n: p.detach().cpu().contiguous().clone() for n, p in named}, str(params_path))
     timings["saveParams"] = time.perf_counter() - t0
 
-    specs = [ParamSpec(n, tuple(p.shape), str(p.dtype).removeprefix("torch.")) for n, p in named]
+    # In registration order: the order the packages take them in, and the manifest lists them.
+    specs = [
+        ParamSpec(name=n, shape=list(p.shape), dtype=str(p.dtype).removeprefix("torch.")) for n, p in named
+    ]
     log.info(
         "compiled %d params, %d inputs, %d outputs in %.1fs", len(specs), n_in, n_out, sum(timings.values())
     )

@@ -239,7 +239,7 @@ def existing_result(store: Any, p: Plan, workdir: Path) -> dict[str, Any] | None
 
 def build_bundle(p: Plan, workdir: Path) -> tuple[Path, float, Any]:
     """Compile, validate, benchmark, write the manifest; returns (bundle dir, seconds, report)."""
-    from esper.artifact import IOSpec, Manifest, ParamSpec, verify_bundle, write_manifest
+    from esper.artifact import IOSpec, Manifest, verify_bundle, write_manifest
     from esper.blueprint import canonical_dict
     from esper.tezzeret.bench import benchmark, make_report
     from esper.tezzeret.compile import compile_graph
@@ -267,7 +267,7 @@ def build_bundle(p: Plan, workdir: Path) -> tuple[Path, float, Any]:
             IOSpec(name=name, shape=["batch", *shape], dtype=result.input_specs[0].dtype)
             for name, shape in zip(p.graph.outputs, result.output_shapes, strict=True)
         ],
-        params=[ParamSpec(name=s.name, shape=list(s.shape), dtype=s.dtype) for s in result.param_specs],
+        params=result.param_specs,
         report=report,
     )
     write_manifest(result.bundle_dir, manifest)
