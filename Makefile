@@ -5,6 +5,7 @@ TORCH_SPEC  ?= torch==2.13.0
 PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.esper-installed
 PYTEST_ARGS ?=
+DOCKERFILES := $(shell find . -path ./.venv -prune -o -name 'Dockerfile*' -type f -print)
 
 .PHONY: demo test test-fast lint crds bench clean
 
@@ -19,10 +20,8 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/esper demo
 
-## test: the whole suite (unit, compiler round trips, emulated cluster); what CI runs
-test: $(STAMP)
-	$(PY) -m ruff check .
-	$(PY) -m ruff format --check .
+## test: lint, then the whole suite (unit, compiler round trips, emulated cluster); what CI runs
+test: lint
 	$(PY) -m esper.contracts.crd --check
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
 
@@ -30,10 +29,12 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -ra -m "not slow" $(PYTEST_ARGS)
 
+## lint: ruff; hadolint on every Dockerfile; actionlint on .github/workflows (with shellcheck if on PATH)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m ruff format --check .
+	$(VENV)/bin/hadolint $(DOCKERFILES)
+	$(VENV)/bin/actionlint
 
 ## crds: regenerate crds/ and the chart's copy from the pydantic models
 crds: $(STAMP)

@@ -3,26 +3,37 @@ training pod with the injected Kasmina sidecar receives it.
 
 Needs `kind`, `docker`, `kubectl` and `helm` on PATH; skips itself otherwise (the build machines have no
 Docker). Uses an existing cluster named by ESPER_KIND_CLUSTER, or creates `esper-e2e` and deletes it.
+ESPER_E2E_IMAGE names an image already built (CI builds it with a layer cache); otherwise the test
+builds `operator/Dockerfile`. Either way it is loaded into the cluster's nodes.
 
     pytest tests/e2e -m kind
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 pytestmark = pytest.mark.kind
 
 REPO = Path(__file__).resolve().parents[2]
 TOOLS = ("kind", "docker", "kubectl", "helm")
-IMAGE = "ghcr.io/esper-dev/esper:e2e"
+IMAGE = os.environ.get("ESPER_E2E_IMAGE", "ghcr.io/esper-dev/esper:e2e")
+BLUEPRINT = "residual-mlp-64"  # examples/blueprint.yaml
+# examples/cluster/minio.yaml's root credentials; the Secret below carries them.
+S3_ENDPOINT = "http://minio.minio:9000"
+S3_SECRET = "esper-s3"
 
 
 def _missing() -> list[str]:
@@ -32,8 +43,8 @@ def _missing() -> list[str]:
     return missing
 
 
-if _missing():
-    pytest.skip(f"kind end-to-end tests need {', '.join(_missing())}", allow_module_level=True)
+if missing := _missing():
+    pytest.skip(f"kind end-to-end tests need {', '.join(missing)}", allow_module_level=True)
 
 
 def sh(*args: str, check: bool = True, timeout: float = 900, input: str | None = None) -> str:
@@ -50,7 +61,8 @@ def kind_cluster() -> Iterator[str]:
     name = name or "esper-e2e"
     if created:
         sh("kind", "create", "cluster", "--name", name, "--wait", "120s")
-    sh("docker", "build", "-f", "operator/Dockerfile", "-t", IMAGE, ".", timeout=1800)
+    if "ESPER_E2E_IMAGE" not in os.environ:
+        sh("docker", "build", "-f", "operator/Dockerfile", "-t", IMAGE, ".", timeout=1800)
     sh("kind", "load", "docker-image", IMAGE, "--name", name)
     sh("kubectl", "config", "use-context", f"kind-{name}")
     sh("kubectl", "apply", "-f", "examples/cluster/minio.yaml")
@@ -62,87 +74,98 @@ def kind_cluster() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def esper(kind_cluster: str) -> Iterator[str]:
+    """The chart installed in a fresh namespace, which is also where the Blueprint and trainer go: compile
+    Jobs run in the Blueprint's namespace and read the S3 Secret there."""
     namespace = f"esper-{uuid.uuid4().hex[:6]}"
+    repository, tag = IMAGE.rsplit(":", 1)
     sh("kubectl", "create", "namespace", namespace)
     sh(
-        "kubectl",
-        "-n",
-        namespace,
-        "create",
-        "secret",
-        "generic",
-        "esper-s3",
-        "--from-literal=AWS_ACCESS_KEY_ID=esper",
-        "--from-literal=AWS_SECRET_ACCESS_KEY=esper-secret",
-    )
+        "kubectl", "-n", namespace, "create", "secret", "generic", S3_SECRET,
+        "--from-literal=AWS_ACCESS_KEY_ID=esper", "--from-literal=AWS_SECRET_ACCESS_KEY=esper-secret",
+    )  # fmt: skip
     sh(
-        "helm",
-        "install",
-        "esper",
-        "charts/esper",
-        "-n",
-        namespace,
-        "--wait",
-        "--timeout",
-        "300s",
-        "--set",
-        f"image.repository={IMAGE.split(':')[0]}",
-        "--set",
-        "image.tag=e2e",
-        "--set",
-        "image.pullPolicy=Never",
-        "--set",
-        "s3.endpoint=http://minio.minio:9000",
-        "--set",
-        "s3.existingSecret=esper-s3",
-        "--set",
-        "operator.watchNamespace=" + namespace,
-    )
+        "helm", "install", "esper", "charts/esper", "-n", namespace, "--wait", "--timeout", "300s",
+        "--set", f"image.repository={repository}", "--set", f"image.tag={tag}",
+        "--set", "image.pullPolicy=Never",  # the image exists only on the nodes (kind load)
+        "--set", f"s3.endpoint={S3_ENDPOINT}", "--set", f"s3.existingSecret={S3_SECRET}",
+        "--set", f"operator.watchNamespace={namespace}",
+    )  # fmt: skip
     yield namespace
     sh("helm", "uninstall", "esper", "-n", namespace, check=False)
     sh("kubectl", "delete", "namespace", namespace, "--wait=false", check=False)
+
+
+def _trainer_manifest() -> str:
+    """examples/training-pod.yaml with the trainer on the image under test (the example names a
+    released tag, which the nodes do not have)."""
+    docs = list(yaml.safe_load_all((REPO / "examples/training-pod.yaml").read_text()))
+    pod = next(d for d in docs if d and d["kind"] == "Pod")
+    for container in pod["spec"]["containers"]:
+        container["image"] = IMAGE
+    return yaml.safe_dump_all(docs)
+
+
+def _with_store_access(injected: str) -> str:
+    """Give the sidecar MinIO's endpoint and credentials where `inject` set none: a Kernel's status
+    names an s3:// URI, and a static-key S3 needs both to be read."""
+    docs = list(yaml.safe_load_all(injected))
+    pod = next(d for d in docs if d and d["kind"] == "Pod")
+    sidecar = next(
+        c for c in pod["spec"]["initContainers"] if c["command"][:3] == ["esper", "kasmina", "sync"]
+    )
+    env: list[dict[str, Any]] = sidecar.setdefault("env", [])
+    present = {e["name"] for e in env}
+    wanted = [
+        {"name": "ESPER_S3_ENDPOINT", "value": S3_ENDPOINT},
+        {"name": "AWS_REGION", "value": "us-east-1"},
+        *(
+            {"name": key, "valueFrom": {"secretKeyRef": {"name": S3_SECRET, "key": key}}}
+            for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+        ),
+    ]
+    env.extend(e for e in wanted if e["name"] not in present)
+    return yaml.safe_dump_all(docs)
+
+
+def _wait_until_gone(ns: str, kind: str, selector: str, timeout: float) -> list[str]:
+    """Poll until no object of `kind` matches `selector`; what is left at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = sh("kubectl", "-n", ns, "get", kind, "-l", selector, "-o", "name").split()
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(2)
 
 
 def test_blueprint_to_ready_kernel_to_training_pod(esper: str) -> None:
     ns = esper
     sh("kubectl", "-n", ns, "apply", "-f", "examples/blueprint.yaml")
     sh(
-        "kubectl",
-        "-n",
-        ns,
-        "wait",
-        "--for=jsonpath={.status.phase}=Ready",
-        "blueprint/residual-mlp-64",
-        "--timeout=900s",
-    )
-    kernels = sh("kubectl", "-n", ns, "get", "kernels")
-    assert "Ready" in kernels and "residual-mlp-64" in kernels
+        "kubectl", "-n", ns, "wait", "--for=jsonpath={.status.phase}=Ready", f"blueprint/{BLUEPRINT}",
+        "--timeout=900s", timeout=960,
+    )  # fmt: skip
+    kernels = json.loads(sh("kubectl", "-n", ns, "get", "kernels", "-o", "json"))["items"]
+    assert [(k["spec"]["blueprint"], k["spec"]["target"], k["status"]["phase"]) for k in kernels] == [
+        (BLUEPRINT, "cpu", "Ready")
+    ]
+
     injected = sh(
-        "python",
-        "-m",
-        "esper.cli.main",
-        "kasmina",
-        "inject",
-        "examples/training-pod.yaml",
-        "--selector",
-        "esper.dev/blueprint=residual-mlp-64",
-        "--image",
-        IMAGE,
-    )
-    sh("kubectl", "-n", ns, "apply", "-f", "-", input=injected)
+        sys.executable, "-m", "esper.cli.main", "kasmina", "inject", "-",
+        "--selector", f"esper.dev/blueprint={BLUEPRINT}", "--image", IMAGE,
+        input=_trainer_manifest(),
+    )  # fmt: skip
+    sh("kubectl", "-n", ns, "apply", "-f", "-", input=_with_store_access(injected))
+    # Ready only once the sidecar's startup probe saw its first sync complete.
     sh("kubectl", "-n", ns, "wait", "--for=condition=Ready", "pod/esper-trainer", "--timeout=600s")
-    index = sh(
-        "kubectl",
-        "-n",
-        ns,
-        "exec",
-        "esper-trainer",
-        "-c",
-        "trainer",
-        "--",
-        "cat",
-        "/var/lib/esper/kernels/index.json",
-    )
-    assert "residual-mlp-64" in index
+    index = json.loads(
+        sh("kubectl", "-n", ns, "exec", "esper-trainer", "-c", "trainer", "--",
+           "cat", "/var/lib/esper/kernels/index.json")
+    )  # fmt: skip
+    assert [(e["name"], e["blueprint"], e["key"]) for e in index["kernels"]] == [
+        (kernels[0]["metadata"]["name"], BLUEPRINT, kernels[0]["spec"]["key"])
+    ]
+
+    sh("kubectl", "-n", ns, "delete", "pod", "esper-trainer", "--timeout=120s")
     sh("kubectl", "-n", ns, "delete", "-f", "examples/blueprint.yaml", "--timeout=120s")
-    assert sh("kubectl", "-n", ns, "get", "kernels", "-o", "name").strip() == ""
+    # The Kernel goes by garbage collection once its last owner is gone: asynchronous.
+    assert _wait_until_gone(ns, "kernels", f"esper.dev/blueprint={BLUEPRINT}", timeout=180) == []

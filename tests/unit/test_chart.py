@@ -96,3 +96,258 @@ def test_chart_ships_the_generated_crds() -> None:
 
     for path in Path("crds").glob("*.yaml"):
         assert (Path(CHART) / "crds" / path.name).read_text() == path.read_text()
+
+
+# --- values.schema.json ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"bogus": 1}, "at '': additional properties 'bogus' not allowed"),
+        ({"operator": {"replicas": 2}}, "at '/operator/replicas': maximum: got 2, want 1"),
+        ({"operator": {"replicas": -1}}, "at '/operator/replicas': minimum: got -1, want 0"),
+        ({"operator": {"standby": True}}, "at '/operator': additional properties 'standby' not allowed"),
+        ({"operator": {"logLevel": "trace"}}, "at '/operator/logLevel'"),
+        ({"operator": {"watchNamespace": "ML_team"}}, "at '/operator/watchNamespace'"),
+        ({"operator": {"metrics": {"port": 8080}}}, "at '/operator/metrics/port': 'not' failed"),
+        ({"operator": {"metrics": {"serviceMonitor": True}}}, "at '/operator/metrics/serviceMonitor'"),
+        ({"image": {"pullPolicy": "Sometimes"}}, "at '/image/pullPolicy'"),
+        ({"image": {"repository": "GHCR.io/Esper"}}, "at '/image/repository'"),
+        ({"s3": {"bucket": "ab"}}, "at '/s3/bucket'"),
+        ({"s3": {"prefix": "/kernels/"}}, "at '/s3/prefix'"),
+        ({"s3": {"endpoint": "minio:9000"}}, "at '/s3/endpoint'"),
+        ({"s3": {"accessKeyId": "AK"}}, "at '/s3/secretAccessKey': minLength: got 0, want 1"),
+        ({"compile": {"backoffLimit": 21}}, "at '/compile/backoffLimit': maximum: got 21, want 20"),
+        ({"compile": {"activeDeadlineSeconds": 5}}, "at '/compile/activeDeadlineSeconds': minimum"),
+        ({"compile": {"resources": {"memoryLimit": "8 gigs"}}}, "at '/compile/resources/memoryLimit'"),
+        (
+            {"compile": {"tolerations": [{"key": "a", "operator": "Maybe"}]}},
+            "at '/compile/tolerations/0/operator'",
+        ),
+        ({"compile": {"gpu": {"nodeSelector": {"zone": 1}}}}, "at '/compile/gpu/nodeSelector/zone'"),
+        ({"compile": {"torchVersion": "latest"}}, "at '/compile/torchVersion'"),
+        ({"retention": "archive"}, "at '/retention'"),
+        ({"kasmina": {"readerRole": "yes"}}, "at '/kasmina/readerRole'"),
+    ],
+)
+def test_schema_refuses_bad_values_with_helms_message(values: dict, message: str) -> None:
+    chart = helm.Chart.load(CHART)
+    try:
+        with pytest.raises(helm.HelmValuesError) as err:
+            chart.render(values, name="esper", namespace="esper-system", is_install=True)
+    finally:
+        chart.close()
+    assert "values don't meet the specifications of the schema" in str(err.value)
+    assert message in str(err.value)
+
+
+def test_schema_accepts_the_defaults_and_a_full_set_of_overrides() -> None:
+    """Quantities may arrive as numbers (`--set compile.resources.cpuRequest=2`)."""
+    chart = helm.Chart.load(CHART)
+    try:
+        chart.validate_schema({})
+        chart.validate_schema(OVERRIDES)
+        chart.validate_schema({"compile": {"resources": {"cpuRequest": 2}}, "operator": {"replicas": 0}})
+    finally:
+        chart.close()
+
+
+# --- every template renders, every value does something ----------------------------------------------
+
+OVERRIDES: dict = {
+    "image": {"repository": "registry.local:5000/ml/esper", "tag": "1.2.3", "pullPolicy": "Always"},
+    "imagePullSecrets": [{"name": "regcred"}],
+    "operator": {
+        "watchNamespace": "ml",
+        "resyncSeconds": 60,
+        "logLevel": "warning",
+        "resources": {"requests": {"cpu": "200m", "memory": "256Mi"}, "limits": {"memory": "512Mi"}},
+        "nodeSelector": {"pool": "system"},
+        "tolerations": [{"key": "system", "operator": "Exists", "effect": "NoSchedule"}],
+        "affinity": {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [
+                        {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["system"]}]}
+                    ]
+                }
+            }
+        },
+        "podAnnotations": {"team": "ml"},
+        "metrics": {
+            "port": 9100,
+            "serviceMonitor": {"enabled": True, "interval": "1m", "labels": {"release": "p"}},
+        },
+    },
+    "s3": {
+        "bucket": "models",
+        "prefix": "a/b",
+        "region": "eu-west-1",
+        "endpoint": "https://s3.local",
+        "accessKeyId": "AK",
+        "secretAccessKey": "SK",
+    },
+    "compile": {
+        "image": "registry.local/compiler:1",
+        "priorityClassName": "batch-low",
+        "kueueQueue": "compile",
+        "gpu": {"nodeSelector": {"gpu": "h100"}, "tolerations": []},
+    },
+    "retention": "delete",
+    "kasmina": {"readerRole": False},
+}
+
+
+def _templates() -> list[str]:
+    from pathlib import Path
+
+    return sorted(p.name for p in (Path(CHART) / "templates").glob("*.yaml"))
+
+
+def _render_files(values: dict) -> dict[str, list[dict]]:
+    chart = helm.Chart.load(CHART)
+    try:
+        files = chart.render(values, name="esper", namespace="esper-system", is_install=True)
+    finally:
+        chart.close()
+    return {
+        name.rsplit("/", 1)[-1]: [d for d in yaml.safe_load_all(text) if d]
+        for name, text in files.items()
+        if name.endswith(".yaml")
+    }
+
+
+@pytest.mark.parametrize("template", _templates())
+@pytest.mark.parametrize("values", [{}, OVERRIDES], ids=["defaults", "overrides"])
+def test_each_template_renders_valid_manifests(template: str, values: dict) -> None:
+    docs = _render_files(values)[template]
+    optional = {"secret.yaml": "s3" in values, "servicemonitor.yaml": bool(values)}
+    if template in optional:
+        assert bool(docs) == optional[template]
+    else:
+        assert docs
+    for doc in docs:
+        if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue  # a custom resource: kubernetes-validate knows only built-in kinds
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_service_monitor_scrapes_the_metrics_service() -> None:
+    docs = _by_kind(render(OVERRIDES))
+    (monitor,) = docs["ServiceMonitor"]
+    (service,) = docs["Service"]
+    assert monitor["metadata"]["labels"]["release"] == "p"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["esper-system"]}
+    assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "1m"}]
+    assert {"name": "metrics", "port": 9100, "targetPort": "metrics"} in service["spec"]["ports"]
+
+
+def test_the_operator_runs_alone() -> None:
+    """One replica, never two at once (Recreate), and kopf without peering."""
+    (deployment,) = _by_kind(render())["Deployment"]
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert "--standalone" in deployment["spec"]["template"]["spec"]["containers"][0]["command"]
+
+
+def _leaves(tree: dict, prefix: tuple[str, ...] = ()) -> set[tuple[str, ...]]:
+    out: set[tuple[str, ...]] = set()
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out |= _leaves(value, (*prefix, key))
+        else:
+            out.add((*prefix, key))
+    return out
+
+
+def _nest(path: tuple[str, ...], value: object) -> dict:
+    out: dict = {}
+    node = out
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+    node[path[-1]] = value
+    return out
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = (
+            _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
+    return out
+
+
+MONITOR_ON = {"operator": {"metrics": {"serviceMonitor": {"enabled": True}}}}
+KEYS = {"s3": {"accessKeyId": "AK", "secretAccessKey": "SK"}}
+# Each value of values.yaml, a different valid setting of it, and what else must be set for it to apply.
+CHANGES: dict[str, tuple[object, dict]] = {
+    "image.repository": ("registry.local/esper", {}),
+    "image.tag": ("9.9.9", {}),
+    "image.pullPolicy": ("Always", {}),
+    "imagePullSecrets": ([{"name": "regcred"}], {}),
+    "operator.replicas": (0, {}),
+    "operator.watchNamespace": ("ml", {}),
+    "operator.resyncSeconds": (60, {}),
+    "operator.logLevel": ("debug", {}),
+    "operator.resources.requests.cpu": ("250m", {}),
+    "operator.resources.requests.memory": ("64Mi", {}),
+    "operator.resources.limits.memory": ("1Gi", {}),
+    "operator.nodeSelector": ({"pool": "system"}, {}),
+    "operator.tolerations": ([{"key": "k", "operator": "Exists"}], {}),
+    "operator.affinity": ({"podAntiAffinity": {}}, {}),
+    "operator.podAnnotations": ({"a": "b"}, {}),
+    "operator.metrics.port": (9100, {}),
+    "operator.metrics.serviceMonitor.enabled": (True, {}),
+    "operator.metrics.serviceMonitor.interval": ("15s", MONITOR_ON),
+    "operator.metrics.serviceMonitor.labels": ({"release": "p"}, MONITOR_ON),
+    "s3.bucket": ("models", {}),
+    "s3.prefix": ("other", {}),
+    "s3.region": ("eu-west-1", {}),
+    "s3.endpoint": ("http://minio.minio:9000", {}),
+    "s3.existingSecret": ("creds", {}),
+    "s3.accessKeyId": ("AK2", KEYS),
+    "s3.secretAccessKey": ("SK2", KEYS),
+    "compile.image": ("registry.local/compiler:1", {}),
+    "compile.torchVersion": ("2.14.0", {}),
+    "compile.gpuResource": ("amd.com/gpu", {}),
+    "compile.nodeSelector": ({"pool": "cpu"}, {}),
+    "compile.tolerations": ([{"key": "k", "operator": "Exists"}], {}),
+    "compile.gpu.nodeSelector": ({"gpu": "h100"}, {}),
+    "compile.gpu.tolerations": ([], {}),
+    "compile.priorityClassName": ("batch-low", {}),
+    "compile.kueueQueue": ("compile", {}),
+    "compile.backoffLimit": (1, {}),
+    "compile.activeDeadlineSeconds": (600, {}),
+    "compile.ttlSecondsAfterFinished": (60, {}),
+    "compile.resources.cpuRequest": ("2", {}),
+    "compile.resources.memoryRequest": ("4Gi", {}),
+    "compile.resources.memoryLimit": ("16Gi", {}),
+    "compile.verifyArtifacts": (False, {}),
+    "retention": ("delete", {}),
+    "kasmina.readerRole": (False, {}),
+}
+
+
+def _manifests(values: dict) -> list[dict]:
+    """Rendered objects without the values checksum (which every change moves)."""
+    docs = render(values)
+    for doc in docs:
+        annotations = doc.get("spec", {}).get("template", {}).get("metadata", {}).get("annotations", {})
+        annotations.pop("checksum/values", None)
+    return docs
+
+
+def test_the_change_table_covers_every_value() -> None:
+    with open(f"{CHART}/values.yaml") as f:
+        defaults = yaml.safe_load(f)
+    assert {".".join(p) for p in _leaves(defaults)} == set(CHANGES)
+
+
+@pytest.mark.parametrize("path", sorted(CHANGES))
+def test_every_value_changes_what_is_rendered(path: str) -> None:
+    value, context = CHANGES[path]
+    changed = _merge(context, _nest(tuple(path.split(".")), value))
+    assert _manifests(changed) != _manifests(context)
