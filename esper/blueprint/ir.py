@@ -12,17 +12,24 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 IDENT_PATTERN = r"^[a-z][a-z0-9_]{0,62}$"
 BATCH = "batch"
+MAX_DIM = 65536
+"""Largest static dimension size."""
+MAX_PARAM_KEYS = 32
+"""Most keys in a node's or template's `params` (the largest op has fewer than 10)."""
 
 Ident = Annotated[str, Field(pattern=IDENT_PATTERN, description="An identifier: lowercase, digits, '_'.")]
+Size = Annotated[int, Field(ge=1, le=MAX_DIM)]
 Dim = Annotated[
-    int | Literal["batch"],
+    Size | Literal["batch"],
     Field(description="A dimension size (1..65536), or 'batch' for the symbolic batch dimension."),
 ]
 DType = Literal["float32", "float16", "bfloat16"]
 
 
 class IRModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    """Closed and strict: `"512"` or `true` is no integer, as the API server's schema would say."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, strict=True, allow_inf_nan=False)
 
 
 class TensorSpec(IRModel):
@@ -43,7 +50,9 @@ class Node(IRModel):
         default_factory=list, max_length=8, description="Ids of the nodes or graph inputs this node reads."
     )
     params: dict[str, Any] = Field(
-        default_factory=dict, description="Operation parameters (camelCase), checked against the op."
+        default_factory=dict,
+        max_length=MAX_PARAM_KEYS,
+        description="Operation parameters (camelCase), checked against the op.",
     )
 
 
@@ -62,7 +71,9 @@ class TemplateRef(IRModel):
     """A named template and its parameters; expands into a Graph."""
 
     name: str = Field(min_length=1, max_length=64, description="Template name (see `esper templates`).")
-    params: dict[str, Any] = Field(default_factory=dict, description="Template parameters (camelCase).")
+    params: dict[str, Any] = Field(
+        default_factory=dict, max_length=MAX_PARAM_KEYS, description="Template parameters (camelCase)."
+    )
 
 
 class BlueprintSource(IRModel):

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from esper.blueprint.ir import BATCH
+from esper.blueprint.ir import BATCH, MAX_DIM
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -20,7 +20,6 @@ if TYPE_CHECKING:  # pragma: no cover
 Shape = tuple[int | str, ...]
 """A tensor shape: 'batch' first, then static sizes."""
 
-MAX_DIM = 65536
 ALL_DTYPES: frozenset[str] = frozenset({"float32", "float16", "bfloat16"})
 
 Size = Annotated[int, Field(ge=1, le=MAX_DIM)]
@@ -43,7 +42,7 @@ class ShapeError(ValueError):
 class Params(BaseModel):
     """Base of op and template parameter models: strict, closed, camelCase field names."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class NoParams(Params):
@@ -53,7 +52,7 @@ class NoParams(Params):
 class FieldError(ValueError):
     """Raised by cross-field validators so the Problem can point at the field (see errors.py)."""
 
-    def __init__(self, field: str, message: str) -> None:
+    def __init__(self, field: str | int | tuple[str | int, ...], message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message

@@ -13,16 +13,22 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from esper.blueprint.errors import BlueprintInvalid, Problem, pydantic_problems, suggest
+from esper.blueprint.errors import BlueprintInvalid, Problem, describe, pydantic_problems, suggest
 from esper.blueprint.graphs import find_cycle, topo_order
 from esper.blueprint.ir import BATCH, BlueprintSource, Graph, Node, TemplateRef, TensorSpec
-from esper.blueprint.opdef import MAX_DIM, Params, Shape, ShapeError, fmt
+from esper.blueprint.opdef import MAX_DIM, Params, Shape, ShapeError, fmt, numel
 from esper.blueprint.ops import OPS
 from esper.blueprint.templates import TEMPLATES
 
 MAX_PARAMS = 50_000_000
 """Largest total parameter count of a graph: seeds are small; this keeps compiles bounded."""
 MAX_NODES = 256
+MAX_SAMPLE_ELEMENTS = 2**24
+"""Largest value of one sample (elements, batch excluded): 64 MiB in float32."""
+MAX_BATCH_BYTES = 2**35
+"""Largest value at `maxBatch` (bytes): 32 GiB. Checked before anything is allocated."""
+DEFAULT_MAX_BATCH = 1024
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 # Node ids become attribute names of a torch.nn.Module container (`nodes.<id>.weight`); these would
 # clash with the container's own attributes. tests check the list against torch.
@@ -41,8 +47,9 @@ RESERVED_IDS = frozenset([
 ])
 # fmt: on
 
+SPEC_ONLY_FIELDS = ("targets", "compile")
+"""Fields of a Blueprint spec that are not the source: checked by the contracts."""
 _IR_FIELDS = {f for m in (BlueprintSource, Graph, Node, TensorSpec, TemplateRef) for f in m.model_fields}
-_SPEC_EXTRAS = ("targets", "compile")
 
 
 @dataclass
@@ -52,46 +59,25 @@ class Analysis:
     problems: list[Problem] = field(default_factory=list)
     shapes: dict[str, Shape] = field(default_factory=dict)
     params: int = 0
-
-
-def _spec_extras_problems(data: Mapping[str, Any], prefix: str) -> list[Problem]:
-    """Check `targets`/`compile` when given a whole BlueprintSpec (the operator passes the spec)."""
-    from esper.contracts.blueprint import BlueprintSpec  # lazy: contracts import this package
-
-    extras = {k: data[k] for k in _SPEC_EXTRAS if k in data}
-    if not extras:
-        return []
-    try:
-        BlueprintSpec.model_validate({"template": {"name": "mlp"}, **extras})
-    except ValidationError as err:
-        out = []
-        for p in pydantic_problems(err, prefix):
-            # The spec-level "targets must be unique" check has no location of its own.
-            out.append(Problem(f"{prefix}.targets", p.message) if p.path == prefix else p)
-        return out
-    return []
+    max_batch: int = DEFAULT_MAX_BATCH
 
 
 def parse_source(source: BlueprintSource | Mapping[str, Any] | Any, prefix: str = "spec") -> BlueprintSource:
-    """A BlueprintSource from a dict (a spec, `targets`/`compile` allowed) or any model with
-    `template`/`graph`; raises BlueprintInvalid with every form error."""
+    """A BlueprintSource from a dict or any model with `template`/`graph`; raises BlueprintInvalid with
+    every form error. Other fields of a Blueprint spec are the contracts' to check (see
+    `esper.contracts.validation`): a dict's `targets`/`compile` are ignored here."""
     if isinstance(source, BlueprintSource):
         return source
     if isinstance(source, BaseModel):
         source = {"template": getattr(source, "template", None), "graph": getattr(source, "graph", None)}
         source = {k: v.model_dump() for k, v in source.items() if v is not None}
     if not isinstance(source, Mapping):
-        raise BlueprintInvalid([Problem(prefix, f"expected a mapping, got {type(source).__name__}")])
-    problems = _spec_extras_problems(source, prefix)
-    data = {k: v for k, v in source.items() if k not in _SPEC_EXTRAS}
+        raise BlueprintInvalid([Problem(prefix, f"must be a mapping, got {describe(source)}")])
+    data = {k: v for k, v in source.items() if k not in SPEC_ONLY_FIELDS}
     try:
-        parsed = BlueprintSource.model_validate(data)
+        return BlueprintSource.model_validate(data)
     except ValidationError as err:
-        problems += pydantic_problems(err, prefix, _IR_FIELDS)
-        raise BlueprintInvalid(problems) from None
-    if problems:
-        raise BlueprintInvalid(problems)
-    return parsed
+        raise BlueprintInvalid(pydantic_problems(err, prefix, _IR_FIELDS)) from None
 
 
 def parse_params(
@@ -150,14 +136,34 @@ def _check_inputs(graph: Graph, prefix: str, a: Analysis) -> None:
     for i, spec in enumerate(graph.inputs):
         where = f"{prefix}.inputs[{i}].shape"
         if spec.shape[0] != BATCH:
-            a.problems.append(Problem(f"{where}[0]", f"the first dim must be 'batch', got {spec.shape[0]!r}"))
+            a.problems.append(Problem(f"{where}[0]", f"the first dim must be 'batch', got {spec.shape[0]}"))
         for j, d in enumerate(spec.shape[1:], start=1):
             if d == BATCH:
                 a.problems.append(Problem(f"{where}[{j}]", "'batch' may only be the first dim"))
             elif not 1 <= int(d) <= MAX_DIM:
                 a.problems.append(Problem(f"{where}[{j}]", f"sizes must be 1..{MAX_DIM}, got {d}"))
         if all(isinstance(d, int) and 1 <= d <= MAX_DIM for d in spec.shape[1:]) and spec.shape[0] == BATCH:
-            a.shapes[spec.name] = tuple(spec.shape)
+            shape = tuple(spec.shape)
+            if _size_ok(shape, graph.dtype, f"{prefix}.inputs[{i}].shape", f"input '{spec.name}'", a):
+                a.shapes[spec.name] = shape
+
+
+def _size_ok(shape: Shape, dtype: str, path: str, what: str, a: Analysis) -> bool:
+    """The activation bound: one sample, and the whole batch at maxBatch, must fit the limits."""
+    elements = numel(shape)
+    if elements > MAX_SAMPLE_ELEMENTS:
+        msg = f"{what} is {fmt(shape)}: {elements:,} elements per sample; at most {MAX_SAMPLE_ELEMENTS:,}"
+        a.problems.append(Problem(path, msg))
+        return False
+    total = elements * a.max_batch * _DTYPE_BYTES.get(dtype, 4)
+    if total > MAX_BATCH_BYTES:
+        msg = (
+            f"{what} is {fmt(shape)}: {total / 2**30:,.1f} GiB at maxBatch {a.max_batch}; "
+            f"at most {MAX_BATCH_BYTES / 2**30:,.0f} GiB (lower compile.maxBatch or the sizes)"
+        )
+        a.problems.append(Problem(path, msg))
+        return False
+    return True
 
 
 def _check_ids(graph: Graph, prefix: str, a: Analysis) -> set[str]:
@@ -251,14 +257,18 @@ def _infer(order: list[Node], parsed: dict[str, Params], graph: Graph, prefix: s
             msg = f"{node.op} '{node.id}' gives {fmt(out)}; every dim must be at most {MAX_DIM}"
             a.problems.append(Problem(where, msg))
             continue
+        if not _size_ok(out, graph.dtype, where, f"{node.op} '{node.id}'", a):
+            continue
         a.shapes[node.id] = out
         a.params += op.count(params, shapes)
 
 
-def analyze(graph: Graph, prefix: str = "spec.graph") -> tuple[Graph, Analysis]:
+def analyze(
+    graph: Graph, prefix: str = "spec.graph", *, max_batch: int = DEFAULT_MAX_BATCH
+) -> tuple[Graph, Analysis]:
     """Every structural and shape problem of a graph, plus shapes and parameter count."""
     filled, parsed, node_problems = fill_defaults(graph, prefix)
-    a = Analysis()
+    a = Analysis(max_batch=max_batch)
     if len(graph.nodes) > MAX_NODES:
         a.problems.append(Problem(f"{prefix}.nodes", f"{len(graph.nodes)} nodes; at most {MAX_NODES}"))
     _check_inputs(graph, prefix, a)
@@ -309,11 +319,20 @@ def _relocate(problems: list[Problem], src: BlueprintSource, prefix: str) -> lis
     ]
 
 
-def validate_source(source: BlueprintSource | Mapping[str, Any] | Any, *, path_prefix: str = "spec") -> Graph:
-    """The expanded, defaults-filled graph of a valid source; else BlueprintInvalid with every problem."""
+def validate_source(
+    source: BlueprintSource | Mapping[str, Any] | Any,
+    *,
+    path_prefix: str = "spec",
+    max_batch: int = DEFAULT_MAX_BATCH,
+) -> Graph:
+    """The expanded, defaults-filled graph of a valid source; else BlueprintInvalid with every problem.
+
+    Only the source (template or graph): a whole Blueprint spec is checked by
+    `esper.contracts.validation.validate_blueprint_spec`, which calls this.
+    """
     src = parse_source(source, path_prefix)
     graph = _graph_of(src, path_prefix)
-    filled, a = analyze(graph, f"{path_prefix}.graph")
+    filled, a = analyze(graph, f"{path_prefix}.graph", max_batch=max_batch)
     if a.problems:
         raise BlueprintInvalid(sorted(_relocate(a.problems, src, path_prefix), key=_path_key))
     return filled

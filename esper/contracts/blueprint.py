@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from esper.blueprint.ir import Graph, TemplateRef
+from esper.blueprint.opdef import FieldError
 from esper.contracts.common import GROUP_VERSION, CompileOptions, Condition, Model
 
 TARGET_PATTERN = r"^(cpu|cuda-sm[0-9]{2,3}a?)$"
+TARGET_TEXT = "is not a target: use 'cpu' or 'cuda-smNN', such as 'cuda-sm90'"
 TargetName = Annotated[str, Field(pattern=TARGET_PATTERN, max_length=16, description="cpu or cuda-smNN.")]
 
 BlueprintPhase = Literal["Pending", "Compiling", "Ready", "Failed", "Invalid"]
@@ -29,12 +31,18 @@ class BlueprintSpec(Model):
     )
     compile: CompileOptions = Field(default_factory=CompileOptions, description="Compile options.")
 
+    @field_validator("targets")
+    @classmethod
+    def _unique(cls, targets: list[str]) -> list[str]:
+        for i, target in enumerate(targets):
+            if target in targets[:i]:
+                raise FieldError(i, f"duplicate target '{target}'")
+        return targets
+
     @model_validator(mode="after")
     def _check(self) -> BlueprintSpec:
         if (self.template is None) == (self.graph is None):
             raise ValueError("give exactly one of 'template' or 'graph'")
-        if len(set(self.targets)) != len(self.targets):
-            raise ValueError("targets must be unique")
         return self
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from esper.blueprint.opdef import FieldError
 
 API_GROUP = "esper.dev"
 API_VERSION = "v1alpha1"
@@ -13,9 +15,10 @@ GROUP_VERSION = f"{API_GROUP}/{API_VERSION}"
 
 
 class Model(BaseModel):
-    """Base of every contract: unknown fields are errors, camelCase on the wire."""
+    """Base of every contract: unknown fields are errors, camelCase on the wire, no coercion (`"512"` or
+    `true` is no integer: the API server's schema would refuse them too)."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, strict=True, allow_inf_nan=False)
 
 
 class Condition(Model):
@@ -37,27 +40,37 @@ def now_rfc3339() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+MAX_BATCH = 65536
+BatchSize = Annotated[int, Field(ge=1, le=MAX_BATCH)]
+
+
 class CompileOptions(Model):
     """Options of a compile; all of them are part of the kernel key."""
 
-    maxBatch: int = Field(
-        default=1024, ge=1, le=65536, description="Largest batch size the compiled kernel accepts."
-    )
+    maxBatch: BatchSize = Field(default=1024, description="Largest batch size the compiled kernel accepts.")
     initSeed: int = Field(
         default=0, ge=0, le=2**31 - 1, description="Random seed of the kernel's initial parameters."
     )
-    validateBatches: list[int] = Field(
+    validateBatches: list[BatchSize] = Field(
         default_factory=lambda: [1, 7, 32],
         min_length=1,
         max_length=8,
         description="Batch sizes at which compiled outputs and gradients are checked against eager.",
     )
-    benchmarkBatches: list[int] = Field(
+    benchmarkBatches: list[BatchSize] = Field(
         default_factory=lambda: [8, 32, 128],
         min_length=1,
         max_length=8,
         description="Batch sizes at which eager and compiled latency are measured.",
     )
+
+    @model_validator(mode="after")
+    def _within_max_batch(self) -> CompileOptions:
+        for name in ("validateBatches", "benchmarkBatches"):
+            for i, batch in enumerate(getattr(self, name)):
+                if batch > self.maxBatch:
+                    raise FieldError((name, i), f"{batch} is above maxBatch ({self.maxBatch})")
+        return self
 
 
 class Toolchain(Model):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
+
 KEY_PREFIX_LEN = 16
 
 MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -20,3 +23,41 @@ def kernel_name(target: str, key: str) -> str:
 def job_name(target: str, key: str) -> str:
     """The compile Job of a kernel; at most 63 characters so its Pods' job-name label is valid."""
     return f"tezzeret-{kernel_name(target, key)}"
+
+
+MAX_NAME = 253
+"""Longest object name (a DNS-1123 subdomain)."""
+MAX_LABEL_VALUE = 63
+_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+
+
+def name_problem(name: object) -> str | None:
+    """Why `name` is not a valid object name (as the API server checks it: a DNS-1123 subdomain)."""
+    if not isinstance(name, str):
+        return None if name is None else "must be a string"
+    if not name:
+        return "must not be empty"
+    if len(name) > MAX_NAME:
+        return f"at most {MAX_NAME} characters, got {len(name):,}"
+    if not _SUBDOMAIN.match(name):
+        hint = " (names are lowercase)" if name.lower() != name else ""
+        return (
+            "must be lowercase letters, digits, '-' and '.', starting and ending with a letter or digit"
+            + hint
+        )
+    return None
+
+
+def label_value(name: str) -> str:
+    """`name` as a label value: itself when it fits 63 characters, else a prefix and a hash of the whole.
+
+    Object names may have 253 characters; label values only 63. The hash keeps two long names that
+    share a prefix apart, and the result is deterministic, so selectors can be computed from the name.
+    """
+    if len(name) <= MAX_LABEL_VALUE and _LABEL_VALUE.match(name):
+        return name
+    tail = hashlib.sha256(name.encode()).hexdigest()[:10]
+    head = re.sub(r"[^A-Za-z0-9_.-]", "-", name[: MAX_LABEL_VALUE - len(tail) - 1]).rstrip("-_.")
+    head = head.lstrip("-_.")
+    return f"{head}-{tail}" if head else tail

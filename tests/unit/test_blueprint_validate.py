@@ -11,6 +11,7 @@ import yaml
 
 from esper.blueprint import BlueprintInvalid, BlueprintSource, Problem, expand, validate_source
 from esper.contracts import Blueprint, BlueprintSpec
+from esper.contracts.validation import validate_blueprint_spec
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -58,19 +59,19 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
         "param-too-small",
         graph(node("y", "linear", "x", outFeatures=0)),
         f"{N}[0].params.outFeatures",
-        "greater than or equal to 1",
+        "must be at least 1, got 0",
     ),
     (
         "param-too-large",
         graph(node("y", "linear", "x", outFeatures=70000)),
         f"{N}[0].params.outFeatures",
-        "less than or equal to 65536",
+        "must be at most 65536, got 70000",
     ),
     (
         "param-wrong-type",
         graph(node("y", "linear", "x", outFeatures="64")),
         f"{N}[0].params.outFeatures",
-        "valid integer",
+        "must be an integer, got the string '64'",
     ),
     ("dropout-p-1", graph(node("y", "dropout", "x", p=1.0)), f"{N}[0].params.p", "less than 1"),
     ("scale-nan", graph(node("y", "scale", "x", value=math.nan)), f"{N}[0].params.value", "finite"),
@@ -78,7 +79,7 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
         "kernel-too-big",
         graph(node("y", "conv1d", "x", outChannels=4, kernelSize=16), shape=["batch", 4, 32]),
         f"{N}[0].params.kernelSize",
-        "less than or equal to 15",
+        "must be at most 15, got 16",
     ),
     (
         "same-needs-stride-1",
@@ -109,7 +110,7 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
     ),
     ("id-shadows-input", graph(node("x", "relu", "x")), f"{N}[0].id", "duplicate id 'x'"),
     ("reserved-id", graph(node("forward", "relu", "x")), f"{N}[0].id", "reserved"),
-    ("bad-id", graph(node("Fc1", "relu", "x")), f"{N}[0].id", "pattern"),
+    ("bad-id", graph(node("Fc1", "relu", "x")), f"{N}[0].id", "'Fc1' must start with a lowercase letter"),
     (
         "cycle",
         graph(node("a", "add", "x", "b"), node("b", "relu", "a"), outputs=["a"]),
@@ -180,13 +181,13 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
         "zero-dim",
         graph(node("y", "relu", "x"), shape=["batch", 0]),
         "spec.graph.inputs[0].shape[1]",
-        "1..65536",
+        "must be an integer at least 1 or 'batch', got 0",
     ),
     (
         "huge-dim",
         graph(node("y", "relu", "x"), shape=["batch", 70000]),
         "spec.graph.inputs[0].shape[1]",
-        "1..65536",
+        "must be an integer at most 65536 or 'batch', got 70000",
     ),
     ("rank-1", graph(node("y", "relu", "x"), shape=["batch"]), "spec.graph.inputs[0].shape", "at least 2"),
     (
@@ -238,7 +239,7 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
     ("neither", {}, "spec", "exactly one"),
     ("both", {**template("mlp"), **graph(node("y", "relu", "x"))}, "spec", "exactly one"),
     ("unknown-template", template("residual_mlp"), "spec.template.name", "did you mean 'residual-mlp'"),
-    ("template-param-bound", template("lora-adapter", rank=0), f"{T}.rank", "greater than or equal to 1"),
+    ("template-param-bound", template("lora-adapter", rank=0), f"{T}.rank", "must be at least 1, got 0"),
     ("template-unknown-param", template("mlp", featurs=8), f"{T}.featurs", "did you mean 'features'"),
     ("template-cross-field", template("attention-block", embed=64, heads=5), f"{T}.heads", "must divide"),
     ("template-even-kernel", template("conv-block", kernelSize=4), f"{T}.kernelSize", "must be odd"),
@@ -248,20 +249,30 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
         T,
         "the limit is 50,000,000",
     ),
-    ("duplicate-targets", {**template("mlp"), "targets": ["cpu", "cpu"]}, "spec.targets", "unique"),
-    ("bad-target", {**template("mlp"), "targets": ["gpu"]}, "spec.targets[0]", "pattern"),
+    (
+        "duplicate-targets",
+        {**template("mlp"), "targets": ["cpu", "cpu"]},
+        "spec.targets[1]",
+        "duplicate target 'cpu'",
+    ),
+    (
+        "bad-target",
+        {**template("mlp"), "targets": ["gpu"]},
+        "spec.targets[0]",
+        "'gpu' is not a target: use 'cpu' or 'cuda-smNN'",
+    ),
     (
         "bad-compile",
         {**template("mlp"), "compile": {"maxBatch": 0}},
         "spec.compile.maxBatch",
-        "greater than or equal to 1",
+        "must be at least 1, got 0",
     ),
 ]
 
 
 def problems_of(source: Any) -> list[Problem]:
     with pytest.raises(BlueprintInvalid) as info:
-        validate_source(source)
+        validate_blueprint_spec(source)
     assert info.value.problems, "BlueprintInvalid without problems"
     return info.value.problems
 
@@ -358,7 +369,7 @@ def test_invalid_example_reports_its_problems() -> None:
     Blueprint.model_validate(doc)  # the API server accepts it; only deep validation rejects it
     problems = problems_of(doc["spec"])
     assert [str(p) for p in problems] == [
-        "spec.graph.nodes[0].params.outFeatures: Input should be greater than or equal to 1 (got 0)",
+        "spec.graph.nodes[0].params.outFeatures: must be at least 1, got 0",
         "spec.graph.nodes[1].op: unknown op 'rleu'; did you mean 'relu'?",
         "spec.graph.nodes[2].inputs[0]: unknown input 'hiden'; did you mean 'hidden'?",
     ]

@@ -42,7 +42,7 @@ def test_names_are_valid_kubernetes_names() -> None:
     [
         ({"template": {"name": "nope"}}, "spec.template.name"),
         ({**TEMPLATE, "targets": []}, "spec.targets"),
-        ({**TEMPLATE, "targets": ["cpu", "cpu"]}, "spec"),
+        ({**TEMPLATE, "targets": ["cpu", "cpu"]}, "spec.targets[1]"),
         ({**TEMPLATE, "targets": ["cuda-sm99"]}, "spec.targets[0]"),
         ({**TEMPLATE, "targets": ["tpu"]}, "spec.targets[0]"),
         ({**TEMPLATE, "compile": {"maxBatch": 0}}, "spec.compile.maxBatch"),
