@@ -22,7 +22,10 @@ from rich.console import Console
 from rich.table import Table
 
 from esper.blueprint import OPS, TEMPLATES, BlueprintInvalid
-from esper.contracts.validation import validate_blueprint_spec
+from esper.blueprint.errors import cut
+from esper.contracts.manifest import MAX_BYTES, ManifestError
+from esper.contracts.manifest import load_documents as read_yaml
+from esper.contracts.validation import document_kind, validate_blueprint, validate_blueprint_spec
 from esper.storage import open_store
 
 DEFAULT_STORE = ".esper/store"
@@ -35,34 +38,44 @@ class InputError(Exception):
     """A file that cannot be read or parsed: exit 2."""
 
 
-def load_documents(path: Path) -> list[tuple[str, Any]]:
-    """(label, Blueprint spec) for each document of a YAML/JSON file; a bare spec is accepted too."""
+def read_manifests(path: Path) -> list[tuple[str, Any, str]]:
+    """(label, document, what) for each document of a YAML/JSON file, read with the hardened reader.
+
+    `what` is "blueprint" (a Blueprint, or a near miss such as `kind: blueprint`: an error, not another
+    kind) or "spec" (a bare spec); other resources of a manifest (a Pod, RBAC) are skipped with a note.
+    """
     try:
-        text = path.read_text()
+        with path.open("rb") as f:
+            data = f.read(MAX_BYTES + 1)
     except OSError as exc:
         raise InputError(f"{path}: cannot read: {exc.strerror}") from None
     try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise InputError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        docs = [d for d in read_yaml(data) if d is not None]
+    except ManifestError as exc:
+        raise InputError(f"{path}: {exc}") from None
     if not docs:
         raise InputError(f"{path}: no documents")
     out = []
     for i, doc in enumerate(docs):
         label = f"{path}" if len(docs) == 1 else f"{path}#{i}"
-        if isinstance(doc, dict) and doc.get("kind") == "Blueprint":
-            name = (doc.get("metadata") or {}).get("name")
-            out.append((f"{label} ({name})" if name else label, doc.get("spec")))
-        elif isinstance(doc, dict) and "kind" in doc:
-            continue  # other resources of a manifest (a Pod, RBAC) are not ours to check
-        else:
-            out.append((label, doc))
+        what = document_kind(doc)
+        if what == "other":
+            continue
+        meta = doc.get("metadata") if isinstance(doc, dict) else None
+        name = meta.get("name") if isinstance(meta, dict) else None
+        out.append((f"{label} ({cut(name)})" if isinstance(name, str) and name else label, doc, what))
     if not out:
-        kinds = ", ".join(sorted({str(d.get("kind")) for d in docs if isinstance(d, dict)}))
+        kinds = ", ".join(sorted({cut(d.get("kind")) for d in docs if isinstance(d, dict)}))
         typer.echo(f"{path}: no Blueprint in this file ({kinds}): skipped", err=True)
     return out
+
+
+def load_documents(path: Path) -> list[tuple[str, Any]]:
+    """(label, Blueprint spec) for each Blueprint of a YAML/JSON file; a bare spec is accepted too."""
+    return [
+        (label, doc.get("spec") if what == "blueprint" and isinstance(doc, dict) else doc)
+        for label, doc, what in read_manifests(path)
+    ]
 
 
 def load_all(files: list[Path]) -> list[tuple[str, Any]]:
@@ -85,10 +98,20 @@ def validate(
     files: Annotated[list[Path], typer.Argument(help="Blueprint manifests (YAML or JSON).")],
 ) -> None:
     """Check Blueprints as the operator would; print one line per problem."""
-    bad = False
-    for label, spec in load_all(files):
+    docs = []
+    for path in files:
         try:
-            checked = validate_blueprint_spec(spec)
+            docs.extend(read_manifests(path))
+        except InputError as exc:
+            typer.echo(str(exc), err=True)
+            raise typer.Exit(2) from None
+    if not docs:
+        typer.echo("no Blueprint in the given files", err=True)
+        raise typer.Exit(2)
+    bad = False
+    for label, doc, what in docs:
+        try:
+            checked = validate_blueprint(doc).checked if what == "blueprint" else validate_blueprint_spec(doc)
         except BlueprintInvalid as exc:
             bad = True
             for problem in exc.problems:

@@ -21,11 +21,14 @@ from esper.demo.config import EXAMPLES_DIR, FALLBACK_SPECS, DemoError, KernelInf
 
 def _load_blueprint(name: str, examples_dir: Path) -> tuple[str, dict[str, Any]]:
     """(label, spec) of an example Blueprint: the file if present, else the built-in copy."""
-    import yaml
+    from esper.contracts.manifest import ManifestError, load_one
 
     path = examples_dir / name
     if path.is_file():
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        try:
+            doc = load_one(path.read_bytes())
+        except ManifestError as exc:
+            raise DemoError(f"{path}: {exc}") from None
         label = (doc.get("metadata") or {}).get("name") or path.stem
         return label, doc["spec"]
     if name not in FALLBACK_SPECS:

@@ -111,47 +111,53 @@ def write_result(doc: dict[str, Any], path: str | None) -> str:
 
 
 def load_spec(path: str | None, env: dict[str, str] | os._Environ[str] = os.environ) -> dict[str, Any]:
-    """The Blueprint spec from a YAML/JSON file or $ESPER_BLUEPRINT_JSON; a whole manifest is unwrapped."""
-    import yaml
+    """The Blueprint spec from a YAML/JSON file or $ESPER_BLUEPRINT_JSON; a whole manifest is unwrapped.
 
+    Read with the hardened manifest reader: bad bytes, duplicate keys, alias bombs and deep nesting are
+    an InvalidBlueprint (65) with a short message, never a crash.
+    """
+    from esper.blueprint.errors import cut
+    from esper.contracts.manifest import MAX_BYTES, ManifestError, load_one
+
+    data: bytes | str
     if path:
         try:
-            text = Path(path).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise InvalidBlueprint(f"cannot read blueprint file {path}: {e}") from None
+            with open(path, "rb") as f:
+                data = f.read(MAX_BYTES + 1)
+        except OSError as e:
+            raise InvalidBlueprint(f"cannot read blueprint file {path}: {e.strerror}") from None
         source = path
     elif env.get(BLUEPRINT_ENV):
-        text, source = env[BLUEPRINT_ENV], f"${BLUEPRINT_ENV}"
+        data, source = env[BLUEPRINT_ENV], f"${BLUEPRINT_ENV}"
     else:
         raise InvalidBlueprint(f"no blueprint: give --blueprint FILE or set {BLUEPRINT_ENV}")
     try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise InvalidBlueprint(f"{source} is not valid YAML/JSON: {e}") from None
+        doc = load_one(data)
+    except ManifestError as e:
+        raise InvalidBlueprint(f"{source}: {e}") from None
     if isinstance(doc, dict) and ("kind" in doc or "apiVersion" in doc or "spec" in doc):
         if doc.get("kind", "Blueprint") != "Blueprint":
-            raise InvalidBlueprint(f"{source}: kind is {doc.get('kind')!r}, expected Blueprint")
+            raise InvalidBlueprint(f"{source}: kind is '{cut(doc.get('kind'))}', expected Blueprint")
         doc = doc.get("spec")
     if not isinstance(doc, dict):
-        raise InvalidBlueprint(
-            f"{source}: expected a Blueprint or its spec (a mapping), got {type(doc).__name__}"
-        )
+        raise InvalidBlueprint(f"{source}: expected a Blueprint or its spec (a mapping), got {cut(doc)}")
     return doc
 
 
 def plan(spec: dict[str, Any], target_name: str, expect_key: str | None) -> Plan:
     """Validate blueprint, target, toolchain and key without compiling (exit 65/66 on problems)."""
     from esper.artifact import kernel_key
-    from esper.blueprint import BlueprintInvalid, digest, validate_source
+    from esper.blueprint import BlueprintInvalid
+    from esper.contracts.validation import validate_blueprint_spec
     from esper.targets import Target
     from esper.tezzeret.compile import toolchain_for, torch_version
 
     try:
-        graph = validate_source(spec)
+        checked = validate_blueprint_spec(spec)
     except BlueprintInvalid as e:
         lines = "\n".join(str(p) for p in e.problems)
         raise InvalidBlueprint(f"invalid blueprint:\n{lines}") from None
-    options = CompileOptions.model_validate(spec.get("compile") or {})
+    graph, options = checked.graph, checked.spec.compile
     try:
         target = Target.parse(target_name)
     except ValueError as e:
@@ -163,7 +169,7 @@ def plan(spec: dict[str, Any], target_name: str, expect_key: str | None) -> Plan
             "the compile image and the operator's toolchain config disagree"
         )
     toolchain = toolchain_for(target)
-    ir_digest = digest(graph)
+    ir_digest = checked.digest
     key = kernel_key(ir_digest, target, options, toolchain)
     if expect_key and key != expect_key:
         raise ToolchainMismatch(

@@ -24,6 +24,7 @@ from esper.contracts.naming import (
     LABEL_TARGET,
     MANAGED_BY,
     OPERATOR_NAME,
+    label_value,
 )
 from esper.storage import Store, open_store
 from esper_operator import metrics
@@ -102,7 +103,7 @@ class Reconciler:
                 "labels": {
                     MANAGED_BY: OPERATOR_NAME,
                     LABEL_TARGET: planned.spec.target,
-                    LABEL_BLUEPRINT: planned.spec.blueprint,
+                    LABEL_BLUEPRINT: label_value(planned.spec.blueprint),
                     LABEL_IR_DIGEST: planned.spec.irDigest[:32],
                 },
                 "ownerReferences": [owner],

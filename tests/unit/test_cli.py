@@ -42,7 +42,7 @@ def test_validate_prints_one_line_per_problem_with_file_and_path() -> None:
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ("a: [unclosed", "not valid YAML (line 1)"),
+        ("a: [unclosed", "line 2: not valid YAML: did not find expected ',' or ']'"),
         ("", "no documents"),
         ("kind: Pod\nmetadata: {name: x}\n", "no Blueprint in this file (Pod): skipped"),
     ],

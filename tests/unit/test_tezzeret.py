@@ -166,7 +166,7 @@ def test_missing_blueprint_is_65(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 def test_bad_json_in_env_is_65(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(entrypoint.BLUEPRINT_ENV, '{"template": {"name": ')
     code, doc = _run(tmp_path)
-    assert code == 65 and "not valid YAML/JSON" in doc["error"]["message"]
+    assert code == 65 and "not valid YAML" in doc["error"]["message"]
 
 
 @pytest.mark.usefixtures("no_compile")
