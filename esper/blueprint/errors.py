@@ -151,7 +151,8 @@ def _message(e: Any, patterns: dict[str, str]) -> str:
         n = ctx.get("min_length")
         return "must not be empty" if n == 1 else f"at least {n} characters"
     if kind == "too_long":
-        return f"at most {ctx.get('max_length')} items, got {ctx.get('actual_length'):,}"
+        got = ctx.get("actual_length")
+        return f"at most {ctx.get('max_length')} items" + (f", got {got:,}" if isinstance(got, int) else "")
     if kind == "too_short":
         n = ctx.get("min_length")
         return f"at least {n} item{'s' if n != 1 else ''}, got {ctx.get('actual_length')}"

@@ -67,6 +67,8 @@ class CompileOptions(Model):
     @model_validator(mode="after")
     def _within_max_batch(self) -> CompileOptions:
         for name in ("validateBatches", "benchmarkBatches"):
+            if name not in self.model_fields_set:
+                continue  # the defaults are cut to maxBatch by the compiler
             for i, batch in enumerate(getattr(self, name)):
                 if batch > self.maxBatch:
                     raise FieldError((name, i), f"{batch} is above maxBatch ({self.maxBatch})")
