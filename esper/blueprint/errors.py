@@ -151,8 +151,10 @@ def _message(e: Any, patterns: dict[str, str]) -> str:
         n = ctx.get("min_length")
         return "must not be empty" if n == 1 else f"at least {n} characters"
     if kind == "too_long":
-        got = ctx.get("actual_length")
-        return f"at most {ctx.get('max_length')} items" + (f", got {got:,}" if isinstance(got, int) else "")
+        length = ctx.get("actual_length")
+        return f"at most {ctx.get('max_length')} items" + (
+            f", got {length:,}" if isinstance(length, int) else ""
+        )
     if kind == "too_short":
         n = ctx.get("min_length")
         return f"at least {n} item{'s' if n != 1 else ''}, got {ctx.get('actual_length')}"
@@ -199,7 +201,7 @@ def pydantic_problems(
                     continue
                 unions[path] = (len(problems), [wanted], e.get("input"))
         problems.append(Problem(join_path(prefix, loc), message))
-    for path, (index, wanted, value) in unions.items():
-        if len(wanted) > 1:
-            problems[index] = Problem(path, f"must be {' or '.join(wanted)}, got {describe(value)}")
+    for path, (index, members, value) in unions.items():
+        if len(members) > 1:
+            problems[index] = Problem(path, f"must be {' or '.join(members)}, got {describe(value)}")
     return problems

@@ -55,10 +55,10 @@ def read_manifests(path: Path) -> list[tuple[str, Any, str]]:
         raise InputError(f"{path}: {exc}") from None
     if not docs:
         raise InputError(f"{path}: no documents")
-    out = []
+    out: list[tuple[str, Any, str]] = []
     for i, doc in enumerate(docs):
         label = f"{path}" if len(docs) == 1 else f"{path}#{i}"
-        what = document_kind(doc)
+        what: str = document_kind(doc)
         if what == "other":
             continue
         meta = doc.get("metadata") if isinstance(doc, dict) else None
