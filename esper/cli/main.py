@@ -56,10 +56,12 @@ def read_manifests(path: Path) -> list[tuple[str, Any, str]]:
     if not docs:
         raise InputError(f"{path}: no documents")
     out: list[tuple[str, Any, str]] = []
+    skipped: list[str] = []
     for i, doc in enumerate(docs):
         label = f"{path}" if len(docs) == 1 else f"{path}#{i}"
         what: str = document_kind(doc)
         if what == "other":
+            skipped.append(f"{label}: kind {cut(doc.get('kind'))} is not a Blueprint: skipped")
             continue
         meta = doc.get("metadata") if isinstance(doc, dict) else None
         name = meta.get("name") if isinstance(meta, dict) else None
@@ -67,6 +69,9 @@ def read_manifests(path: Path) -> list[tuple[str, Any, str]]:
     if not out:
         kinds = ", ".join(sorted({cut(d.get("kind")) for d in docs if isinstance(d, dict)}))
         typer.echo(f"{path}: no Blueprint in this file ({kinds}): skipped", err=True)
+    else:
+        for note in skipped:
+            typer.echo(note, err=True)
     return out
 
 

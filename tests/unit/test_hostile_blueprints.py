@@ -476,6 +476,7 @@ def test_a_clearly_different_kind_in_a_manifest_is_skipped_with_a_note(tmp_path:
     result = runner.invoke(app, ["validate", str(path)])
     assert result.exit_code == 0, result.output
     assert f"{path}#1 (hostile): ok, digest " in result.output
+    assert f"{path}#0: kind ConfigMap is not a Blueprint: skipped" in result.output
 
 
 def test_a_valid_manifest_still_validates(tmp_path: Path) -> None:
