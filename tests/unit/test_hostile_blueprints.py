@@ -489,3 +489,40 @@ def test_a_valid_manifest_still_validates(tmp_path: Path) -> None:
     )
     result = runner.invoke(app, ["validate", str(path)])
     assert result.exit_code == 0 and "(hostile): ok, digest" in result.output, result.output
+
+
+@pytest.mark.parametrize(
+    ("case", "manifest", "expected"),
+    [
+        ("not-utf8", b"spec: {template: {name: ml\xff}}", "not UTF-8: byte 0xff at offset 26"),
+        (
+            "duplicate",
+            "spec: {template: {name: mlp}}\nspec: {}\n",
+            "line 2: duplicate key 'spec' (first on line 1)",
+        ),
+        ("alias-bomb", alias_bomb(), "more than 200,000 values in one document"),
+        (
+            "strict-int",
+            mlp(extra="  compile: {maxBatch: '512'}\n"),
+            "spec.compile.maxBatch: must be an integer",
+        ),
+        (
+            "near-kind",
+            bp(head=HEAD.replace("kind: Blueprint", "kind: blueprint")),
+            "kind is 'blueprint', expected Blueprint",
+        ),
+    ],
+    ids=lambda v: v if isinstance(v, str) and len(v) < 20 else "",
+)
+def test_the_compile_job_refuses_it_with_exit_65(
+    tmp_path: Path, case: str, manifest: str | bytes, expected: str
+) -> None:
+    from esper.tezzeret.entrypoint import load_spec, plan
+    from esper.tezzeret.exitcodes import INVALID_BLUEPRINT, InvalidBlueprint
+
+    path = tmp_path / f"{case}.yaml"
+    path.write_bytes(manifest.encode() if isinstance(manifest, str) else manifest)
+    with pytest.raises(InvalidBlueprint) as info:
+        plan(load_spec(str(path)), "cpu", None)
+    assert info.value.code == INVALID_BLUEPRINT
+    assert expected in str(info.value) and len(str(info.value)) < 1000, str(info.value)[:1000]
