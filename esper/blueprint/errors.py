@@ -67,7 +67,10 @@ def _clean_loc(loc: Sequence[str | int]) -> list[str | int]:
 
 
 IDENT_TEXT = "must start with a lowercase letter and hold only a-z, 0-9 and '_' (at most 63 characters)"
-PATTERN_TEXT: dict[str, str] = {r"^[a-z][a-z0-9_]{0,62}$": IDENT_TEXT}
+PATTERN_TEXT: dict[str, str] = {
+    r"^[a-z][a-z0-9_]{0,62}$": IDENT_TEXT,
+    r"^[0-9a-f]{64}$": "must be 64 lowercase hex digits (a sha256)",
+}
 """Friendly words for the patterns of the models (a regex is no message for an author)."""
 
 _BOOLEAN_HINT = " (YAML reads unquoted yes/no/on/off/y/n/true/false as a boolean: quote it)"

@@ -30,7 +30,9 @@ class Condition(Model):
         default="", max_length=1024, description="One CamelCase word for the last transition."
     )
     message: str = Field(default="", max_length=32768, description="Human-readable detail.")
-    lastTransitionTime: str = Field(default="", description="When status last changed (RFC 3339).")
+    lastTransitionTime: str = Field(
+        default="", max_length=64, description="When status last changed (RFC 3339)."
+    )
     observedGeneration: int = Field(
         default=0, ge=0, description="metadata.generation this condition was computed from."
     )

@@ -373,3 +373,26 @@ def test_invalid_example_reports_its_problems() -> None:
         "spec.graph.nodes[1].op: unknown op 'rleu'; did you mean 'relu'?",
         "spec.graph.nodes[2].inputs[0]: unknown input 'hiden'; did you mean 'hidden'?",
     ]
+
+
+def test_the_ir_never_imports_the_contracts() -> None:
+    """One-way layers: the contracts call the IR's validation, never the other way round (not even lazily)."""
+    import ast
+
+    package = Path(__file__).resolve().parents[2] / "esper" / "blueprint"
+    upward = []
+    for path in sorted(package.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else []
+            )
+            upward += [
+                f"{path.name}: {n}"
+                for n in names
+                if n.startswith(("esper.", "esper_operator")) and not n.startswith("esper.blueprint")
+            ]
+    assert upward == []
