@@ -316,6 +316,18 @@ CORPUS: list[tuple[str, str | bytes, str, bool]] = [
         "GiB at maxBatch 65536; at most 32 GiB",
         True,
     ),
+    (
+        "node-too-big",
+        graph(shape="[batch, 1024, 8]", op="linear", params="{outFeatures: 65536}"),
+        "spec.graph.nodes[0]: linear 'out' is [batch, 1024, 65536]: 67,108,864 elements per sample",
+        True,
+    ),
+    (
+        "shape-mixed",
+        graph(shape="[64, batch, 0, -3]"),
+        "spec.graph.inputs[0].shape[2]: must be an integer at least 1 or 'batch', got 0",
+        True,
+    ),
     ("nodes-too-many", big_graph(300), "spec.graph.nodes: at most 256 items, got 300", True),
     # targets
     (
