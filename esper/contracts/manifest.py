@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import codecs
 import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +55,8 @@ _SCALAR_TAGS = {
     "tag:yaml.org,2002:timestamp",
     _STR,
 }
+_JSON_NUMBER = re.compile(r"^-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?$")
+"""JSON's numbers: YAML 1.1 reads `1e-05` or `1.5e3` as strings; JSON, YAML 1.2 and kubectl as floats."""
 _YAML11_BOOLS = {"y": True, "Y": True, "n": False, "N": False}
 """Plain scalars kubectl's YAML 1.1 reads as booleans and PyYAML reads as strings."""
 
@@ -284,8 +287,14 @@ class _Builder:
         if tag not in _SCALAR_TAGS:
             raise self._error(f"tag {cut(tag)} is not allowed (plain JSON types only)", event, path)
         if tag == _STR:
-            if not is_key and event.implicit[0] and not event.style and value in _YAML11_BOOLS:
+            plain = not is_key and event.implicit[0] and not event.style
+            if plain and value in _YAML11_BOOLS:
                 return _YAML11_BOOLS[value]
+            if plain and len(value) <= _MAX_NUMBER_CHARS and _JSON_NUMBER.match(value):
+                number = float(value)
+                if not math.isfinite(number):
+                    raise self._error(f"'{cut(value)}' is out of range", event, path)
+                return number
             return value
         if tag == "tag:yaml.org,2002:timestamp":
             return value  # the API server keeps dates as strings

@@ -538,3 +538,16 @@ def test_the_compile_job_refuses_it_with_exit_65(
         plan(load_spec(str(path)), "cpu", None)
     assert info.value.code == INVALID_BLUEPRINT
     assert expected in str(info.value) and len(str(info.value)) < 1000, str(info.value)[:1000]
+
+
+@pytest.mark.parametrize("template", ["transformer-block", "conv-block", "residual-mlp"])
+def test_the_compile_job_reads_the_operators_request_to_the_same_key(template: str) -> None:
+    """The operator's JSON (floats such as eps=1e-05 included) means the same to the compile Job."""
+    from esper.tezzeret.entrypoint import BLUEPRINT_ENV, load_spec, plan
+    from esper_operator.jobs import compile_request
+
+    planned = plan_blueprint("b", {"template": {"name": template}}, torch_version="2.13.0").kernels[0]
+    request = compile_request(planned.spec)
+    assert "e-05" in request or template == "residual-mlp"  # a float JSON writes with an exponent
+    spec = load_spec(None, {BLUEPRINT_ENV: request})
+    assert plan(spec, planned.spec.target, None).ir_digest == planned.spec.irDigest

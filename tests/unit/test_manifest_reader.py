@@ -38,6 +38,12 @@ def test_json_is_read_too() -> None:
     assert load_one(b'{"a": [1, {"b": "c"}]}') == {"a": [1, {"b": "c"}]}
 
 
+def test_json_exponents_are_numbers_as_in_json_and_kubectl() -> None:
+    doc = load_one('{"eps": 1e-05, "a": 1.5e3, "b": -2E5, "c": "1e3", "d": 7}')
+    assert doc == {"eps": 0.00001, "a": 1500.0, "b": -200000.0, "c": "1e3", "d": 7}
+    assert "'1e999' is out of range" in str(error_of("a: 1e999"))
+
+
 def test_unquoted_y_and_n_are_booleans_as_kubectl_reads_them() -> None:
     assert load_one("a: y\nb: N\nc: 'y'\nd: no\ny: 1") == {
         "a": True,
