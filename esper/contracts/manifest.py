@@ -34,7 +34,7 @@ MAX_BYTES = 8 * 2**20
 """Largest manifest read (the API server's own request limit is 3 MiB)."""
 MAX_DEPTH = 64
 """Deepest nesting of mappings and lists; a Blueprint needs fewer than 10 levels."""
-MAX_VALUES = 200_000
+MAX_VALUES = 100_000
 """Most values (scalars, mappings, lists; aliases counted expanded) in one document."""
 MAX_DOCUMENTS = 256
 """Most documents in one file."""
@@ -344,8 +344,15 @@ def load_documents(data: bytes | str) -> list[Any]:
             line=mark.line + 1 if mark else None,
             document=builder.document,
         ) from None
+    except yaml.reader.ReaderError as exc:
+        char = exc.character if isinstance(exc.character, int) else ord(str(exc.character)[:1] or "?")
+        raise ManifestError(
+            f"not valid YAML: character #x{char:04x} at position {exc.position} ({cut(exc.reason, 80)})",
+            document=builder.document,
+        ) from None
     except yaml.YAMLError as exc:
-        raise ManifestError(f"not valid YAML: {cut(str(exc), 160)}", document=builder.document) from None
+        text = " ".join(str(exc).split())
+        raise ManifestError(f"not valid YAML: {cut(text, 160)}", document=builder.document) from None
     return docs
 
 

@@ -61,3 +61,24 @@ def label_value(name: str) -> str:
     head = re.sub(r"[^A-Za-z0-9_.-]", "-", name[: MAX_LABEL_VALUE - len(tail) - 1]).rstrip("-_.")
     head = head.lstrip("-_.")
     return f"{head}-{tail}" if head else tail
+
+
+_LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
+_LABEL_TEXT = "letters, digits, '-', '_' and '.', starting and ending with a letter or digit"
+
+
+def label_value_problem(value: str) -> str | None:
+    """Why `value` is not a valid label value (at most 63 characters, may be empty)."""
+    if len(value) > MAX_LABEL_VALUE:
+        return f"at most {MAX_LABEL_VALUE} characters, got {len(value):,}"
+    return None if _LABEL_VALUE.match(value) else f"must be {_LABEL_TEXT}"
+
+
+def label_key_problem(key: str) -> str | None:
+    """Why `key` is not a valid label or annotation key: `[prefix/]name`, prefix a DNS subdomain."""
+    prefix, _, name = key.rpartition("/")
+    if "/" in key and (why := name_problem(prefix)) is not None:
+        return f"the prefix {why}"
+    if not name or len(name) > MAX_LABEL_VALUE:
+        return f"the name must have 1 to {MAX_LABEL_VALUE} characters"
+    return None if _LABEL_NAME.match(name) else f"the name must be {_LABEL_TEXT}"

@@ -24,7 +24,7 @@ from esper.blueprint.validate import DEFAULT_MAX_BATCH
 from esper.contracts.blueprint import TARGET_PATTERN, TARGET_TEXT, BlueprintSpec
 from esper.contracts.common import GROUP_VERSION, MAX_BATCH
 from esper.contracts.manifest import ManifestError, check_tree
-from esper.contracts.naming import name_problem
+from esper.contracts.naming import label_key_problem, label_value_problem, name_problem
 from esper.targets import Target
 
 KIND = "Blueprint"
@@ -32,7 +32,6 @@ SOURCE_FIELDS = ("template", "graph")
 TOP_LEVEL_FIELDS = ("apiVersion", "kind", "metadata", "spec", "status")
 MAX_PROBLEMS = 50
 """Most problems reported for one Blueprint: the first ones are the causes, the rest mostly echoes."""
-_LABEL_KEY_PART = 63
 
 
 @dataclass(frozen=True)
@@ -164,15 +163,13 @@ def _metadata_problems(meta: Any) -> tuple[str, list[Problem]]:
             continue
         for key, value in values.items():
             path = join_path(f"metadata.{field}", [key])
+            if (why := label_key_problem(key)) is not None:
+                problems.append(Problem(path, f"invalid key: {why}"))
             if not isinstance(value, str):
                 hint = " (quote it)" if isinstance(value, (bool, int, float)) else ""
                 problems.append(Problem(path, f"must be a string, got {describe(value)}{hint}"))
-            elif field == "labels" and len(value) > 63:
-                problems.append(Problem(path, f"a label value has at most 63 characters, got {len(value):,}"))
-            if len(key.rsplit("/", 1)[-1]) > _LABEL_KEY_PART:
-                problems.append(
-                    Problem(path, f"the key's name part has at most {_LABEL_KEY_PART} characters")
-                )
+            elif field == "labels" and (why := label_value_problem(value)) is not None:
+                problems.append(Problem(path, f"'{cut(value)}' is not a valid label value: {why}"))
     return (name if isinstance(name, str) else ""), problems
 
 

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from esper.contracts.naming import label_value, name_problem
+from esper.contracts.naming import label_key_problem, label_value, label_value_problem, name_problem
 
 LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 
@@ -46,3 +46,24 @@ def test_long_names_are_hash_shortened_to_a_valid_label_value(name: str) -> None
 
 def test_names_sharing_a_long_prefix_get_different_label_values() -> None:
     assert label_value("a" * 100 + "1") != label_value("a" * 100 + "2")
+
+
+@pytest.mark.parametrize(
+    ("key", "problem"),
+    [
+        ("app", None),
+        ("app.kubernetes.io/name", None),
+        ("a b", "the name must be letters, digits"),
+        ("Bad_Prefix/x", "the prefix must be lowercase"),
+        ("x/" + "n" * 64, "the name must have 1 to 63 characters"),
+        ("x/", "the name must have 1 to 63 characters"),
+    ],
+)
+def test_label_keys(key: str, problem: str | None) -> None:
+    got = label_key_problem(key)
+    assert got == problem if problem is None else problem in (got or "")
+
+
+@pytest.mark.parametrize(("value", "ok"), [("", True), ("v1.2_x-y", True), ("-a", False), ("a" * 64, False)])
+def test_label_values(value: str, ok: bool) -> None:
+    assert (label_value_problem(value) is None) == ok

@@ -127,6 +127,7 @@ def test_deep_nesting_is_refused_not_a_recursion_error(opener: str) -> None:
         ("? [a]\n: 1", "keys must be strings, not mappings or lists"),
         ("a: 1" + "0" * 5000, "a: a number of 5,001 characters is out of range"),
         ("a: [unclosed", "not valid YAML: did not find expected ',' or ']'"),
+        ("a: b\x00c", "not valid YAML: character #x0000 at position 4 (control characters are not allowed)"),
     ],
 )
 def test_refusals_say_why_in_a_short_line(text: str, expected: str) -> None:
