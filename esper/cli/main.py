@@ -25,7 +25,12 @@ from esper.blueprint import OPS, TEMPLATES, BlueprintInvalid
 from esper.blueprint.errors import cut
 from esper.contracts.manifest import MAX_BYTES, ManifestError
 from esper.contracts.manifest import load_documents as read_yaml
-from esper.contracts.validation import document_kind, validate_blueprint, validate_blueprint_spec
+from esper.contracts.validation import (
+    document_kind,
+    envelope_problems,
+    validate_blueprint,
+    validate_blueprint_spec,
+)
 from esper.storage import open_store
 
 DEFAULT_STORE = ".esper/store"
@@ -76,11 +81,19 @@ def read_manifests(path: Path) -> list[tuple[str, Any, str]]:
 
 
 def load_documents(path: Path) -> list[tuple[str, Any]]:
-    """(label, Blueprint spec) for each Blueprint of a YAML/JSON file; a bare spec is accepted too."""
-    return [
-        (label, doc.get("spec") if what == "blueprint" and isinstance(doc, dict) else doc)
-        for label, doc, what in read_manifests(path)
-    ]
+    """(label, Blueprint spec) for each Blueprint of a YAML/JSON file; a bare spec is accepted too.
+
+    A Blueprint's envelope (apiVersion, kind, metadata) is checked here; its spec by the compiler.
+    """
+    out = []
+    for label, doc, what in read_manifests(path):
+        if what == "blueprint":
+            problems = envelope_problems(doc)
+            if problems:
+                raise InputError("\n".join(f"{label}: {p.path}: {p.message}" for p in problems))
+            doc = doc["spec"]
+        out.append((label, doc))
+    return out
 
 
 def load_all(files: list[Path]) -> list[tuple[str, Any]]:

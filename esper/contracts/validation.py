@@ -173,14 +173,15 @@ def _metadata_problems(meta: Any) -> tuple[str, list[Problem]]:
     return (name if isinstance(name, str) else ""), problems
 
 
-def validate_blueprint(doc: Any) -> ValidatedBlueprint:
-    """Check a whole Blueprint manifest (apiVersion, kind, metadata, spec); BlueprintInvalid with every
-    problem, the envelope's first (a wrong kind explains everything after it)."""
-    _limits(doc, "")
+def envelope_problems(doc: Any) -> list[Problem]:
+    """What is wrong with a manifest outside its spec: apiVersion, kind, top-level fields, metadata, a spec
+    at all. Limits are checked first, so any parsed document is safe to pass."""
+    try:
+        _limits(doc, "")
+    except BlueprintInvalid as exc:
+        return exc.problems
     if not isinstance(doc, dict):
-        raise BlueprintInvalid(
-            [Problem("(document)", f"must be a mapping (a Blueprint), got {describe(doc)}")]
-        )
+        return [Problem("(document)", f"must be a mapping (a Blueprint), got {describe(doc)}")]
     problems: list[Problem] = []
     api = doc.get("apiVersion")
     if api is None:
@@ -198,16 +199,28 @@ def validate_blueprint(doc: Any) -> ValidatedBlueprint:
             text = cut(key)
             tail = suggest(text, TOP_LEVEL_FIELDS) or f" (a Blueprint has {', '.join(TOP_LEVEL_FIELDS)})"
             problems.append(Problem(join_path("", [key]), f"unknown field '{text}'" + tail))
-    name, meta_problems = _metadata_problems(doc.get("metadata"))
-    problems += meta_problems
-    checked: ValidatedSpec | None = None
-    if "spec" not in doc or doc["spec"] is None:
+    problems += _metadata_problems(doc.get("metadata"))[1]
+    if doc.get("spec") is None:
         problems.append(Problem("spec", "required"))
-    else:
+    return problems
+
+
+def validate_blueprint(doc: Any) -> ValidatedBlueprint:
+    """Check a whole Blueprint manifest (apiVersion, kind, metadata, spec); BlueprintInvalid with every
+    problem, the envelope's first (a wrong kind explains everything after it)."""
+    problems = envelope_problems(doc)
+    checked: ValidatedSpec | None = None
+    if (
+        isinstance(doc, dict)
+        and doc.get("spec") is not None
+        and not any(p.path == "(document)" for p in problems)
+    ):
         try:
             checked = validate_blueprint_spec(doc["spec"], path_prefix="spec")
         except BlueprintInvalid as exc:
             problems += exc.problems
     if problems or checked is None:
         raise BlueprintInvalid(_capped(problems, ""))
-    return ValidatedBlueprint(name=name, checked=checked)
+    meta = doc.get("metadata") if isinstance(doc, dict) else None
+    name = meta.get("name") if isinstance(meta, dict) else None
+    return ValidatedBlueprint(name=name if isinstance(name, str) else "", checked=checked)

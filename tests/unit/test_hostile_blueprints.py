@@ -569,3 +569,15 @@ def test_the_compile_job_reads_the_operators_request_to_the_same_key(template: s
     assert "e-05" in request or template == "residual-mlp"  # a float JSON writes with an exponent
     spec = load_spec(None, {BLUEPRINT_ENV: request})
     assert plan(spec, planned.spec.target, None).ir_digest == planned.spec.irDigest
+
+
+def test_esper_compile_refuses_a_near_miss_kind_before_compiling(tmp_path: Path) -> None:
+    path = tmp_path / "bp.yaml"
+    path.write_text(bp(head=HEAD.replace("kind: Blueprint", "kind: blueprint")))
+    result = runner.invoke(app, ["compile", str(path), "--store", str(tmp_path / "store")])
+    assert result.exit_code == 2, result.output
+    assert (
+        f"{path} (hostile): kind: must be Blueprint, got the string 'blueprint' (kinds are case-sensitive)"
+        in result.output
+    )
+    assert not (tmp_path / "store").exists()
