@@ -581,3 +581,15 @@ def test_esper_compile_refuses_a_near_miss_kind_before_compiling(tmp_path: Path)
         in result.output
     )
     assert not (tmp_path / "store").exists()
+
+
+def test_problems_are_capped_so_a_status_message_stays_small() -> None:
+    nodes = [{"id": f"n{i}", "op": f"bogus{i}", "inputs": ["x"]} for i in range(200)]
+    spec = {"graph": {"inputs": [{"name": "x", "shape": ["batch", 8]}], "nodes": nodes, "outputs": ["n0"]}}
+    with pytest.raises(BlueprintInvalid) as info:
+        plan_blueprint("many", spec, torch_version="2.13.0")
+    problems = info.value.problems
+    assert (
+        len(problems) == 51 and str(problems[-1]) == "spec: ... and 349 more problems"
+    )  # 200 unknown ops, 199 unused nodes
+    assert str(problems[0]) == "spec.graph.nodes[0].op: unknown op 'bogus0'"
