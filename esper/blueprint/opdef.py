@@ -110,6 +110,12 @@ def need_rank(shape: Shape, ranks: Sequence[int], what: str) -> None:
         raise ShapeError(f"expects a rank-{want} input ({what}), got {fmt(shape)}")
 
 
+def need_features(shape: Shape) -> None:
+    """Ops over the last dim (linear, norms) need one after the batch: the batch is never mixed."""
+    if len(shape) < 2:
+        raise ShapeError(f"works over the last dim, but the input {fmt(shape)} has only the batch dim")
+
+
 def norm_dim(dim: int, rank: int, field_name: str) -> int:
     """A params dim as a non-negative index; the batch dim (0) may not be named."""
     d = dim + rank if dim < 0 else dim

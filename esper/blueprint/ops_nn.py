@@ -20,6 +20,7 @@ from esper.blueprint.opdef import (
     Size,
     Stride,
     fmt,
+    need_features,
     need_rank,
 )
 
@@ -33,6 +34,7 @@ class LinearParams(Params):
 
 
 def _linear_shape(p: LinearParams, ins: list[Shape]) -> Shape:
+    need_features(ins[0])
     return (*ins[0][:-1], p.outFeatures)
 
 
@@ -96,7 +98,8 @@ class BatchNormParams(Params):
     affine: bool = True
 
 
-def _channels_shape(p: Params, ins: list[Shape]) -> Shape:
+def _last_dim_shape(p: Params, ins: list[Shape]) -> Shape:
+    need_features(ins[0])
     return ins[0]
 
 
@@ -197,8 +200,8 @@ NN_OPS: list[OpDef] = [
         dtypes=frozenset({"float32", "bfloat16"}),
         dtype_reason="its running variance loses range in float16; use float32 or bfloat16",
     ),
-    OpDef("layer_norm", LayerNormParams, (1, 1), _channels_shape, _ln_count, "Layer norm over the last dim."),
-    OpDef("rms_norm", RMSNormParams, (1, 1), _channels_shape, _rms_count, "RMS norm over the last dim."),
+    OpDef("layer_norm", LayerNormParams, (1, 1), _last_dim_shape, _ln_count, "Layer norm over the last dim."),
+    OpDef("rms_norm", RMSNormParams, (1, 1), _last_dim_shape, _rms_count, "RMS norm over the last dim."),
     OpDef(
         "multihead_attention",
         AttentionParams,

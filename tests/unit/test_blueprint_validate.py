@@ -396,3 +396,22 @@ def test_the_ir_never_imports_the_contracts() -> None:
                 if n.startswith(("esper.", "esper_operator")) and not n.startswith("esper.blueprint")
             ]
     assert upward == []
+
+
+@pytest.mark.parametrize("op", ["linear", "layer_norm", "rms_norm"])
+def test_last_dim_ops_refuse_an_input_with_only_the_batch_dim(op: str) -> None:
+    """`mean` of [batch, 8] leaves [batch]; a norm or linear over it would mix samples."""
+    params = {"outFeatures": 4} if op == "linear" else {}
+    graph = {
+        "inputs": [{"name": "x", "shape": ["batch", 8]}],
+        "nodes": [
+            {"id": "m", "op": "mean", "inputs": ["x"], "params": {}},
+            {"id": "n", "op": op, "inputs": ["m"], "params": params},
+        ],
+        "outputs": ["n"],
+    }
+    with pytest.raises(BlueprintInvalid) as err:
+        validate_source({"graph": graph})
+    [problem] = err.value.problems
+    assert problem.path == "spec.graph.nodes[1].inputs"
+    assert "only the batch dim" in problem.message
