@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS: dict[str, str] = {
     **dict.fromkeys(
-        ["EagerKernel", "KernelLoadError", "KernelModule", "from_module", "kernel_key_of", "load_kernel",
-         "warmup"],
+        ["EagerKernel", "KernelLoadError", "KernelModule", "KernelShapeError", "KernelShapeWarning",
+         "from_module", "kernel_key_of", "load_kernel", "warmup"],
         "kernel",
     ),
     **dict.fromkeys(
@@ -36,6 +36,8 @@ __all__ = [
     "KernelLoadError",
     "KernelModule",
     "KernelRestoreError",
+    "KernelShapeError",
+    "KernelShapeWarning",
     "Lifecycle",
     "PlateauPolicy",
     "SeedSlot",
@@ -60,6 +62,8 @@ if TYPE_CHECKING:
         EagerKernel,
         KernelLoadError,
         KernelModule,
+        KernelShapeError,
+        KernelShapeWarning,
         from_module,
         kernel_key_of,
         load_kernel,

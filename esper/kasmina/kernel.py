@@ -8,6 +8,16 @@ only inputs and parameters are saved between the two (activation-checkpointing m
 First load in a process: `aoti_load_package` probes the CPU's vector ISA by compiling tiny programs
 with the C++ compiler (~2 s here), and importing torch._inductor costs ~2 s more. `warmup()` pays both
 at trainer start-up so the first hot-load in the training loop takes milliseconds.
+
+Every call is guarded: a compiled package reads its inputs as raw buffers of the shape and dtype it
+was compiled for, so a wrong tensor gives garbage or an out-of-bounds read, not an error. Before any
+package runs, each input is checked against the manifest's `inputs` (rank; the batch dim within
+1..maxBatch and equal across inputs; every other dim exact; dtype; device; strided layout) and each
+grad output against `outputs`; a mismatch raises `KernelShapeError`. A non-contiguous input is copied
+to a contiguous one (one copy of a tensor of a size the kernel accepts). Parameters are checked at
+load and again at the first call after anything that can swap them (`.to()`, `.half()`,
+`load_state_dict`), not on every call. The check costs about a microsecond per input
+(`python benchmarks/kasmina.py --guard-only`).
 """
 
 from __future__ import annotations
@@ -15,7 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +51,32 @@ class KernelLoadError(RuntimeError):
         self.bundle = str(bundle)
         where = f" ({self.bundle})" if self.bundle else ""
         super().__init__(f"{reason}: {message}{where}")
+
+
+class KernelShapeError(KernelLoadError, ValueError):
+    """A tensor does not match what a kernel was compiled for (shape, dtype, device, layout, count).
+
+    Raised before the kernel runs, so nothing is read out of bounds. A KernelLoadError, so germination
+    refuses such a kernel like any unloadable one; a ValueError, since it is a bad argument. `reason`:
+    ShapeMismatch, DTypeMismatch, DeviceMismatch, LayoutMismatch or InputCount; `slot`: the seed slot
+    the kernel is installed in (None for a kernel called directly); `key`: the kernel key.
+    """
+
+    def __init__(
+        self, message: str, *, key: str = "", slot: str | None = None, reason: str = "ShapeMismatch"
+    ) -> None:
+        self.key = key
+        self.slot = slot
+        super().__init__(reason, message)
+
+    def __str__(self) -> str:
+        where = f"slot {self.slot}: " if self.slot else ""
+        kernel = f"kernel {self.key[:16]}: " if self.key else ""
+        return f"{self.reason}: {where}{kernel}{self.message}"
+
+
+class KernelShapeWarning(RuntimeWarning):
+    """A seed was left out of an evaluation call whose input did not fit its kernel (once per kernel)."""
 
 
 def warmup() -> float:
@@ -86,16 +122,61 @@ def from_module(module: nn.Module, key: str | None = None) -> nn.Module:
     return EagerKernel(module, key)
 
 
+BATCH = "batch"  # the symbolic first dim of every kernel input and output
+_UNBOUNDED = 1 << 62
+_STRIDED = torch.strided
+
+
+class _Expect:
+    """One tensor a kernel takes: its label for messages, shape (ints and dim names) and dtype.
+
+    `tail` is set when the shape is `[batch, int, ...]` (every kernel today): a call then checks the
+    tensor with one tuple comparison instead of a loop over dims."""
+
+    __slots__ = ("dtype", "label", "rank", "shape", "tail")
+
+    def __init__(self, label: str, shape: Sequence[int | str], dtype: str) -> None:
+        self.label = label
+        self.shape = tuple(shape)
+        self.rank = len(self.shape)
+        self.dtype: torch.dtype = _dtype(dtype)
+        fixed = all(isinstance(d, int) for d in self.shape[1:])
+        self.tail = tuple(self.shape[1:]) if self.shape[:1] == (BATCH,) and fixed else None
+
+
+def _dtype(name: str) -> torch.dtype:
+    dt = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(dt, torch.dtype):
+        raise KernelLoadError("BadManifest", f"unknown dtype {name!r}")
+    return dt
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return str(dt).removeprefix("torch.")
+
+
+def _io_specs(
+    what: str, names: Sequence[str], shapes: Sequence[Sequence[int | str]], dtypes: Sequence[str]
+) -> list[_Expect]:
+    return [
+        _Expect(f"{what} {i} ({n})" if n else f"{what} {i}", shape, dt)
+        for i, (n, shape, dt) in enumerate(zip(names, shapes, dtypes, strict=True))
+    ]
+
+
 class _CompiledFunction(torch.autograd.Function):
-    """Forward package in forward; backward package in backward (grads for inputs and params)."""
+    """Forward package in forward; backward package in backward (grads for inputs and params).
+
+    `flat` arrives checked (KernelModule.forward); the grad outputs are checked here, against the
+    manifest's outputs with the batch of the forward call."""
 
     @staticmethod
-    def forward(ctx: Any, kernel: KernelModule, *flat: torch.Tensor) -> Any:
+    def forward(ctx: Any, kernel: KernelModule, bound: dict[str, int], *flat: torch.Tensor) -> Any:
         n = kernel.n_inputs
-        inputs = tuple(t.contiguous() for t in flat[:n])
-        params = tuple(flat[n:])
+        inputs, params = flat[:n], flat[n:]
         outs = _as_tuple(kernel.forward_runner(*inputs, params))
         ctx.kernel = kernel
+        ctx.bound = bound
         ctx.out_meta = [(o.shape, o.dtype, o.device) for o in outs]
         ctx.save_for_backward(*inputs, *params)
         return outs[0] if len(outs) == 1 else outs
@@ -107,11 +188,12 @@ class _CompiledFunction(torch.autograd.Function):
         saved = ctx.saved_tensors
         inputs, params = saved[: kernel.n_inputs], tuple(saved[kernel.n_inputs :])
         gs = [
-            torch.zeros(shape, dtype=dtype, device=device) if g is None else g.contiguous()
+            torch.zeros(shape, dtype=dtype, device=device) if g is None else g
             for g, (shape, dtype, device) in zip(grad_outputs, ctx.out_meta, strict=True)
         ]
+        gs = kernel._match(gs, kernel._out_expects, dict(ctx.bound))
         grads = _as_tuple(kernel.backward_runner(*inputs, *gs, params))
-        return (None, *grads)
+        return (None, None, *grads)
 
 
 def _as_tuple(out: Any) -> tuple[torch.Tensor, ...]:
@@ -119,7 +201,11 @@ def _as_tuple(out: Any) -> tuple[torch.Tensor, ...]:
 
 
 class KernelModule(nn.Module):
-    """A loaded compiled kernel. Parameters: `params.0`, `params.1`, ... in manifest order."""
+    """A loaded compiled kernel. Parameters: `params.0`, `params.1`, ... in manifest order.
+
+    `dim_bounds` gives (min, max) of each named dim; `batch` is 1..`max_batch`, a name without
+    bounds is 1..unbounded. `slot_name` is set by the seed slot that holds the kernel (for messages).
+    """
 
     def __init__(
         self,
@@ -131,8 +217,14 @@ class KernelModule(nn.Module):
         n_inputs: int = 1,
         input_shapes: Sequence[Sequence[int | str]] = (),
         output_shapes: Sequence[Sequence[int | str]] = (),
+        input_dtypes: Sequence[str] = (),
+        output_dtypes: Sequence[str] = (),
+        input_names: Sequence[str] = (),
+        output_names: Sequence[str] = (),
         max_batch: int | None = None,
+        dim_bounds: Mapping[str, tuple[int, int]] | None = None,
         target: str = "cpu",
+        device: str | torch.device | None = None,
         load_seconds: float = 0.0,
     ) -> None:
         super().__init__()
@@ -147,24 +239,180 @@ class KernelModule(nn.Module):
         self.max_batch = max_batch
         self.target = target
         self.load_seconds = load_seconds
+        self.slot_name: str | None = None
+        if device is None:
+            device = params[0][1].device if params else torch.device(target.split("-", 1)[0])
+        self.device = torch.device(device)
+        self.dim_bounds = {BATCH: (1, max_batch or _UNBOUNDED), **(dim_bounds or {})}
+        self._max_batch = self.dim_bounds[BATCH][1]
+        n_out = len(self.output_shapes)
+        self._in_expects = _io_specs(
+            "input",
+            list(input_names) or [""] * len(self.input_shapes),
+            self.input_shapes,
+            list(input_dtypes) or ["float32"] * len(self.input_shapes),
+        )
+        self._out_expects = _io_specs(
+            "grad output",
+            list(output_names) or [""] * n_out,
+            self.output_shapes,
+            list(output_dtypes) or ["float32"] * n_out,
+        )
+        self._param_meta = [(tuple(t.shape), t.dtype) for _, t in params]
+        self._params_checked = True  # as loaded; `_apply` and `_load_from_state_dict` clear it
 
     def forward(self, *inputs: torch.Tensor) -> Any:
         if len(inputs) != self.n_inputs:
-            raise TypeError(f"kernel {self.kernel_key[:16]} takes {self.n_inputs} inputs, got {len(inputs)}")
-        if self.max_batch is not None and inputs[0].shape[0] > self.max_batch:
-            raise ValueError(
-                f"batch {inputs[0].shape[0]} exceeds the kernel's compiled maxBatch {self.max_batch}"
-            )
-        return _CompiledFunction.apply(self, *inputs, *self.params)
+            raise self._error(f"takes {self.n_inputs} input(s), got {len(inputs)}", "InputCount")
+        bound: dict[str, int] = {}
+        if self._in_expects:
+            inputs = tuple(self._match(inputs, self._in_expects, bound))
+        if not self._params_checked:
+            self._check_params()
+        return _CompiledFunction.apply(self, bound, *inputs, *self.params)
 
-    def fits(self, sample_shape: Sequence[int]) -> str | None:
-        """Why this kernel cannot take and return per-sample shape `sample_shape` (None if it can)."""
-        want = list(sample_shape)
-        for kind, shapes in (("input", self.input_shapes), ("output", self.output_shapes)):
-            if shapes and list(shapes[0][1:]) != want:
-                dims = ", ".join(map(str, want))
-                return f"kernel {kind} shape {shapes[0]} does not fit activation [batch, {dims}]"
+    # ---- the guard -------------------------------------------------------------------------------
+
+    def _match(
+        self, tensors: Sequence[Any], expects: Sequence[_Expect], bound: dict[str, int]
+    ) -> list[torch.Tensor]:
+        """`tensors`, checked against `expects` (raises KernelShapeError) and made contiguous; binds
+        the named dims (batch, ...) in `bound`, so every tensor of a call agrees on them."""
+        dev, maxb = self.device, self._max_batch
+        out = []
+        for x, e in zip(tensors, expects, strict=True):
+            tail = e.tail
+            if (
+                tail is not None
+                and isinstance(x, torch.Tensor)
+                and x.dim() == e.rank
+                and x.shape[1:] == tail
+                and 1 <= (b := x.shape[0]) <= maxb
+                and bound.get(BATCH, b) == b
+                and x.dtype is e.dtype
+                and x.device == dev
+                and x.layout is _STRIDED
+            ):
+                bound[BATCH] = b
+            else:
+                self._explain(x, e, bound)  # raises, or binds named dims of a general shape
+            out.append(x if x.is_contiguous() else x.contiguous())
+        return out
+
+    def _explain(self, x: Any, e: _Expect, bound: dict[str, int]) -> None:
+        """The slow path of `_match`: check every property in turn and raise naming the first that
+        fails, with the tensor's and the kernel's shape and dtype; or bind the named dims."""
+        want = f"{self.describe(e.shape)} {_dtype_name(e.dtype)} on {self.device}"
+        if not isinstance(x, torch.Tensor):
+            raise self._error(f"{e.label} is a {type(x).__name__}; the kernel takes {want}", "ShapeMismatch")
+        got = f"{tuple(x.shape)} {_dtype_name(x.dtype)} on {x.device}"
+
+        def fail(reason: str, why: str) -> KernelShapeError:
+            return self._error(f"{e.label} is {got}, the kernel takes {want}: {why}", reason)
+
+        if x.layout is not _STRIDED:
+            raise fail("LayoutMismatch", f"{x.layout} tensors are not accepted (only strided ones)")
+        if x.device != self.device:
+            raise fail("DeviceMismatch", f"the tensor is on {x.device}, the kernel runs on {self.device}")
+        if x.dtype is not e.dtype:
+            raise fail("DTypeMismatch", f"dtype {_dtype_name(x.dtype)}, not {_dtype_name(e.dtype)}")
+        if x.dim() != e.rank:
+            raise fail("ShapeMismatch", f"{x.dim()} dims, not {e.rank}")
+        new: dict[str, int] = {}
+        for i, (n, d) in enumerate(zip(x.shape, e.shape, strict=True)):
+            if isinstance(d, int):
+                if n != d:
+                    raise fail("ShapeMismatch", f"dim {i} is {n}, not {d}")
+                continue
+            lo, hi = self.dim_bounds.get(d, (1, _UNBOUNDED))
+            if not lo <= n <= hi:
+                limit = " (the kernel's compiled maxBatch)" if d == BATCH and hi == self.max_batch else ""
+                raise fail("ShapeMismatch", f"dim {i} ({d}) is {n}, outside {lo}..{hi}{limit}")
+            have = bound.get(d, new.get(d))
+            if have is not None and have != n:
+                raise fail("ShapeMismatch", f"dim {i} ({d}) is {n}, but {d} is {have} elsewhere in this call")
+            new[d] = n
+        bound.update(new)
+
+    def describe(self, shape: Sequence[int | str]) -> str:
+        """A manifest shape for messages: `(batch 1..64, 16)`."""
+        dims = []
+        for d in shape:
+            if isinstance(d, int):
+                dims.append(str(d))
+            else:
+                lo, hi = self.dim_bounds.get(d, (1, _UNBOUNDED))
+                dims.append(f"{d} {lo}..{hi}" if hi < _UNBOUNDED else f"{d} >={lo}")
+        return f"({', '.join(dims)})"
+
+    def _error(self, message: str, reason: str) -> KernelShapeError:
+        return KernelShapeError(message, key=self.kernel_key, slot=self.slot_name, reason=reason)
+
+    def _check_params(self) -> None:
+        """Parameters still have their manifest shape and dtype, on the kernel's device (after a
+        `.to()`, `.half()` or `load_state_dict(assign=True)`); non-contiguous ones are re-laid out."""
+        for name, p, (shape, dtype) in zip(self.param_names, self.params, self._param_meta, strict=True):
+            got = f"{tuple(p.shape)} {_dtype_name(p.dtype)} on {p.device}"
+            want = f"{shape} {_dtype_name(dtype)} on {self.device}"
+            msg = f"parameter {name} is {got}, the kernel takes {want}"
+            if p.device != self.device:
+                raise self._error(
+                    f"{msg} (move the model back, or load the kernel for that device)", "DeviceMismatch"
+                )
+            if p.dtype is not dtype:
+                raise self._error(f"{msg} (a compiled kernel cannot change dtype)", "DTypeMismatch")
+            if tuple(p.shape) != shape:
+                raise self._error(msg, "ShapeMismatch")
+            if not p.is_contiguous():
+                with torch.no_grad():
+                    p.data = p.data.contiguous()
+        self._params_checked = True
+
+    def _apply(self, fn: Any, recurse: bool = True) -> KernelModule:
+        self._params_checked = False  # `.to()`, `.half()`, `.cuda()`: checked at the next call
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._params_checked = False  # `assign=True` replaces the parameters
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def fits(
+        self,
+        sample_shape: Sequence[int],
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str | None = None,
+    ) -> str | None:
+        """Why this kernel cannot take and return per-sample shape `sample_shape` (and `dtype`, on
+        `device`, where given) as a seed's one input and output (None if it can)."""
+        if self.n_inputs != 1 or len(self.output_shapes) != 1:
+            return f"a seed takes one input and returns one output; the kernel has {self.n_inputs} and " \
+                   f"{len(self.output_shapes)}"  # fmt: skip
+        want_dt = None if dtype is None else _dtype(str(dtype))
+        for kind, e in [("input", self._in_expects[0]), ("output", self._out_expects[0])]:
+            if not self._fits_shape(e.shape, sample_shape):
+                dims = ", ".join(map(str, sample_shape))
+                return f"kernel {kind} shape {self.describe(e.shape)} does not fit activation (batch, {dims})"
+            if want_dt is not None and want_dt is not e.dtype:
+                got = _dtype_name(want_dt)
+                return f"kernel {kind} dtype {_dtype_name(e.dtype)} is not the activation's {got}"
+        if device is not None and torch.device(device) != self.device:
+            return f"kernel runs on {self.device}, the activation is on {device}"
         return None
+
+    def _fits_shape(self, shape: Sequence[int | str], sample_shape: Sequence[int]) -> bool:
+        if len(shape) != len(sample_shape) + 1 or shape[0] != BATCH:
+            return False
+        for d, n in zip(shape[1:], sample_shape, strict=True):
+            if isinstance(d, int):
+                if d != n:
+                    return False
+            elif not self._within(d, n):
+                return False
+        return True
+
+    def _within(self, name: str, n: int) -> bool:
+        lo, hi = self.dim_bounds.get(name, (1, _UNBOUNDED))
+        return lo <= n <= hi
 
     def extra_repr(self) -> str:
         return f"key={self.kernel_key[:16]}, target={self.target}, params={len(self.param_names)}"
@@ -233,10 +481,12 @@ def load_kernel(
     device: str | torch.device = "cpu",
     *,
     sample_shape: Sequence[int] | None = None,
+    sample_dtype: str | torch.dtype | None = None,
     metrics: KasminaMetrics | None = None,
 ) -> KernelModule:
     """Verify a bundle, check it fits this device (and `sample_shape`, the per-sample activation
-    shape, if given), then load both packages. Any failure is a KernelLoadError naming the reason.
+    shape, and `sample_dtype`, if given), then load both packages. Any failure is a KernelLoadError
+    naming the reason.
 
     Verification comes first: nothing from the bundle is loaded (the .pt2 files are native code)
     before every file's sha256 matches a manifest whose own sha256 matches `expected_sha256`.
@@ -254,6 +504,8 @@ def load_kernel(
         except ArtifactError as e:
             raise KernelLoadError("VerificationFailed", str(e), bundle) from e
         _check_manifest(manifest, dev, bundle)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())  # the guard compares devices exactly
         if not manifest.inputs or not manifest.outputs:
             raise KernelLoadError("BadManifest", "manifest lists no inputs or outputs", bundle)
         kernel_args: dict[str, Any] = dict(
@@ -261,12 +513,17 @@ def load_kernel(
             n_inputs=len(manifest.inputs),
             input_shapes=[i.shape for i in manifest.inputs],
             output_shapes=[o.shape for o in manifest.outputs],
+            input_dtypes=[i.dtype for i in manifest.inputs],
+            output_dtypes=[o.dtype for o in manifest.outputs],
+            input_names=[i.name for i in manifest.inputs],
+            output_names=[o.name for o in manifest.outputs],
             max_batch=manifest.options.maxBatch,
             target=manifest.target,
+            device=dev,
         )
         if sample_shape is not None:
             probe = KernelModule(None, None, [], **kernel_args)
-            why = probe.fits(sample_shape)
+            why = probe.fits(sample_shape, sample_dtype)
             if why is not None:
                 raise KernelLoadError("ShapeMismatch", why, bundle)
         params = _load_params(manifest, bundle, dev)
@@ -275,7 +532,7 @@ def load_kernel(
         runners = []
         for name in (FORWARD, BACKWARD):
             try:
-                index = (-1 if dev.index is None else dev.index) if dev.type == "cuda" else None
+                index = dev.index if dev.type == "cuda" else None
                 runners.append(load_package(bundle / name, device_index=index))
             except Exception as e:
                 raise KernelLoadError("PackageLoadFailed", f"{name}: {e}", bundle) from e

@@ -23,6 +23,16 @@ one (`mlp`, `lora-adapter`, which outputs only its delta) ends as a full replace
 A seed that raises in TRAINING or BLENDING is culled on the spot and the slot returns `y`: a bad
 kernel costs the seed, never the training run.
 
+Kernel guard: a compiled kernel checks every call (KernelShapeError: shape, dtype, device; see
+kernel.py). What a mismatch does depends on the call: in eval mode or under no_grad (evaluation,
+sampling, generation at another sequence length) the seed is left out of that call (the slot returns
+`y`), counted in `telemetry.skipped_calls` and `esper_seed_skipped_calls`, and warned about once per
+installed kernel; in training mode it culls a TRAINING or BLENDING seed with the error as the reason,
+and raises for a FOSSILIZED one (a fossil is part of the model: its failure is the model's). Germination
+checks the kernel against the slot's recorded activation (a slot that has seen a forward) or its
+declared shape (`wrap(..., shapes={...})`); a slot with neither checks at the first forward after
+germination, with the same rules (a wrong kernel is culled before it produces any output).
+
 When to swap kernels: `germinate` installs at once by default. That is safe even mid-step, because a
 dormant slot put nothing of a seed into the pending autograd graph; the caller then adds
 `slot.seed_parameters()` to its optimizer. `defer=True` stages the kernel and installs it at the next
@@ -42,14 +52,23 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from esper.kasmina.kernel import KernelLoadError, KernelModule, from_module, kernel_key_of, load_kernel
+from esper.kasmina.kernel import (
+    KernelLoadError,
+    KernelModule,
+    KernelShapeError,
+    KernelShapeWarning,
+    from_module,
+    kernel_key_of,
+    load_kernel,
+)
 from esper.kasmina.lifecycle import (
     IDENTITY_STATES,
     KERNEL_STATES,
@@ -123,10 +142,16 @@ class SeedSlot(nn.Module):
         idle_sample_every: int = 200,
         metrics: KasminaMetrics | None = None,
         kernel_resolver: KernelResolver | None = None,
+        shape: Sequence[int] | None = None,
     ) -> None:
+        """`shape`: the per-sample activation shape (batch excluded) the slot will see, if known: lets
+        germination refuse a kernel that cannot fit before the slot's first forward."""
         super().__init__()
         if blend_steps < 1:
             raise ValueError("blend_steps must be >= 1")
+        if shape is not None and not all(isinstance(d, int) and d >= 1 for d in shape):
+            raise ValueError(f"shape must be positive ints (the per-sample shape, no batch), got {shape!r}")
+        self.declared_shape = None if shape is None else tuple(shape)
         global _generation
         _generation += 1
         self._c = _Counters()
@@ -143,6 +168,8 @@ class SeedSlot(nn.Module):
         self._alpha_override: float | None = None
         self._pending: tuple[nn.Module, str] | None = None
         self._observe_due = True  # the first forward records the activation shape
+        self._verify_due = False  # a kernel installed on an unseen slot: check it at the first forward
+        self._warned_skip = False  # one warning per installed kernel for calls it is left out of
         self._passthrough = False
         self.metrics.set_state(name, S.DORMANT)
 
@@ -203,39 +230,90 @@ class SeedSlot(nn.Module):
         state, seed = self.lifecycle.state, self.seed
         if seed is None or state not in KERNEL_STATES:
             return y
+        if self._verify_due and not self._verify(seed, y, state):
+            return y
         if self._alpha_override is not None:
             a = self._alpha_override
-            return y if a == 0.0 else blend(y, seed(y), a)
+            if a == 0.0:
+                return y
+            s = self._call(seed, y, y, state)
+            return y if s is None else blend(y, s, a)
         if state in IDENTITY_STATES:
             return y
         if state is S.TRAINING:
             if not torch.is_grad_enabled():
                 return y
-            s = self._guarded(seed, y.detach(), y)
+            s = self._call(seed, y.detach(), y, state)
             return y if s is None else _Isolate.apply(y, s)
-        if state is S.BLENDING:
-            s = self._guarded(seed, y, y)
-            return y if s is None else blend(y, s, self._c.alpha)
-        return seed(y)  # FOSSILIZED: the seed's output replaces y
+        s = self._call(seed, y, y, state)
+        if s is None:
+            return y
+        return blend(y, s, self._c.alpha) if state is S.BLENDING else s  # FOSSILIZED: s replaces y
 
-    def _guarded(self, seed: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
-        """Run a live seed; if it fails or returns the wrong shape, cull it and carry on without it."""
+    def _call(
+        self, seed: nn.Module, x: torch.Tensor, y: torch.Tensor, state: SeedState
+    ) -> torch.Tensor | None:
+        """Run the seed on `x`; None means "leave it out, return y": a mismatch handled by
+        `_mismatch`, or any other failure of a live seed (culled). A fossil's failures propagate."""
         try:
             s = seed(x)
+        except KernelShapeError as e:
+            self._mismatch(e, state)
+            return None
         except Exception as e:
+            if state is S.FOSSILIZED:
+                raise
             self.cull(f"SeedError: {type(e).__name__}: {e}"[:500])
             return None
         if not isinstance(s, torch.Tensor) or s.shape != y.shape:
             got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
-            self.cull(f"ShapeMismatch: seed returned {got}, activation is {tuple(y.shape)}")
+            msg = f"seed returned {got}, the activation is {tuple(y.shape)}"
+            self._mismatch(KernelShapeError(msg, key=kernel_key_of(seed) or ""), state)
             return None
         return s
+
+    def _mismatch(self, e: KernelShapeError, state: SeedState) -> None:
+        """Evaluation (eval mode or no_grad): leave the seed out of this call and record it. Training:
+        cull a live seed, raise for a fossil."""
+        e.slot = self.name
+        if self.training and torch.is_grad_enabled():
+            if state is S.FOSSILIZED:
+                raise e
+            self.cull(str(e)[:500])
+            return None
+        t = self.telemetry
+        t.skipped_calls += 1
+        t.last_skip = str(e)[:500]
+        self.metrics.seed_skipped_calls.labels(seed=self.name, reason=e.reason).inc()
+        if not self._warned_skip:
+            object.__setattr__(self, "_warned_skip", True)
+            warnings.warn(
+                f"{e}. The seed is left out of this {state.value} call (eval mode or no_grad) and the slot "
+                "returns the host's output; further such calls are only counted (telemetry skipped_calls)",
+                KernelShapeWarning,
+                stacklevel=4,
+            )
+        return None
+
+    def _verify(self, seed: nn.Module, y: torch.Tensor, state: SeedState) -> bool:
+        """The first forward after a kernel was installed on a slot that had never seen one: check the
+        kernel against this activation (as germination would have) before it produces anything."""
+        try:
+            self._check_fits(seed, tuple(y.shape[1:]), str(y.dtype).removeprefix("torch."), str(y.device))
+        except KernelLoadError as e:
+            if not isinstance(e, KernelShapeError):
+                e = KernelShapeError(e.message, key=kernel_key_of(seed) or "", reason=e.reason)
+            self._mismatch(e, state)
+            return False
+        object.__setattr__(self, "_verify_due", False)
+        self._refresh()
+        return True
 
     def _refresh(self) -> None:
         """Recompute the fast paths: `_passthrough` (identity state, nothing to observe, no alpha
         override) for forward, and `wake` (the next step with work to do) for `step()`."""
         idle = self.lifecycle.state in IDENTITY_STATES and self._alpha_override is None
-        object.__setattr__(self, "_passthrough", idle and not self._observe_due)
+        object.__setattr__(self, "_passthrough", idle and not self._observe_due and not self._verify_due)
         c = self._c
         if idle and self._pending is None:
             every = self.idle_sample_every
@@ -282,7 +360,8 @@ class SeedSlot(nn.Module):
             raise IllegalTransition(self.state, S.GERMINATED, self.name)
         try:
             module = self._materialize(kernel, key, expected_sha256)
-            self._check_fits(module)
+            shape, dtype = self._expected_activation()
+            self._check_fits(module, shape, dtype, self.telemetry.activation_device)
         except KernelLoadError as e:
             self.telemetry.last_error = str(e)
             log.warning("seed %s: kernel refused, slot stays dormant: %s", self.name, e)
@@ -301,8 +380,10 @@ class SeedSlot(nn.Module):
     def _materialize(self, kernel: KernelSource, key: str | None, sha: str | None) -> nn.Module:
         try:
             if isinstance(kernel, str | os.PathLike):
-                shape = self.telemetry.activation_shape
-                return load_kernel(kernel, sha, self._device(), sample_shape=shape, metrics=self.metrics)
+                shape, dtype = self._expected_activation()
+                return load_kernel(
+                    kernel, sha, self._device(), sample_shape=shape, sample_dtype=dtype, metrics=self.metrics
+                )
             module = kernel if isinstance(kernel, nn.Module) else kernel()
             if not isinstance(module, nn.Module):
                 raise KernelLoadError("NotAModule", f"loader returned {type(module).__name__}")
@@ -320,14 +401,26 @@ class SeedSlot(nn.Module):
             return t.device
         return torch.device("cpu")
 
-    def _check_fits(self, module: nn.Module) -> None:
-        """Probe the kernel with one zero sample of the activation's shape (if the slot has seen one)."""
-        shape, dtype = self.telemetry.activation_shape, self.telemetry.activation_dtype
-        if shape is None or dtype is None:
-            return  # unseen slot: a mismatch is caught at the first forward (and culls the seed)
-        if isinstance(module, KernelModule) and (why := module.fits(shape)) is not None:
-            raise KernelLoadError("ShapeMismatch", why)
-        dev, dt = self._device(), getattr(torch, dtype)
+    def _expected_activation(self) -> tuple[tuple[int, ...] | None, str | None]:
+        """(per-sample shape, dtype) the slot's seed will be fed: recorded at a forward, else declared."""
+        t = self.telemetry
+        if t.activation_shape is not None:
+            return t.activation_shape, t.activation_dtype
+        return self.declared_shape, None
+
+    def _check_fits(
+        self, module: nn.Module, shape: tuple[int, ...] | None, dtype: str | None, device: str | None
+    ) -> None:
+        """Refuse a kernel that cannot take this activation: a compiled kernel's manifest shapes, dtype
+        and device; then (dtype known) a probe with one zero sample, which must come back unchanged in
+        shape. Nothing known: the check waits for the first forward (`_verify`)."""
+        if shape is None:
+            return
+        if isinstance(module, KernelModule) and (why := module.fits(shape, dtype, device)) is not None:
+            raise KernelShapeError(why, key=module.kernel_key, slot=self.name)
+        if dtype is None:
+            return  # a declared shape only: the dtype is checked at the first forward
+        dev, dt = torch.device(device) if device is not None else self._device(), getattr(torch, dtype)
         if not isinstance(module, KernelModule):
             module.to(device=dev, dtype=dt)
         was_training = module.training
@@ -335,16 +428,19 @@ class SeedSlot(nn.Module):
             module.eval()
             with torch.no_grad():
                 out = module(torch.zeros((1, *shape), device=dev, dtype=dt))
+        except KernelShapeError:
+            raise
         except Exception as e:
             raise KernelLoadError("ProbeFailed", f"{type(e).__name__}: {e}") from e
         finally:
             module.train(was_training)
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, *shape):
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise KernelLoadError("ShapeMismatch", f"kernel maps (1, {shape}) to {got}")
+            raise KernelShapeError(f"kernel maps (1, {shape}) to {got}", key=kernel_key_of(module) or "")
 
     def _install(self, module: nn.Module, step: int | None, reason: str) -> None:
         module.train(self.training)
+        self._adopt(module)
         self.seed = module
         self._c.alpha, self._c.blend_step = 0.0, 0
         self.telemetry.kernel_key = kernel_key_of(module)
@@ -367,6 +463,7 @@ class SeedSlot(nn.Module):
 
     def cull(self, reason: str, step: int | None = None) -> None:
         """Discard the seed (its parameters leave the model); the slot then waits for `reset()`."""
+        object.__setattr__(self, "_verify_due", False)
         self._move(S.CULLED, step, reason)
         self.seed = None
         self._c.alpha = 0.0
@@ -503,26 +600,48 @@ class SeedSlot(nn.Module):
             got = kernel_key_of(module)
             raise KernelRestoreError(f"slot {self.name}: resolver returned kernel {got}, not {key}")
         module.train(self.training)
+        self._adopt(module)
         return module
+
+    def _adopt(self, module: nn.Module) -> None:
+        """A kernel joins this slot: its errors name the slot; one skip warning per kernel; checked
+        against the first activation if the slot has never seen one."""
+        if isinstance(module, KernelModule):
+            module.slot_name = self.name
+        object.__setattr__(self, "_warned_skip", False)
+        object.__setattr__(self, "_verify_due", self.telemetry.activation_shape is None)
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, state={self.state.value}, alpha={self.alpha:.3f}"
 
 
-def wrap(model: nn.Module, at: Iterable[str], **slot_options: Any) -> dict[str, SeedSlot]:
+def wrap(
+    model: nn.Module,
+    at: Iterable[str],
+    *,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    **slot_options: Any,
+) -> dict[str, SeedSlot]:
     """Replace each named submodule by a SeedSlot around it; returns the slots by name.
+
+    `shapes`: per-sample activation shapes (batch excluded) by slot name, for slots whose shape is
+    known before their first forward (germination then refuses a kernel that cannot fit at once).
 
     State_dict keys of a wrapped submodule gain a `.host` level (`blocks.0.weight` ->
     `blocks.0.host.weight`): wrap before loading an Esper checkpoint, after loading a host-only one.
     """
+    names = list(at)
+    shapes = dict(shapes or {})
+    if unknown := sorted(set(shapes) - set(names)):
+        raise ValueError(f"shapes names {unknown}, which are not in `at`")
     out: dict[str, SeedSlot] = {}
-    for name in at:
+    for name in names:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         sub = parent.get_submodule(attr)
         if isinstance(sub, SeedSlot):
             raise ValueError(f"{name} is already a seed slot")
-        slot = SeedSlot(name, sub, **slot_options)
+        slot = SeedSlot(name, sub, shape=shapes.get(name), **slot_options)
         setattr(parent, attr, slot)
         out[name] = slot
     return out

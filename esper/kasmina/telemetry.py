@@ -48,6 +48,11 @@ class KasminaMetrics:
             "esper_kernel_load_seconds", "Wall time of loading a kernel bundle (verify + load).",
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=reg,
         )  # fmt: skip
+        self.seed_skipped_calls = Counter(
+            "esper_seed_skipped_calls",
+            "Evaluation calls (eval mode or no_grad) a seed was left out of because the input did not fit "
+            "its kernel, by reason.", ["seed", "reason"], registry=reg,
+        )  # fmt: skip
         self.kernel_load_failures = Counter(
             "esper_kernel_load_failures", "Refused or failed kernel loads, by reason.", ["reason"],
             registry=reg,
@@ -92,6 +97,8 @@ class SeedTelemetry:
     grad_norm: torch.Tensor | None = None
     contribution: float | None = None
     last_error: str | None = None
+    skipped_calls: int = 0  # evaluation calls the seed was left out of (input did not fit its kernel)
+    last_skip: str | None = None
     load_seconds: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -133,6 +140,8 @@ class SeedTelemetry:
             "gradNorm": _f(self.grad_norm),
             "contribution": self.contribution,
             "lastError": self.last_error,
+            "skippedCalls": self.skipped_calls,
+            "lastSkip": self.last_skip,
             "loadSeconds": self.load_seconds,
             **self.extra,
         }

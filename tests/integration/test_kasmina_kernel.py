@@ -1,6 +1,6 @@
 """A real compiled kernel (AOTInductor forward + backward) loaded into a seed: numerics, refusals, restore.
 
-One tiny MLP (16 -> 32 -> 16) is compiled once per session (~25 s on 2 cores) by the real compiler.
+One tiny MLP (16 -> 32 -> 16) is compiled once per session by the real compiler (tests.support.kernels).
 """
 
 from __future__ import annotations
@@ -27,44 +27,14 @@ from esper.kasmina import (
     warmup,
     wrap,
 )
+from tests.support.kernels import MAX_BATCH, F, reference_module
 
 pytestmark = pytest.mark.slow
-F, HID, MAX_BATCH = 16, 32, 64
 
 
-TEMPLATE = {"name": "mlp", "params": {"features": F, "hidden": HID, "activation": "gelu"}}
-
-
-def reference_module() -> nn.Module:
-    """The eager module the kernel was compiled from (same graph, same init seed)."""
-    from esper.blueprint import build_module, validate_source
-
-    return build_module(validate_source({"template": TEMPLATE}), seed=0).eval()
-
-
-def compile_bundle(out: Path) -> None:
-    """Compile with the real compiler (the compile Job's entrypoint) and take the bundle out of its store."""
-    import json
-
-    from esper.tezzeret.entrypoint import main as tezzeret
-
-    work = out.parent
-    spec = {
-        "template": TEMPLATE,
-        "compile": {"maxBatch": MAX_BATCH, "validateBatches": [1, 5], "benchmarkBatches": [8]},
-    }
-    (work / "bp.json").write_text(json.dumps(spec))
-    argv = ["--blueprint", str(work / "bp.json"), "--target", "cpu", "--store", str(work / "store")]
-    assert tezzeret([*argv, "--result-path", str(work / "result.json")]) == 0
-    key = json.loads((work / "result.json").read_text())["key"]
-    shutil.copytree(work / "store" / "kernels" / key, out)
-
-
-@pytest.fixture(scope="session")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    d = tmp_path_factory.mktemp("kasmina") / "bundle"
-    compile_bundle(d)
-    return d, artifact.sha256_bytes((d / artifact.MANIFEST).read_bytes())
+@pytest.fixture
+def bundle(mlp_bundle: tuple[Path, str]) -> tuple[Path, str]:
+    return mlp_bundle
 
 
 def metrics() -> KasminaMetrics:
