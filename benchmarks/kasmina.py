@@ -12,8 +12,11 @@
     own time is reported apart. Target <= 0.5 s.
 (d) micro: the per-step cost of one dormant slot (forward + `step()`, default telemetry sampling) over
     the bare submodule, in µs, and the cost of one activation-statistics sample.
+(e) the kernel-call guard: the check of a call's inputs against the manifest on its own, a kernel
+    call (forward, no_grad) with it, the same call without it, the call as it was before the guard
+    (a maxBatch check only), and the bare package, in µs, at batch 1 and 64.
 
-    python benchmarks/kasmina.py [--store DIR] [--quick]
+    python benchmarks/kasmina.py [--store DIR] [--quick] [--guard-only]
 
 The kernel comes from `--store` (default .esper/bench-store): the first bundle whose input is
 [batch, F]; if there is none, examples/transformer-mlp.yaml is compiled into it first (~30 s).
@@ -346,6 +349,75 @@ def first_step(bundle: Path, sha: str, width: int, batch: int, trials: int, stea
     }
 
 
+# ---------------------------------------------------------------- (e)
+
+
+def guard_micro(bundle: Path, sha: str, width: int, calls: int, repeats: int) -> dict[str, Any]:
+    """Per kernel call: the input check alone (`_match`), the guarded call (`kernel(x)`), the same
+    autograd Function without the check, the call as it was before the guard (maxBatch check,
+    parameters from iterating the ParameterList), and the bare package; medians of interleaved
+    repeats."""
+    from prometheus_client import CollectorRegistry
+
+    from esper.kasmina import KasminaMetrics, load_kernel, warmup
+    from esper.kasmina.kernel import _CompiledFunction
+
+    warmup()
+    k = load_kernel(bundle, sha, metrics=KasminaMetrics(CollectorRegistry()))
+    params = k._modules["params"]._parameters.values()  # type: ignore[union-attr]
+
+    def before(x: torch.Tensor) -> Any:
+        if x.shape[0] > (k.max_batch or 0):
+            raise ValueError("maxBatch")
+        return _CompiledFunction.apply(k, {}, x.contiguous(), *k.params)
+
+    rows = {}
+    for batch in (1, 64):
+        x = torch.randn(batch, width)
+        loops: dict[str, Callable[[], Any]] = {
+            "check": lambda x=x: k._match((x,), k._in_expects, {}),
+            "guarded": lambda x=x: k(x),
+            "unguarded": lambda x=x: _CompiledFunction.apply(k, {}, x, *params),
+            "before": lambda x=x: before(x),
+            "package": lambda x=x: k.forward_runner(x, tuple(params)),
+        }
+        times: dict[str, list[float]] = {n: [] for n in loops}
+        with torch.no_grad():
+            for _ in range(repeats):
+                for n, fn in loops.items():
+                    times[n].append(timed(fn, calls) / calls * 1e6)
+        us = {n: statistics.median(t) for n, t in times.items()}
+        rows[str(batch)] = {
+            **{f"{n}Us": round(v, 3) for n, v in us.items()},
+            "addedUs": round(us["guarded"] - us["unguarded"], 3),
+            "addedFraction": round(us["guarded"] / us["unguarded"] - 1, 4),
+            "vsBeforeUs": round(us["guarded"] - us["before"], 3),
+        }
+    return {"width": width, "calls": calls, "repeats": repeats, "byBatch": rows}
+
+
+def print_guard(console: Any, e: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"(e) kernel-call guard, width {e['width']}, µs per call (median of {e['repeats']})")
+    cols = ("batch", "check alone", "guarded call", "no check", "added", "added %", "before the guard")
+    cols = (*cols, "package")
+    for col in cols:
+        t.add_column(col, justify="right")
+    for b, r in e["byBatch"].items():
+        t.add_row(
+            b,
+            f"{r['checkUs']:.2f}",
+            f"{r['guardedUs']:.2f}",
+            f"{r['unguardedUs']:.2f}",
+            f"{r['addedUs']:.2f}",
+            f"{100 * r['addedFraction']:.1f}",
+            f"{r['beforeUs']:.2f}",
+            f"{r['packageUs']:.2f}",
+        )
+    console.print(t)
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -357,6 +429,7 @@ def main() -> None:
     ap.add_argument("--store", type=Path, default=DEFAULT_STORE, help="kernel store (a local directory)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run, not for numbers)")
+    ap.add_argument("--guard-only", action="store_true", help="only (e), the kernel-call guard")
     args = ap.parse_args()
     console = Console(width=None if sys.stdout.isatty() else 120)
     torch.set_num_threads(args.threads)
@@ -365,6 +438,11 @@ def main() -> None:
     t_start = time.perf_counter()
 
     bundle, sha, width = find_kernel(args.store, console)
+    console.print("(e) kernel-call guard ...")
+    e = guard_micro(bundle, sha, width, calls=500 if q else 2000, repeats=5 if q else 21)
+    if args.guard_only:
+        print_guard(console, e)
+        return
     console.print(f"(c) kernel load: {bundle.name[:16]} (width {width}) ...")
     c = load_times(bundle, sha, loads=3 if q else 10)  # first: warmup() is a start-up cost
     console.print("(a) dormant overhead: interleaved rounds ...")
@@ -440,6 +518,7 @@ def main() -> None:
     t.add_row("(d) one telemetry sample (std_mean of a strided subsample)", f"{d['observeUs']:.2f} µs", "")
     t.add_row("(d) overhead per slot per training step", f"{d['overheadUsPerSlotStep']:.2f} µs", "<= 8 µs")
     console.print(t)
+    print_guard(console, e)
 
     doc = {
         "torch": torch.__version__,
@@ -452,6 +531,7 @@ def main() -> None:
         "firstStepAfterHotLoad": b,
         "kernelLoad": c,
         "dormantMicro": d,
+        "kernelGuard": e,
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "kasmina.json").write_text(json.dumps(doc, indent=2) + "\n")

@@ -300,10 +300,13 @@ class SeedSlot(nn.Module):
         kernel against this activation (as germination would have) before it produces anything."""
         try:
             self._check_fits(seed, tuple(y.shape[1:]), str(y.dtype).removeprefix("torch."), str(y.device))
-        except KernelLoadError as e:
-            if not isinstance(e, KernelShapeError):
-                e = KernelShapeError(e.message, key=kernel_key_of(seed) or "", reason=e.reason)
+        except KernelShapeError as e:
             self._mismatch(e, state)
+            return False
+        except KernelLoadError as e:  # the probe crashed: a broken kernel, in any mode
+            if state is S.FOSSILIZED:
+                raise
+            self.cull(f"{e.reason}: slot {self.name}: {e.message}"[:500])
             return False
         object.__setattr__(self, "_verify_due", False)
         self._refresh()

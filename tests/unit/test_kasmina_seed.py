@@ -17,6 +17,8 @@ from esper.kasmina import (
     IllegalTransition,
     KasminaMetrics,
     KernelRestoreError,
+    KernelShapeError,
+    KernelShapeWarning,
     SeedSlot,
     SeedState,
     set_kernel_resolver,
@@ -388,3 +390,83 @@ def test_telemetry_and_metrics() -> None:
     assert get("esper_seed_transitions_total", {"seed": "blocks.1", "state": "germinated"}) == 1
     assert get("esper_seed_alpha", {"seed": "blocks.1"}) == 1.0
     assert get("esper_seed_grad_norm", {"seed": "blocks.1"}) > 0
+
+
+class FirstFour(nn.Module):
+    """A seed whose output has the wrong shape for batches over 4 (it drops the rest)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:4] * self.scale
+
+
+def test_a_seed_of_the_wrong_shape_is_left_out_of_evaluation_and_culled_in_training() -> None:
+    m = metrics()
+    bare, model, ss = pair(metrics=m)
+    slot = ss["blocks.0"]
+    model(torch.randn(2, F))
+    assert slot.germinate(FirstFour())  # the one-sample probe fits
+    slot.start_training()
+    slot.start_blending(blend_steps=1)
+    slot.step()
+    x = torch.randn(8, F)
+    model.eval()
+    with pytest.warns(
+        KernelShapeWarning, match=r"slot blocks\.0: kernel eager:FirstFour: seed returned \(4, 16\)"
+    ):
+        assert torch.equal(model(x), bare(x))  # left out: the host's output
+    with torch.no_grad():
+        assert torch.equal(model(x), bare(x))
+    assert slot.state is S.BLENDING and slot.telemetry.skipped_calls == 2
+    labels = {"seed": "blocks.0", "reason": "ShapeMismatch"}
+    assert m.registry.get_sample_value("esper_seed_skipped_calls_total", labels) == 2
+    model.train()
+    assert torch.equal(model(x), bare(x))
+    assert slot.state is S.CULLED
+    assert slot.telemetry.last_error == (
+        "ShapeMismatch: slot blocks.0: kernel eager:FirstFour: "
+        "seed returned (4, 16), the activation is (8, 16)"
+    )
+
+
+def test_a_fossil_of_the_wrong_shape_raises_in_training() -> None:
+    _, model, ss = pair()
+    slot = ss["blocks.1"]
+    model(torch.randn(2, F))
+    assert slot.germinate(FirstFour())
+    slot.start_training()
+    slot.start_blending(blend_steps=1)
+    slot.fossilize()
+    with pytest.raises(
+        KernelShapeError, match=r"slot blocks\.1: .*seed returned \(4, 16\), the activation is \(8, 16\)"
+    ):
+        model(torch.randn(8, F))
+    assert slot.state is S.FOSSILIZED
+    assert model(torch.randn(3, F)).shape == (3, 1)
+
+
+def test_an_unseen_slot_checks_its_kernel_at_the_first_forward() -> None:
+    bare, model, ss = pair()
+    a, b = ss["blocks.0"], ss["blocks.1"]
+    assert a.germinate(nn.Linear(8, 8)) and b.germinate(make_seed())  # nothing known yet: accepted
+    assert not a._passthrough and not b._passthrough
+    model.eval()
+    x = torch.randn(3, F)
+    with torch.no_grad():
+        assert torch.equal(model(x), bare(x))
+    assert a.state is S.CULLED and (a.telemetry.last_error or "").startswith("ProbeFailed: slot blocks.0: ")
+    assert b.state is S.GERMINATED and b._passthrough  # checked once; the fast path again
+
+
+def test_wrap_declares_shapes() -> None:
+    model = Host()
+    with pytest.raises(ValueError, match=r"\['head'\]"):
+        wrap(model, at=["blocks.0"], shapes={"head": (1,)})
+    with pytest.raises(ValueError, match="positive ints"):
+        wrap(model, at=["blocks.0"], shapes={"blocks.0": (0,)})
+    assert not any(isinstance(mod, SeedSlot) for mod in model.modules())  # refused before wrapping
+    ss = wrap(model, at=["blocks.0", "blocks.1"], shapes={"blocks.0": [F]}, metrics=metrics())
+    assert ss["blocks.0"].declared_shape == (F,) and ss["blocks.1"].declared_shape is None
