@@ -387,6 +387,8 @@ class KernelModule(nn.Module):
     ) -> str | None:
         """Why this kernel cannot take and return per-sample shape `sample_shape` (and `dtype`, on
         `device`, where given) as a seed's one input and output (None if it can)."""
+        if not self._in_expects or not self._out_expects:
+            return None  # a kernel built without its manifest's shapes: nothing to check against
         if self.n_inputs != 1 or len(self.output_shapes) != 1:
             return f"a seed takes one input and returns one output; the kernel has {self.n_inputs} and " \
                    f"{len(self.output_shapes)}"  # fmt: skip

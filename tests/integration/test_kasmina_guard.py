@@ -157,7 +157,18 @@ def test_converted_parameters_are_refused_until_converted_back(bundle: tuple[Pat
     assert "float64" in str(ei.value) and "float32" in str(ei.value)
     k.float()
     assert torch.equal(k(x).detach(), want)
-    assert fwd.calls == 2
+    sd = {n: t.double() for n, t in k.state_dict().items()}
+    k.load_state_dict(sd, assign=True)  # replaces the parameters
+    first, weight = next(iter(reference_module().named_parameters()))  # the manifest's first parameter
+    with pytest.raises(KernelShapeError) as ei:
+        k(x)
+    shape = tuple(weight.shape)
+    assert f"parameter {first} is {shape} float64 on cpu, the kernel takes {shape} float32 on cpu" in str(
+        ei.value
+    )
+    k.load_state_dict({n: t.float() for n, t in sd.items()}, assign=True)
+    assert torch.equal(k(x).detach(), want)
+    assert fwd.calls == 3
 
 
 # ---- seed slots --------------------------------------------------------------------------------
