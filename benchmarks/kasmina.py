@@ -371,16 +371,20 @@ def guard_micro(bundle: Path, sha: str, width: int, calls: int, repeats: int) ->
             raise ValueError("maxBatch")
         return _CompiledFunction.apply(k, {}, x.contiguous(), *k.params)
 
+    ptuple = tuple(params)
+
+    def loops_for(x: torch.Tensor) -> dict[str, Callable[[], Any]]:
+        return {
+            "check": lambda: k._match((x,), k._in_expects, {}),
+            "guarded": lambda: k(x),
+            "unguarded": lambda: _CompiledFunction.apply(k, {}, x, *params),
+            "before": lambda: before(x),
+            "package": lambda: k.forward_runner(x, ptuple),
+        }
+
     rows = {}
     for batch in (1, 64):
-        x = torch.randn(batch, width)
-        loops: dict[str, Callable[[], Any]] = {
-            "check": lambda x=x: k._match((x,), k._in_expects, {}),
-            "guarded": lambda x=x: k(x),
-            "unguarded": lambda x=x: _CompiledFunction.apply(k, {}, x, *params),
-            "before": lambda x=x: before(x),
-            "package": lambda x=x: k.forward_runner(x, tuple(params)),
-        }
+        loops = loops_for(torch.randn(batch, width))
         times: dict[str, list[float]] = {n: [] for n in loops}
         with torch.no_grad():
             for _ in range(repeats):
@@ -400,8 +404,8 @@ def print_guard(console: Any, e: dict[str, Any]) -> None:
     from rich.table import Table
 
     t = Table(title=f"(e) kernel-call guard, width {e['width']}, µs per call (median of {e['repeats']})")
-    cols = ("batch", "check alone", "guarded call", "no check", "added", "added %", "before the guard")
-    cols = (*cols, "package")
+    cols: tuple[str, ...] = ("batch", "check alone", "guarded call", "no check", "added", "added %")
+    cols = (*cols, "before the guard", "package")
     for col in cols:
         t.add_column(col, justify="right")
     for b, r in e["byBatch"].items():
