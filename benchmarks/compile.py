@@ -62,10 +62,11 @@ def overhead() -> dict[str, Any]:
         spec = json.dumps(OVERHEAD_SPEC)
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(t / "cache-bare")}
         bare = _timed([sys.executable, __file__, "--bare", spec, str(t / "bare")], env)
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(t / "cache-job"), "ESPER_BLUEPRINT_JSON": spec}
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(t / "cache-job")}
+        (t / "blueprint.json").write_text(spec)
         job = _timed(
             [sys.executable, "-m", "esper.tezzeret", "--target", "cpu", "--store", str(t / "store"),
-             "--result-path", str(t / "result.json")],
+             "--blueprint", str(t / "blueprint.json"), "--result-path", str(t / "result.json")],
             env,
         )  # fmt: skip
         result = json.loads((t / "result.json").read_text())

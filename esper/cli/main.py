@@ -151,6 +151,7 @@ def compile_(
     """Compile Blueprints into kernel bundles, exactly as the operator's compile Jobs do."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+    from esper.contracts.job import CompileError, CompileFailure, CompileResult, read_result
     from esper.tezzeret.entrypoint import main as tezzeret
 
     jobs = []
@@ -158,7 +159,8 @@ def compile_(
         targets = target or (spec if isinstance(spec, dict) else {}).get("targets") or ["cpu"]
         name = label.rsplit(" (", 1)[-1].rstrip(")") if " (" in label else Path(label).stem
         jobs.extend((name, spec, t) for t in targets)
-    results, failed = [], 0
+    results: list[tuple[str, str, int, CompileResult | CompileFailure]] = []
+    failed = 0
     logging.getLogger("esper.tezzeret").setLevel(logging.CRITICAL)  # the table and errors below say it
     with tempfile.TemporaryDirectory(prefix="esper-compile-") as tmp:
         columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
@@ -171,30 +173,34 @@ def compile_(
                 with contextlib.redirect_stdout(io.StringIO()):  # the Job's result line; we show a table
                     code = tezzeret([*argv, "--result-path", str(result_file)])
                 progress.remove_task(task)
-                result = json.loads(result_file.read_text()) if result_file.exists() else {}
+                result = read_result(result_file, code)
                 results.append((label, t, code, result))
                 failed = failed or code
     table = Table(title=f"compiled into {store}")
     for column in ("blueprint", "target", "result", "key", "max err", "fwd", "train", "s"):
         table.add_column(column, no_wrap=column in ("result", "key", "max err"))
     for name, t, code, result in results:
-        report = result.get("report") or {}
-        if code:
-            error = result.get("error") or {}
+        if code or isinstance(result, CompileFailure):
+            error = (
+                result.error
+                if isinstance(result, CompileFailure)
+                else CompileError(code=code, reason="Failed")
+            )
             table.add_row(name, t, f"[red]failed ({code})[/]")
-            typer.echo(f"{name} ({t}): {error.get('reason', 'Failed')}", err=True)
-            for line in str(error.get("message", "")).splitlines():
+            typer.echo(f"{name} ({t}): {error.reason}", err=True)
+            for line in error.message.splitlines():
                 typer.echo(f"{name} ({t}): {line}", err=True)
             continue
+        report = result.report
         table.add_row(
             name,
             t,
-            "reused" if result.get("reused") else "compiled",
-            result["key"][:12],
-            f"{report.get('maxAbsError', 0):.0e}",
-            f"{report.get('speedup', 0):.2f}x",
-            f"{report.get('trainSpeedup', 0):.2f}x",
-            f"{result.get('compileSeconds', 0):.0f}",
+            "reused" if result.reused else "compiled",
+            result.key[:12],
+            f"{report.maxAbsError if report else 0:.0e}",
+            f"{report.speedup if report else 0:.2f}x",
+            f"{report.trainSpeedup if report else 0:.2f}x",
+            f"{result.compileSeconds:.0f}",
         )
     console.print(table)
     if failed:

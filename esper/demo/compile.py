@@ -14,6 +14,8 @@ if TYPE_CHECKING:
     from rich.console import Console
 
 
+from esper.contracts.common import GROUP_VERSION
+from esper.contracts.job import CompileFailure, CompileResult, read_result
 from esper.demo.config import EXAMPLES_DIR, FALLBACK_SPECS, DemoError, KernelInfo
 
 # ---------------------------------------------------------------- 1. compile
@@ -49,14 +51,14 @@ def _planned_key(spec: dict[str, Any]) -> str | None:
 
 def _compile_one(
     spec: dict[str, Any], store_dir: Path, jobs_dir: Path, label: str, on_line: Callable[[str], None]
-) -> dict[str, Any]:
-    """Run `python -m esper.tezzeret` for one Blueprint; its result JSON (or an error document).
+) -> CompileResult | CompileFailure:
+    """Run `python -m esper.tezzeret` for one Blueprint; its result (or the failure, with the log's tail).
 
     A subprocess, not an in-process call: it is the compile Job the operator runs, it keeps the
     compiler's threads, memory and logging out of the demo, and a crash costs one kernel only.
     """
     bp = jobs_dir / f"{label}.json"
-    bp.write_text(json.dumps({"apiVersion": "esper.dev/v1alpha1", "kind": "Blueprint", "spec": spec}))
+    bp.write_text(json.dumps({"apiVersion": GROUP_VERSION, "kind": "Blueprint", "spec": spec}))
     result = jobs_dir / f"{label}.result.json"
     result.unlink(missing_ok=True)
     from esper.tezzeret.entrypoint import command
@@ -71,13 +73,10 @@ def _compile_one(
             if line.startswith("tezzeret "):
                 on_line(line.split(" ", 3)[-1])  # drop "tezzeret <date> <time>"
         code = proc.wait()
-    try:
-        doc: dict[str, Any] = json.loads(result.read_text())
-    except (OSError, ValueError):
-        doc = {"error": {"code": code, "message": "\n".join(tail[-8:]) or f"exit {code}"}}
-    if code and "error" not in doc:
-        doc = {"error": {"code": code, "message": "\n".join(tail[-8:])}}
-    return doc
+    outcome = read_result(result, code)
+    if isinstance(outcome, CompileFailure) and outcome.error.reason in ("NoResult", "BadResult"):
+        outcome.error.message = "\n".join(tail[-8:]) or outcome.error.message
+    return outcome
 
 
 def compile_kernels(
@@ -130,14 +129,12 @@ def compile_kernels(
                     label,
                     lambda msg, tid=tid: progress.update(tid, description=escape(msg[:60])),
                 )
-                if "error" in doc:
-                    err = doc["error"]
-                    info.error = f"exit {err.get('code')}: {str(err.get('message', ''))[:300]}"
-                    progress.update(
-                        tid, description=f"[red]failed ({err.get('reason', err.get('code'))})", completed=1
-                    )
+                if isinstance(doc, CompileFailure):
+                    err = doc.error
+                    info.error = f"exit {err.code}: {err.message[:300]}"
+                    progress.update(tid, description=f"[red]failed ({err.reason})", completed=1)
                 else:
-                    info.key, info.manifest_sha256 = doc["key"], doc["manifestSha256"]
+                    info.key, info.manifest_sha256 = doc.key, doc.manifestSha256
                     info.compile_seconds = time.perf_counter() - t0
                     progress.update(
                         tid, description=f"[green]compiled in {info.compile_seconds:.0f}s", completed=1

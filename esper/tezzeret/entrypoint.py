@@ -1,6 +1,6 @@
 """The compile Job: Blueprint in, verified kernel bundle in the store out, one result line for the operator.
 
-Every way this can end maps to one exit code (esper.tezzeret.exitcodes) and one result JSON written to
+Every way this can end maps to one exit code and one result line (esper.contracts.job) written to
 the termination log, because the operator decides retry vs fail from the code and fills the Kernel's
 status from the JSON. Cheap checks (blueprint, target, toolchain, key, store) run before the
 expensive compile, and a bundle already in the store under the same key is reused: a retried Job
@@ -10,7 +10,6 @@ expensive compile, and a bundle already in the store under the same key is reuse
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -22,7 +21,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from esper.contracts.common import CompileOptions
+from esper.contracts.job import (
+    REQUEST_ENV,
+    CompileError,
+    CompileFailure,
+    CompileRequest,
+    CompileResult,
+    ExitCode,
+    result_line,
+)
 from esper.tezzeret import exitcodes
 from esper.tezzeret.exitcodes import (
     InvalidBlueprint,
@@ -34,11 +44,18 @@ from esper.tezzeret.exitcodes import (
 
 log = logging.getLogger("esper.tezzeret")
 
-MAX_RESULT_BYTES = 4096
 DEFAULT_RESULT_PATH = "/dev/termination-log"
-BLUEPRINT_ENV = "ESPER_BLUEPRINT_JSON"
-EXPECT_TORCH_ENV = "ESPER_EXPECT_TORCH"
 RESULT_PATH_ENV = "ESPER_RESULT_PATH"
+
+
+@dataclass(frozen=True)
+class Work:
+    """What one run compiles: from a CompileRequest (the Job) or a file and flags (local use)."""
+
+    spec: dict[str, Any]
+    target: str
+    expect_key: str | None = None
+    expect_torch: str | None = None
 
 
 @dataclass
@@ -53,50 +70,20 @@ class Plan:
     toolchain: Any
 
 
-# ---------------------------------------------------------------- result JSON
+# ---------------------------------------------------------------- result line
 
 
-def fit_json(doc: dict[str, Any], limit: int = MAX_RESULT_BYTES) -> str:
-    """One line of JSON of at most `limit` bytes: the longest strings are cut (with '...') until it fits.
-
-    The termination log keeps only 4 KiB; a cut message beats a result the operator cannot parse.
-    """
-    doc = json.loads(json.dumps(doc))  # a private copy
-    while True:
-        line = json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
-        excess = len(line.encode()) - limit
-        if excess <= 0:
-            return line
-        holder, key, value = _longest_string(doc)
-        if holder is None or len(value) <= 3:
-            return json.dumps({"error": {"code": exitcodes.INTERNAL, "reason": "ResultTooLarge"}})
-        keep = max(0, len(value) - excess - 3)  # a char is >= 1 byte: this cuts at least `excess`
-        holder[key] = value[:keep] + "..."
+def error_result(exc: BaseException) -> CompileFailure:
+    error = CompileError(
+        code=exitcodes.code_for(exc), reason=exitcodes.reason_for(exc), message=str(exc) or type(exc).__name__
+    )
+    return CompileFailure(error=error)
 
 
-def _longest_string(node: Any, best: tuple[Any, Any, str] = (None, None, "")) -> tuple[Any, Any, str]:
-    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
-    for k, v in items:
-        if isinstance(v, str) and len(v) > len(best[2]):
-            best = (node, k, v)
-        elif isinstance(v, (dict, list)):
-            best = _longest_string(v, best)
-    return best
-
-
-def error_doc(exc: BaseException) -> dict[str, Any]:
-    return {
-        "error": {
-            "code": exitcodes.code_for(exc),
-            "reason": exitcodes.reason_for(exc),
-            "message": str(exc) or type(exc).__name__,
-        }
-    }
-
-
-def write_result(doc: dict[str, Any], path: str | None) -> str:
-    """Write the result line to `path` (else $ESPER_RESULT_PATH, else the termination log); also stdout."""
-    line = fit_json(doc)
+def write_result(result: CompileResult | CompileFailure, path: str | None) -> str:
+    """Write the result line (at most 4 KiB) to `path` (else $ESPER_RESULT_PATH, else the termination
+    log); also stdout."""
+    line = result_line(result)
     target = path or os.environ.get(RESULT_PATH_ENV) or DEFAULT_RESULT_PATH
     try:
         with open(target, "w", encoding="utf-8") as f:
@@ -110,8 +97,22 @@ def write_result(doc: dict[str, Any], path: str | None) -> str:
 # ---------------------------------------------------------------- blueprint and checks
 
 
-def load_spec(path: str | None, env: dict[str, str] | os._Environ[str] = os.environ) -> dict[str, Any]:
-    """The Blueprint spec from a YAML/JSON file or $ESPER_BLUEPRINT_JSON; a whole manifest is unwrapped.
+def load_work(args: argparse.Namespace, env: dict[str, str] | os._Environ[str] = os.environ) -> Work:
+    """What to compile: --blueprint FILE with --target (local use), else the Job's $ESPER_COMPILE_REQUEST."""
+    if args.blueprint:
+        return Work(load_spec(args.blueprint), args.target, args.expect_key)
+    text = env.get(REQUEST_ENV)
+    if not text:
+        raise InvalidBlueprint(f"no blueprint: give --blueprint FILE or set ${REQUEST_ENV}")
+    try:
+        request = CompileRequest.model_validate_json(text)
+    except ValidationError as e:
+        raise InvalidBlueprint(f"${REQUEST_ENV} is not a valid compile request: {e}") from None
+    return Work(request.spec.model_dump(mode="json"), request.target, request.expectKey, request.expectTorch)
+
+
+def load_spec(path: str) -> dict[str, Any]:
+    """The Blueprint spec from a YAML/JSON file; a whole manifest is unwrapped.
 
     Read with the hardened manifest reader: bad bytes, duplicate keys, alias bombs and deep nesting are
     an InvalidBlueprint (65) with a short message, never a crash.
@@ -119,18 +120,12 @@ def load_spec(path: str | None, env: dict[str, str] | os._Environ[str] = os.envi
     from esper.blueprint.errors import cut
     from esper.contracts.manifest import MAX_BYTES, ManifestError, load_one
 
-    data: bytes | str
-    if path:
-        try:
-            with open(path, "rb") as f:
-                data = f.read(MAX_BYTES + 1)
-        except OSError as e:
-            raise InvalidBlueprint(f"cannot read blueprint file {path}: {e.strerror}") from None
-        source = path
-    elif env.get(BLUEPRINT_ENV):
-        data, source = env[BLUEPRINT_ENV], f"${BLUEPRINT_ENV}"
-    else:
-        raise InvalidBlueprint(f"no blueprint: give --blueprint FILE or set {BLUEPRINT_ENV}")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_BYTES + 1)
+    except OSError as e:
+        raise InvalidBlueprint(f"cannot read blueprint file {path}: {e.strerror}") from None
+    source = path
     try:
         doc = load_one(data)
     except ManifestError as e:
@@ -144,7 +139,9 @@ def load_spec(path: str | None, env: dict[str, str] | os._Environ[str] = os.envi
     return doc
 
 
-def plan(spec: dict[str, Any], target_name: str, expect_key: str | None) -> Plan:
+def plan(
+    spec: dict[str, Any], target_name: str, expect_key: str | None, expect_torch: str | None = None
+) -> Plan:
     """Validate blueprint, target, toolchain and key without compiling (exit 65/66 on problems)."""
     from esper.artifact import kernel_key
     from esper.blueprint import BlueprintInvalid
@@ -162,10 +159,9 @@ def plan(spec: dict[str, Any], target_name: str, expect_key: str | None) -> Plan
         target = Target.parse(target_name)
     except ValueError as e:
         raise UnsupportedTarget(str(e)) from None
-    expected_torch = os.environ.get(EXPECT_TORCH_ENV)
-    if expected_torch and expected_torch not in (torch_version(), _full_torch_version()):
+    if expect_torch and expect_torch not in (torch_version(), _full_torch_version()):
         raise ToolchainMismatch(
-            f"this image has torch {torch_version()}, the operator expects {expected_torch}: "
+            f"this image has torch {torch_version()}, the operator expects {expect_torch}: "
             "the compile image and the operator's toolchain config disagree"
         )
     toolchain = toolchain_for(target)
@@ -212,7 +208,7 @@ def open_store_checked(uri: str) -> Any:
         raise StorageUnavailable(str(e)) from None
 
 
-def existing_result(store: Any, p: Plan, workdir: Path) -> dict[str, Any] | None:
+def existing_result(store: Any, p: Plan, workdir: Path) -> CompileResult | None:
     """The result of a bundle already stored under the key, if it downloads and verifies; else None."""
     from esper.artifact import ArtifactError, parse_manifest, read_manifest_bytes, sha256_bytes
 
@@ -228,16 +224,16 @@ def existing_result(store: Any, p: Plan, workdir: Path) -> dict[str, Any] | None
     manifest_bytes = read_manifest_bytes(dest)
     m = parse_manifest(manifest_bytes)
     size = sum(f.size for f in m.files.values()) + len(manifest_bytes)
-    return {
-        "key": p.key,
-        "uri": store.bundle_uri(p.key),
-        "manifestSha256": sha256_bytes(manifest_bytes),
-        "size": size,
-        "toolchain": m.toolchain.model_dump(mode="json"),
-        "compileSeconds": 0.0,
-        "reused": True,
-        "report": m.report.model_dump(mode="json") if m.report else None,
-    }
+    return CompileResult(
+        key=p.key,
+        uri=store.bundle_uri(p.key),
+        manifestSha256=sha256_bytes(manifest_bytes),
+        size=size,
+        toolchain=m.toolchain,
+        compileSeconds=0.0,
+        reused=True,
+        report=m.report,
+    )
 
 
 # ---------------------------------------------------------------- compile
@@ -281,12 +277,12 @@ def build_bundle(p: Plan, workdir: Path) -> tuple[Path, float, Any]:
     return result.bundle_dir, time.perf_counter() - t0, report
 
 
-def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+def run(args: argparse.Namespace, workdir: Path) -> CompileResult:
     """The Job's work; raises TezzeretError subclasses for every expected failure."""
     from esper.targets import check_runtime
 
-    spec = load_spec(args.blueprint)
-    p = plan(spec, args.target, args.expect_key)
+    work = load_work(args)
+    p = plan(work.spec, work.target, work.expect_key, work.expect_torch)
     log.info("blueprint ok: irDigest %s, key %s", p.ir_digest, p.key)
     why = check_runtime(p.target)
     if why is not None:
@@ -299,15 +295,15 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     with storage_errors(f"cannot upload to {store.uri}"):
         ref = store.put_bundle(p.key, bundle_dir)
     log.info("uploaded %s (%d bytes, manifest %s)", ref.uri, ref.size, ref.sha256[:16])
-    return {
-        "key": p.key,
-        "uri": ref.uri,
-        "manifestSha256": ref.sha256,
-        "size": ref.size,
-        "toolchain": p.toolchain.model_dump(mode="json"),
-        "compileSeconds": round(seconds, 3),
-        "report": report.model_dump(mode="json"),
-    }
+    return CompileResult(
+        key=p.key,
+        uri=ref.uri,
+        manifestSha256=ref.sha256,
+        size=ref.size,
+        toolchain=p.toolchain,
+        compileSeconds=round(seconds, 3),
+        report=report,
+    )
 
 
 def command(blueprint: Path | str, *, target: str, store: Path | str, result_path: Path | str) -> list[str]:
@@ -329,42 +325,47 @@ def command(blueprint: Path | str, *, target: str, store: Path | str, result_pat
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m esper.tezzeret", description=__doc__.splitlines()[0])
-    ap.add_argument("--target", required=True, help="cpu or cuda-smNN")
+    ap.add_argument("--target", help=f"cpu or cuda-smNN; with --blueprint (else from ${REQUEST_ENV})")
     ap.add_argument("--store", required=True, help="s3://bucket/prefix, file:///path or a path")
-    ap.add_argument("--blueprint", help=f"Blueprint (or spec) YAML/JSON file; default ${BLUEPRINT_ENV}")
-    ap.add_argument("--expect-key", help="the kernel key the operator computed; a mismatch exits 66")
+    ap.add_argument("--blueprint", help=f"Blueprint (or spec) YAML/JSON file; default ${REQUEST_ENV}")
+    ap.add_argument("--expect-key", help="with --blueprint: the kernel key expected; a mismatch exits 66")
     ap.add_argument("--result-path", help=f"default ${RESULT_PATH_ENV} or {DEFAULT_RESULT_PATH}")
     ap.add_argument("--workdir", help="keep the build here (default: a temporary directory)")
     return ap
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the compile Job in-process; returns the exit code (see esper.tezzeret.exitcodes)."""
+    """Run the compile Job in-process; returns the exit code (esper.contracts.job.ExitCode)."""
     if not logging.getLogger().handlers:
         logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="tezzeret %(asctime)s %(message)s")
     ap = parser()
     try:
         args = ap.parse_args(argv)
+        if (args.target or args.expect_key) and not args.blueprint and os.environ.get(REQUEST_ENV):
+            ap.error(f"--target and --expect-key come from ${REQUEST_ENV} unless --blueprint is given")
+        if args.blueprint and not args.target:
+            ap.error("--blueprint needs --target")
     except SystemExit as e:
         code = int(e.code or 0)
         if code:
-            write_result({"error": {"code": code, "reason": "UsageError", "message": "bad arguments"}}, None)
+            error = CompileError(code=code, reason="UsageError", message="bad arguments")
+            write_result(CompileFailure(error=error), None)
         return code
     t0 = time.perf_counter()
     try:
         if args.workdir:
             Path(args.workdir).mkdir(parents=True, exist_ok=True)
-            doc = run(args, Path(args.workdir))
+            result = run(args, Path(args.workdir))
         else:
             with tempfile.TemporaryDirectory(prefix="tezzeret-") as tmp:
-                doc = run(args, Path(tmp))
+                result = run(args, Path(tmp))
     except Exception as e:  # every failure must become a code and a result line
         if not isinstance(e, TezzeretError):
             log.exception("unexpected failure")
         else:
             log.error("%s (exit %d): %s", e.reason, e.code, e)
-        write_result(error_doc(e), args.result_path)
+        write_result(error_result(e), args.result_path)
         return exitcodes.code_for(e)
     log.info("done in %.1fs", time.perf_counter() - t0)
-    write_result(doc, args.result_path)
-    return exitcodes.OK
+    write_result(result, args.result_path)
+    return ExitCode.OK

@@ -1,9 +1,10 @@
 """Compile Jobs: the manifest the operator creates, and what it reads back when one finishes.
 
-The Job is the whole contract with the compiler: its command line and environment carry the request,
-the Pod's termination message carries the result. Compile Pods get no Kubernetes API rights, so the
-termination message, written by the container and relayed by the kubelet, is the trust anchor for the
-artifact's sha256; the operator checks it against the Kernel's key and, when configured, the store.
+The Job is the whole contract with the compiler (esper.contracts.job): one CompileRequest in its
+environment, one CompileResult or CompileFailure in the Pod's termination message. Compile Pods get no
+Kubernetes API rights, so the termination message, written by the container and relayed by the
+kubelet, is the trust anchor for the artifact's sha256; the operator checks it against the Kernel's
+key and, when configured, the store.
 """
 
 from __future__ import annotations
@@ -14,25 +15,33 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from esper.contracts import ArtifactRef, KernelSpec, Toolchain, ValidationReport
+from esper.contracts import GROUP_VERSION, ArtifactRef, KernelSpec, Toolchain, ValidationReport
+from esper.contracts.job import (
+    PERMANENT_REASONS,
+    REQUEST_ENV,
+    CompileFailure,
+    CompileRequest,
+    CompileResult,
+    CompileSpec,
+)
+from esper.contracts.job import parse_result as parse_result_line
 from esper.contracts.naming import LABEL_KERNEL, LABEL_TARGET, MANAGED_BY, OPERATOR_NAME
 from esper.targets import Target
 from esper_operator.config import OperatorConfig
 
-# The compiler's exit codes (esper.tezzeret.exitcodes), mirrored here so the operator needs no torch.
-PERMANENT_EXIT_CODES = {65: "InvalidBlueprint", 66: "UnsupportedTarget", 67: "ValidationFailed"}
-TRANSIENT_EXIT_CODE = 75
 SCRATCH = "/scratch"
 
 
-def compile_request(spec: KernelSpec) -> str:
-    """The Blueprint as the compile Job receives it (ESPER_BLUEPRINT_JSON): expanded graph, one target."""
-    body = {
-        "graph": spec.graph.model_dump(mode="json"),
-        "targets": [spec.target],
-        "compile": spec.compile.model_dump(mode="json"),
-    }
-    return json.dumps(body, sort_keys=True, separators=(",", ":"))
+def compile_request(spec: KernelSpec, namespace: str = "") -> CompileRequest:
+    """What the compile Job for this Kernel is asked to build: expanded graph, one target, the key."""
+    return CompileRequest(
+        blueprint=spec.blueprint,
+        namespace=namespace,
+        spec=CompileSpec(graph=spec.graph, compile=spec.compile),
+        target=spec.target,
+        expectKey=spec.key,
+        expectTorch=spec.toolchain.torch,
+    )
 
 
 def build_job(
@@ -45,8 +54,7 @@ def build_job(
     if config.kueue_queue:
         labels["kueue.x-k8s.io/queue-name"] = config.kueue_queue
     env = [
-        {"name": "ESPER_BLUEPRINT_JSON", "value": compile_request(spec)},
-        {"name": "ESPER_EXPECT_TORCH", "value": spec.toolchain.torch},
+        {"name": REQUEST_ENV, "value": compile_request(spec, namespace).to_env()},
         {"name": "AWS_REGION", "value": config.s3_region},
         {"name": "TORCHINDUCTOR_CACHE_DIR", "value": f"{SCRATCH}/inductor"},
         {"name": "HOME", "value": SCRATCH},
@@ -70,7 +78,7 @@ def build_job(
         "image": config.compile_image,
         "imagePullPolicy": config.image_pull_policy,
         "command": list(config.compile_command),
-        "args": ["--target", spec.target, "--store", config.store_uri, "--expect-key", spec.key],
+        "args": ["--store", config.store_uri],
         "env": env,
         "resources": resources,
         "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -115,7 +123,7 @@ def build_job(
             "labels": labels,
             "ownerReferences": [
                 {
-                    "apiVersion": "esper.dev/v1alpha1",
+                    "apiVersion": GROUP_VERSION,
                     "kind": "Kernel",
                     "name": kernel_name,
                     "uid": kernel_uid,
@@ -135,7 +143,7 @@ def build_job(
                         "onExitCodes": {
                             "containerName": "tezzeret",
                             "operator": "In",
-                            "values": sorted(PERMANENT_EXIT_CODES),
+                            "values": sorted(int(code) for code in PERMANENT_REASONS),
                         },
                     },
                     {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
@@ -185,30 +193,34 @@ def _last(pods: list[dict[str, Any]], phase: str) -> dict[str, Any] | None:
 def parse_result(message: str, *, expected_key: str) -> JobOutcome:
     """Check a compile Pod's termination message; a wrong or missing field is a failure, not a Ready."""
     try:
-        data = json.loads(message)
+        result = parse_result_line(message)
     except (json.JSONDecodeError, TypeError):
         return JobOutcome("failed", "BadResult", f"termination message is not JSON: {message[:200]!r}")
-    if not isinstance(data, dict) or "key" not in data:
-        return JobOutcome("failed", "BadResult", "termination message has no kernel key")
-    if data["key"] != expected_key:
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "result"
         return JobOutcome(
-            "failed", "KeyMismatch", f"Job reported key {data['key']!r}, Kernel has {expected_key}"
+            "failed", "BadResult", f"termination message is not a compile result: {where}: {first['msg']}"
         )
-    try:
-        artifact = ArtifactRef(uri=data["uri"], sha256=data["manifestSha256"], size=data["size"])
-        toolchain = Toolchain.model_validate(data["toolchain"])
-        report = ValidationReport.model_validate(data["report"]) if data.get("report") else None
-        seconds = float(data.get("compileSeconds", 0.0))
-    except (KeyError, ValueError, ValidationError, TypeError) as exc:
-        return JobOutcome("failed", "BadResult", f"termination message incomplete: {exc}".splitlines()[0])
+    if isinstance(result, CompileFailure):
+        return JobOutcome("failed", "BadResult", f"a succeeded Job reported an error: {result.error.message}")
+    if result.key != expected_key:
+        return JobOutcome(
+            "failed", "KeyMismatch", f"Job reported key {result.key!r}, Kernel has {expected_key}"
+        )
+    return outcome_of(result)
+
+
+def outcome_of(result: CompileResult) -> JobOutcome:
+    """A successful result as the Kernel's outcome."""
     return JobOutcome(
         "succeeded",
         "Compiled",
         "",
-        artifact=artifact,
-        toolchain=toolchain,
-        report=report,
-        compile_seconds=seconds,
+        artifact=ArtifactRef(uri=result.uri, sha256=result.manifestSha256, size=result.size),
+        toolchain=result.toolchain,
+        report=result.report,
+        compile_seconds=result.compileSeconds,
     )
 
 
@@ -240,8 +252,8 @@ def interpret(job: dict[str, Any], pods: list[dict[str, Any]], *, expected_key: 
         reason = "OOMKilled"
     elif job_reason == "DeadlineExceeded":
         reason = "DeadlineExceeded"
-    elif code in PERMANENT_EXIT_CODES:
-        reason = PERMANENT_EXIT_CODES[code]
+    elif code in PERMANENT_REASONS:
+        reason = PERMANENT_REASONS[code]
     elif pod and (pod.get("status") or {}).get("reason") == "Evicted":
         reason = "Evicted"
     elif job_reason == "BackoffLimitExceeded":

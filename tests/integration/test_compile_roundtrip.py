@@ -18,8 +18,9 @@ import pytest
 import torch
 
 from esper.artifact import read_manifest, verify_bundle
-from esper.blueprint import Graph, build_module
+from esper.blueprint import Graph, build_module, validate_source
 from esper.contracts.common import CompileOptions
+from esper.contracts.job import REQUEST_ENV, CompileRequest, CompileSpec
 from esper.storage import open_store
 from esper.tezzeret import entrypoint
 from esper.tezzeret.compile import InputSpec, compile_module
@@ -146,10 +147,19 @@ def test_rerun_reuses_the_stored_bundle(
     first = compiled["lora-adapter"]
     bundle = store_dir / "kernels" / first["key"]
     before = (bundle / "manifest.json").stat().st_mtime_ns
-    env = {**os.environ, entrypoint.BLUEPRINT_ENV: json.dumps(_spec("lora-adapter"))}
+    spec = _spec("lora-adapter")
+    request = CompileRequest(
+        blueprint="lora-adapter",
+        spec=CompileSpec(
+            graph=validate_source(spec), compile=CompileOptions.model_validate(spec.get("compile") or {})
+        ),
+        target="cpu",
+        expectKey=first["key"],
+    )
+    env = {**os.environ, REQUEST_ENV: request.to_env()}
     proc = subprocess.run(
-        [sys.executable, "-m", "esper.tezzeret", "--target", "cpu", "--store", str(store_dir),
-         "--expect-key", first["key"], "--result-path", str(tmp_path / "r")],
+        [sys.executable, "-m", "esper.tezzeret", "--store", str(store_dir),
+         "--result-path", str(tmp_path / "r")],
         env=env, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr

@@ -547,28 +547,30 @@ def test_a_valid_manifest_still_validates(tmp_path: Path) -> None:
 def test_the_compile_job_refuses_it_with_exit_65(
     tmp_path: Path, case: str, manifest: str | bytes, expected: str
 ) -> None:
+    from esper.contracts.job import ExitCode
     from esper.tezzeret.entrypoint import load_spec, plan
-    from esper.tezzeret.exitcodes import INVALID_BLUEPRINT, InvalidBlueprint
+    from esper.tezzeret.exitcodes import InvalidBlueprint
 
     path = tmp_path / f"{case}.yaml"
     path.write_bytes(manifest.encode() if isinstance(manifest, str) else manifest)
     with pytest.raises(InvalidBlueprint) as info:
         plan(load_spec(str(path)), "cpu", None)
-    assert info.value.code == INVALID_BLUEPRINT
+    assert info.value.code == ExitCode.INVALID_BLUEPRINT
     assert expected in str(info.value) and len(str(info.value)) < 1000, str(info.value)[:1000]
 
 
 @pytest.mark.parametrize("template", ["transformer-block", "conv-block", "residual-mlp"])
 def test_the_compile_job_reads_the_operators_request_to_the_same_key(template: str) -> None:
     """The operator's JSON (floats such as eps=1e-05 included) means the same to the compile Job."""
-    from esper.tezzeret.entrypoint import BLUEPRINT_ENV, load_spec, plan
+    from esper.contracts.job import REQUEST_ENV
+    from esper.tezzeret.entrypoint import load_work, parser, plan
     from esper_operator.jobs import compile_request
 
     planned = plan_blueprint("b", {"template": {"name": template}}, torch_version="2.13.0").kernels[0]
-    request = compile_request(planned.spec)
+    request = compile_request(planned.spec).to_env()
     assert "e-05" in request or template == "residual-mlp"  # a float JSON writes with an exponent
-    spec = load_spec(None, {BLUEPRINT_ENV: request})
-    assert plan(spec, planned.spec.target, None).ir_digest == planned.spec.irDigest
+    work = load_work(parser().parse_args(["--store", "x"]), {REQUEST_ENV: request})
+    assert plan(work.spec, work.target, None).ir_digest == planned.spec.irDigest
 
 
 def test_esper_compile_refuses_a_near_miss_kind_before_compiling(tmp_path: Path) -> None:

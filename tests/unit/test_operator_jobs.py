@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from esper.contracts.job import REQUEST_ENV, CompileRequest
 from esper_operator.config import ConfigError, OperatorConfig
 from esper_operator.jobs import build_job, compile_request, interpret, parse_result
 from esper_operator.plan import plan_blueprint
@@ -73,23 +74,20 @@ def test_job_carries_the_request_and_secrets_by_reference() -> None:
     jobs, plan = _jobs()
     container = jobs["cpu"]["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e for e in container["env"]}
-    assert container["args"] == [
-        "--target",
-        "cpu",
-        "--store",
-        "s3://bucket/kernels",
-        "--expect-key",
-        plan.kernels[0].spec.key,
-    ]
-    request = json.loads(env["ESPER_BLUEPRINT_JSON"]["value"])
-    assert request["targets"] == ["cpu"] and request["graph"]["nodes"]
+    assert container["args"] == ["--store", "s3://bucket/kernels"]
+    request = CompileRequest.model_validate_json(env[REQUEST_ENV]["value"])
+    kernel = plan.kernels[0].spec
+    assert (request.blueprint, request.namespace, request.target) == ("mlp", "ns", "cpu")
+    assert (request.expectKey, request.expectTorch) == (kernel.key, "2.13.0")
+    assert request.spec.graph == kernel.graph and request.spec.graph.nodes
+    assert "ESPER_EXPECT_TORCH" not in env and "targets" not in json.loads(env[REQUEST_ENV]["value"])["spec"]
     assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
         "name": "esper-s3",
         "key": "AWS_SECRET_ACCESS_KEY",
     }
     assert "value" not in env["AWS_ACCESS_KEY_ID"]
     assert env["ESPER_S3_ENDPOINT"]["value"] == "http://minio:9000"
-    assert compile_request(plan.kernels[0].spec) == env["ESPER_BLUEPRINT_JSON"]["value"]
+    assert compile_request(kernel, "ns").to_env() == env[REQUEST_ENV]["value"]
 
 
 def test_gpu_targets_request_a_gpu_and_land_on_gpu_nodes() -> None:

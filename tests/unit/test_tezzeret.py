@@ -11,7 +11,8 @@ import torch
 
 from esper.artifact import Manifest, kernel_key, write_manifest
 from esper.blueprint import digest, validate_source
-from esper.contracts.common import CompileOptions, ValidationReport
+from esper.contracts.common import CompileOptions, Toolchain, ValidationReport
+from esper.contracts.job import REQUEST_ENV, CompileRequest, CompileResult, CompileSpec, ExitCode
 from esper.targets import Target
 from esper.tezzeret import entrypoint, exitcodes
 from esper.tezzeret.bench import BatchTiming, BenchResult, geomean, interleaved_micros, make_report
@@ -32,8 +33,8 @@ SPEC: dict[str, Any] = {"template": {"name": "lora-adapter", "params": {"feature
 
 
 def test_exit_codes_are_the_contract() -> None:
-    assert (exitcodes.OK, exitcodes.INVALID_BLUEPRINT, exitcodes.UNSUPPORTED_TARGET) == (0, 65, 66)
-    assert (exitcodes.VALIDATION_FAILED, exitcodes.TRANSIENT) == (67, 75)
+    assert (ExitCode.OK, ExitCode.INVALID_BLUEPRINT, ExitCode.UNSUPPORTED_TARGET) == (0, 65, 66)
+    assert (ExitCode.VALIDATION_FAILED, ExitCode.TRANSIENT, ExitCode.INTERNAL) == (67, 75, 70)
     cases = {
         InvalidBlueprint: 65,
         UnsupportedTarget: 66,
@@ -45,8 +46,8 @@ def test_exit_codes_are_the_contract() -> None:
         exc = cls("x")
         assert exitcodes.code_for(exc) == code
         assert exc.permanent == (code in (65, 66, 67))
-    assert exitcodes.code_for(MemoryError()) == exitcodes.TRANSIENT
-    assert exitcodes.code_for(RuntimeError("bug")) == exitcodes.INTERNAL
+    assert exitcodes.code_for(MemoryError()) == 75
+    assert exitcodes.code_for(RuntimeError("bug")) == 70
     assert exitcodes.reason_for(ToolchainMismatch("x")) == "ToolchainMismatch"
     assert exitcodes.reason_for(KeyError("x")) == "InternalError"
 
@@ -54,23 +55,15 @@ def test_exit_codes_are_the_contract() -> None:
 # ---------------------------------------------------------------- result line
 
 
-def test_fit_json_keeps_small_results_and_caps_big_ones() -> None:
-    small = {"key": "k", "report": {"speedup": 1.5}}
-    assert json.loads(entrypoint.fit_json(small)) == small
-    big = {"error": {"code": 65, "reason": "InvalidBlueprint", "message": "spec.graph: é bad\n" * 2000}}
-    line = entrypoint.fit_json(big)
-    assert len(line.encode()) <= entrypoint.MAX_RESULT_BYTES
-    assert "\n" not in line
-    doc = json.loads(line)
-    assert doc["error"]["code"] == 65 and doc["error"]["reason"] == "InvalidBlueprint"
-    assert doc["error"]["message"].startswith("spec.graph: é bad") and doc["error"]["message"].endswith("...")
-
-
 def test_write_result_warns_when_path_unwritable(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    entrypoint.write_result({"key": "k"}, str(tmp_path / "missing-dir" / "result"))
+    result = CompileResult(
+        key="a" * 64, uri="file:///s/kernels/" + "a" * 64, manifestSha256="b" * 64, size=1,
+        toolchain=Toolchain(torch="2.13.0", capability="cpu"),
+    )  # fmt: skip
+    entrypoint.write_result(result, str(tmp_path / "missing-dir" / "result"))
     out, err = capsys.readouterr()
     assert "cannot write the result" in err
-    assert json.loads(out.strip().splitlines()[-1]) == {"key": "k"}
+    assert json.loads(out.strip().splitlines()[-1])["manifestSha256"] == "b" * 64
 
 
 # ---------------------------------------------------------------- tolerance and bench arithmetic
@@ -154,7 +147,7 @@ def _key(spec: dict[str, Any], target: str = "cpu") -> str:
 
 @pytest.mark.usefixtures("no_compile")
 def test_missing_blueprint_is_65(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(entrypoint.BLUEPRINT_ENV, raising=False)
+    monkeypatch.delenv(REQUEST_ENV, raising=False)
     code, doc = _run(tmp_path)
     assert code == 65 and doc["error"]["reason"] == "InvalidBlueprint"
     assert "--blueprint" in doc["error"]["message"]
@@ -163,10 +156,28 @@ def test_missing_blueprint_is_65(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 
 @pytest.mark.usefixtures("no_compile")
-def test_bad_json_in_env_is_65(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(entrypoint.BLUEPRINT_ENV, '{"template": {"name": ')
-    code, doc = _run(tmp_path)
-    assert code == 65 and "not valid YAML" in doc["error"]["message"]
+def test_bad_request_in_env_is_65(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(entrypoint.RESULT_PATH_ENV, str(tmp_path / "r"))
+    for text in ('{"template": {"name": ', json.dumps({"blueprint": "b", "spec": SPEC, "target": "cpu"})):
+        monkeypatch.setenv(REQUEST_ENV, text)
+        assert entrypoint.main(["--store", str(tmp_path / "store")]) == 65
+        doc = json.loads((tmp_path / "r").read_text())
+        assert f"${REQUEST_ENV} is not a valid compile request" in doc["error"]["message"]
+
+
+def test_request_and_target_flags_are_exclusive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(REQUEST_ENV, _request(SPEC).to_env())
+    monkeypatch.setenv(entrypoint.RESULT_PATH_ENV, str(tmp_path / "r"))
+    assert entrypoint.main(["--target", "cpu", "--store", str(tmp_path / "store")]) == 2
+    assert json.loads((tmp_path / "r").read_text())["error"]["reason"] == "UsageError"
+
+
+def _request(spec: dict[str, Any], **fields: Any) -> CompileRequest:
+    options = CompileOptions.model_validate(spec.get("compile") or {})
+    graph = validate_source(spec)
+    return CompileRequest(
+        blueprint="b", spec=CompileSpec(graph=graph, compile=options), target="cpu", **fields
+    )
 
 
 @pytest.mark.usefixtures("no_compile")
@@ -239,11 +250,14 @@ def test_key_and_torch_mismatch_are_66(tmp_path: Path, monkeypatch: pytest.Monke
     code, doc = _run(tmp_path, "--blueprint", bp, "--expect-key", "0" * 64)
     assert code == 66 and doc["error"]["reason"] == "ToolchainMismatch"
     assert _key(SPEC) in doc["error"]["message"]
-    monkeypatch.setenv(entrypoint.EXPECT_TORCH_ENV, "1.0.0")
-    code, doc = _run(tmp_path, "--blueprint", bp, "--expect-key", _key(SPEC))
-    assert code == 66 and "torch" in doc["error"]["message"]
-    monkeypatch.setenv(entrypoint.EXPECT_TORCH_ENV, torch_version())
-    code, doc = _run(tmp_path, "--blueprint", bp, "--expect-key", _key(SPEC), store=str(tmp_path / "f" / "s"))
+    monkeypatch.setenv(entrypoint.RESULT_PATH_ENV, str(tmp_path / "r"))
+    monkeypatch.setenv(REQUEST_ENV, _request(SPEC, expectKey=_key(SPEC), expectTorch="1.0.0").to_env())
+    assert entrypoint.main(["--store", str(tmp_path / "store")]) == 66
+    assert "torch" in json.loads((tmp_path / "r").read_text())["error"]["message"]
+    monkeypatch.setenv(
+        REQUEST_ENV, _request(SPEC, expectKey=_key(SPEC), expectTorch=torch_version()).to_env()
+    )
+    code = entrypoint.main(["--store", str(tmp_path / "f" / "s")])
     assert code != 66  # the checks pass; the (unreachable) store comes next
 
 
@@ -279,9 +293,9 @@ def _fake_stored_bundle(tmp_path: Path, spec: dict[str, Any]) -> tuple[str, str]
 @pytest.mark.usefixtures("no_compile")
 def test_existing_bundle_is_reused_without_compiling(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     key, sha = _fake_stored_bundle(tmp_path, SPEC)
-    monkeypatch.setenv(entrypoint.BLUEPRINT_ENV, json.dumps(SPEC))
+    monkeypatch.setenv(REQUEST_ENV, _request(SPEC, expectKey=key).to_env())
     monkeypatch.setenv(entrypoint.RESULT_PATH_ENV, str(tmp_path / "env-result"))
-    assert entrypoint.main(["--target", "cpu", "--store", str(tmp_path / "store"), "--expect-key", key]) == 0
+    assert entrypoint.main(["--store", str(tmp_path / "store")]) == 0
     doc = json.loads((tmp_path / "env-result").read_text())
     assert doc["key"] == key and doc["manifestSha256"] == sha and doc["reused"] is True
     assert doc["uri"].endswith(f"/kernels/{key}") and doc["report"]["speedup"] == 2
@@ -308,11 +322,11 @@ def test_unexpected_crash_is_reported(tmp_path: Path, monkeypatch: pytest.Monkey
 
     monkeypatch.setattr(entrypoint, "build_bundle", crash)
     code, doc = _run(tmp_path, "--blueprint", _blueprint(tmp_path, SPEC))
-    assert code == exitcodes.INTERNAL
+    assert code == ExitCode.INTERNAL
     assert doc["error"] == {"code": 70, "reason": "InternalError", "message": "inductor exploded"}
 
 
 def test_usage_error_exits_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(entrypoint.RESULT_PATH_ENV, str(tmp_path / "r"))
-    assert entrypoint.main(["--store", "x"]) == 2
+    assert entrypoint.main(["--target", "cpu"]) == 2  # no --store
     assert json.loads((tmp_path / "r").read_text())["error"]["reason"] == "UsageError"
