@@ -18,6 +18,7 @@ from esper.blueprint.canonical import canonical_graph
 from esper.blueprint.errors import BlueprintInvalid
 from esper.blueprint.ir import Graph
 from esper.blueprint.ops import OPS
+from esper.blueprint.torch_ops import BUILDERS
 from esper.blueprint.validate import analyze
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -46,7 +47,7 @@ class BlueprintModule(nn.Module):
             op = OPS[node.op]
             params = op.params.model_validate(node.params)
             ins = [analysis.shapes[i] for i in node.inputs]
-            self.nodes.add_module(node.id, op.build(params, ins, gen))
+            self.nodes.add_module(node.id, BUILDERS[node.op](params, ins, gen))
         self.to(_DTYPES[filled.dtype])
 
     def forward(self, *inputs: Tensor) -> Tensor | tuple[Tensor, ...]:

@@ -1,21 +1,19 @@
 """The pieces every op definition is made of: shapes, shape errors, param models, the OpDef record.
 
 Kept free of torch: the operator validates Blueprints (shapes, parameter counts) without it. The torch
-constructor of an op lives in :mod:`esper.blueprint.torch_ops`, imported only when a module is built.
+constructor of an op lives in :mod:`esper.blueprint.torch_ops` (BUILDERS, by op name), which imports
+this module and never the reverse.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from esper.blueprint.ir import BATCH, MAX_DIM
-
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
 
 Shape = tuple[int | str, ...]
 """A tensor shape: 'batch' first, then static sizes."""
@@ -78,12 +76,6 @@ class OpDef:
     doc: str = ""
     dtypes: frozenset[str] = field(default=ALL_DTYPES)
     dtype_reason: str = ""
-
-    def build(self, p: Params, ins: list[Shape], gen: torch.Generator) -> torch.nn.Module:
-        """The torch module of this op; imports torch only now."""
-        from esper.blueprint.torch_ops import BUILDERS
-
-        return BUILDERS[self.name](p, ins, gen)
 
     def arity_text(self) -> str:
         lo, hi = self.arity

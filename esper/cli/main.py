@@ -315,7 +315,7 @@ DEFAULT_IMAGE = "ghcr.io/esper-dev/esper:0.1.0"
 def kasmina_sync() -> None:
     """Run the sidecar: sync the Kernels this pod asked for (ESPER_KERNELS / ESPER_KERNEL_SELECTOR)
     from the store into ESPER_KERNEL_DIR, until SIGTERM. Serves /readyz, /healthz, /metrics."""
-    from esper.kasmina.sync import ConfigError, run_sync
+    from esper.sidecar.sync import ConfigError, run_sync
 
     try:
         code = run_sync()
@@ -329,7 +329,7 @@ def kasmina_sync() -> None:
 def kasmina_train(ctx: typer.Context) -> None:
     """The example trainer of a training pod: grows the demo model with the Kernels the sidecar
     delivers (--kernel-dir or ESPER_KERNEL_DIR, --steps, --slots, --metrics-port, --seed)."""
-    from esper.kasmina.trainer import main
+    from esper.demo.trainer import main
 
     raise typer.Exit(main(list(ctx.args)))
 
@@ -347,7 +347,7 @@ def kasmina_inject(
     service_account: Annotated[str, typer.Option(help="ServiceAccount to run the pod as.")] = "",
 ) -> None:
     """Add the Kasmina sidecar, its shared volume and env to workload manifests; print the result."""
-    from esper.kasmina.inject import inject_documents
+    from esper.sidecar.inject import inject_documents
 
     if not kernels and not selector:
         typer.echo("give --kernels or --selector: which Kernels should the pod receive?", err=True)

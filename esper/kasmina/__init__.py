@@ -1,8 +1,8 @@
-"""Kasmina: seed slots in a host model, the seed lifecycle, compiled-kernel loading, and the policy.
+"""Kasmina: seed slots in a host model, the seed lifecycle, compiled-kernel loading, the policy and
+telemetry; the in-process runtime of a training pod (its sidecar is esper.sidecar).
 
-Names are imported lazily (PEP 562): the sidecar modules of this package (sync, index, server,
-inject) stay torch-free, while `from esper.kasmina import SeedSlot` imports torch on first use.
-Never imports kopf.
+Names are imported lazily (PEP 562): `import esper.kasmina` is cheap, while
+`from esper.kasmina import SeedSlot` imports torch on first use. Never imports kopf.
 """
 
 from __future__ import annotations
@@ -22,9 +22,11 @@ _EXPORTS: dict[str, str] = {
     ),
     **dict.fromkeys(["CatalogEntry", "KernelCatalog", "PlateauPolicy"], "policy"),
     **dict.fromkeys(
-        ["KernelRestoreError", "SeedSlot", "set_kernel_resolver", "slots", "step_slots", "wrap"], "seed"
+        ["KernelRestoreError", "SeedSlot", "set_kernel_resolver", "slots", "status_json", "step_slots",
+         "wrap"],
+        "seed",
     ),
-    **dict.fromkeys(["KasminaMetrics", "SeedTelemetry", "default_metrics", "status_json"], "telemetry"),
+    **dict.fromkeys(["KasminaMetrics", "SeedTelemetry", "default_metrics"], "telemetry"),
 }  # fmt: skip
 __all__ = [
     "TRANSITIONS",
@@ -78,8 +80,16 @@ if TYPE_CHECKING:
         can_transition,
     )
     from esper.kasmina.policy import CatalogEntry, KernelCatalog, PlateauPolicy
-    from esper.kasmina.seed import KernelRestoreError, SeedSlot, set_kernel_resolver, slots, step_slots, wrap
-    from esper.kasmina.telemetry import KasminaMetrics, SeedTelemetry, default_metrics, status_json
+    from esper.kasmina.seed import (
+        KernelRestoreError,
+        SeedSlot,
+        set_kernel_resolver,
+        slots,
+        status_json,
+        step_slots,
+        wrap,
+    )
+    from esper.kasmina.telemetry import KasminaMetrics, SeedTelemetry, default_metrics
 
 
 def __getattr__(name: str) -> Any:

@@ -655,6 +655,11 @@ def slots(model: nn.Module) -> dict[str, SeedSlot]:
     return {m.name: m for m in model.modules() if isinstance(m, SeedSlot)}
 
 
+def status_json(model: nn.Module) -> dict[str, Any]:
+    """Every seed slot of `model` as JSON-able data (for the sidecar, the CLI and the demo table)."""
+    return {"seeds": [m.status() for m in model.modules() if isinstance(m, SeedSlot)]}
+
+
 def step_slots(model: nn.Module) -> None:
     """`slot.step()` for every slot (once per optimizer step).
 

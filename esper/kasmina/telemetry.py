@@ -19,7 +19,6 @@ from esper.kasmina.lifecycle import SeedState
 
 if TYPE_CHECKING:
     import torch
-    from torch import nn
 
 _EMA = 0.1  # weight of a new sample in the running activation statistics
 SAMPLE_ELEMENTS = 1024  # at most this many activation elements per statistics sample (~10 µs)
@@ -149,11 +148,3 @@ class SeedTelemetry:
 
 def _f(t: torch.Tensor | None) -> float | None:
     return None if t is None else float(t)
-
-
-def status_json(model: nn.Module) -> dict[str, Any]:
-    """Every seed slot of `model` as JSON-able data (for the sidecar, the CLI and the demo table)."""
-    from esper.kasmina.seed import SeedSlot
-
-    seeds = [m.status() for m in model.modules() if isinstance(m, SeedSlot)]
-    return {"seeds": seeds}

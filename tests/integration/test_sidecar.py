@@ -25,10 +25,10 @@ import pytest
 
 from esper.artifact import FORWARD, verify_bundle
 from esper.contracts.common import ArtifactRef
-from esper.kasmina.index import IndexEntry, read_index
-from esper.kasmina.server import SyncServer
-from esper.kasmina.sync import ConfigError, KernelSync, SyncConfig, desired_of, store_uri_of
-from esper.kasmina.sync_config import default_namespace, parse_selector, selector_matches
+from esper.sidecar.config import default_namespace, parse_selector, selector_matches
+from esper.sidecar.index import IndexEntry, read_index
+from esper.sidecar.server import SyncServer
+from esper.sidecar.sync import ConfigError, KernelSync, SyncConfig, desired_of, store_uri_of
 from esper.storage import StorageError, Store, open_store, parse_s3_uri
 from esper.storage.s3 import S3Store
 from tests.support.cluster import Cluster, running_cluster, wait_for
@@ -369,7 +369,7 @@ def test_run_sync_entry_point_in_a_process(cluster: Cluster, s3_bucket: str, tmp
         "ESPER_SYNC_HOST": "127.0.0.1",
         "POD_NAMESPACE": "default",
     }
-    code = "import sys; from esper.kasmina.sync import run_sync; sys.exit(run_sync())"
+    code = "import sys; from esper.sidecar.sync import run_sync; sys.exit(run_sync())"
     proc = subprocess.Popen(
         [sys.executable, "-c", code],
         env=env,
@@ -432,7 +432,7 @@ def test_config_from_env(tmp_path: Path) -> None:
 
 
 def test_default_namespace_falls_back(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from esper.kasmina import sync_config
+    from esper.sidecar import config as sync_config
 
     monkeypatch.setattr(sync_config, "SA_NAMESPACE_FILE", str(tmp_path / "namespace"))
     assert default_namespace({}) == "default"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from esper.kasmina.index import IndexEntry, bundle_path, write_index
+from esper.sidecar.index import IndexEntry, bundle_path, write_index
 from esper.storage import open_store
 from esper.tezzeret.entrypoint import main as tezzeret
 
@@ -51,7 +51,7 @@ def test_a_delivered_kernel_is_germinated_between_steps(
     write_index(kernel_dir, [entry], version=1)
     capsys.readouterr()
 
-    from esper.kasmina.trainer import main
+    from esper.demo.trainer import main
 
     assert (
         main(["--kernel-dir", str(kernel_dir), "--steps", "2500", "--slots", "1", "--metrics-port", "0"]) == 0

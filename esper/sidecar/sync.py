@@ -31,7 +31,14 @@ from pydantic import ValidationError
 
 from esper.artifact import ArtifactError, verify_bundle
 from esper.contracts.common import ArtifactRef
-from esper.kasmina.index import (
+from esper.sidecar.config import (
+    ConfigError,
+    SyncConfig,
+    default_namespace,
+    parse_selector,
+    selector_matches,
+)
+from esper.sidecar.index import (
     KERNELS_SUBDIR,
     IndexCorrupt,
     IndexEntry,
@@ -39,14 +46,7 @@ from esper.kasmina.index import (
     read_index,
     write_index,
 )
-from esper.kasmina.server import SyncMetrics, SyncServer
-from esper.kasmina.sync_config import (
-    ConfigError,
-    SyncConfig,
-    default_namespace,
-    parse_selector,
-    selector_matches,
-)
+from esper.sidecar.server import SyncMetrics, SyncServer
 from esper.storage import BundleNotFound, StorageError, Store, open_store
 
 log = logging.getLogger(__name__)

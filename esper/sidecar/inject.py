@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from esper.kasmina.index import NAME_RE
+from esper.sidecar.index import NAME_RE
 
 SIDECAR = "esper-kasmina"
 VOLUME = "esper-kernels"

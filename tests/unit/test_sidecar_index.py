@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from esper.kasmina import index as index_mod
-from esper.kasmina.index import (
+from esper.sidecar import index as index_mod
+from esper.sidecar.index import (
     Index,
     IndexCorrupt,
     IndexEntry,

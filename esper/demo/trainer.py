@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("esper.kasmina.trainer")
+log = logging.getLogger("esper.demo.trainer")
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ def train(options: TrainerOptions) -> int:
 
     from esper.demo import DemoConfig, build_host, make_task
     from esper.kasmina import KernelCatalog, default_metrics, warmup, wrap
-    from esper.kasmina.index import IndexCorrupt, IndexWatcher
+    from esper.sidecar.index import IndexCorrupt, IndexWatcher
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from esper.kasmina.index import NAME_RE
+from esper.sidecar.index import NAME_RE
 from esper.storage import parse_s3_uri
 from esper.targets import Target
 

@@ -9,7 +9,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from esper.kasmina.inject import SIDECAR, VOLUME, inject, inject_documents
+from esper.sidecar.inject import SIDECAR, VOLUME, inject, inject_documents
 
 IMAGE = "ghcr.io/esper/esper:0.1.0"
 KERNEL = "cpu-0123456789abcdef"
