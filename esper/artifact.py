@@ -183,17 +183,27 @@ def _data_files(bundle_dir: Path) -> list[Path]:
     return out
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace `path` with `data` so that a reader sees the old or the new file, never half of one:
+    a temp file in the same directory, fsync, then os.replace. `mode` because mkstemp makes 0600 and
+    readers (the trainer beside the sidecar) may run as another user."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def bundle_size(manifest: Manifest, manifest_bytes: bytes) -> int:
+    """A bundle's size in bytes, everywhere it is reported (ArtifactRef, the compile result, `esper
+    kernels`): its data files as the manifest records them, plus manifest.json itself."""
+    return sum(f.size for f in manifest.files.values()) + len(manifest_bytes)
 
 
 def write_manifest(bundle_dir: Path | str, manifest: Manifest) -> tuple[str, int]:
@@ -207,10 +217,11 @@ def write_manifest(bundle_dir: Path | str, manifest: Manifest) -> tuple[str, int
     for p in _data_files(d):
         sha, size = hash_file(p)
         files[p.name] = FileEntry(sha256=sha, size=size)
-    data = manifest.model_copy(update={"files": files}).to_bytes()
+    written = manifest.model_copy(update={"files": files})
+    data = written.to_bytes()
     Manifest.model_validate_json(data)  # never write what verify_bundle would refuse
-    _atomic_write(d / MANIFEST, data)
-    return sha256_bytes(data), sum(f.size for f in files.values()) + len(data)
+    atomic_write(d / MANIFEST, data)
+    return sha256_bytes(data), bundle_size(written, data)
 
 
 def parse_manifest(data: bytes, source: str = MANIFEST) -> Manifest:

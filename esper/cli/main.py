@@ -21,6 +21,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from esper.artifact import bundle_size, parse_manifest
 from esper.blueprint import OPS, TEMPLATES, BlueprintInvalid
 from esper.blueprint.errors import cut
 from esper.contracts.manifest import MAX_BYTES, ManifestError
@@ -239,14 +240,16 @@ def kernels(
         raise typer.Exit(2)
     try:
         backend = open_store(store)
-        manifests = [backend.read_manifest(key) for key in backend.list_keys()]
+        manifests = [
+            (data, parse_manifest(data)) for data in map(backend.read_manifest_bytes, backend.list_keys())
+        ]
     except Exception as exc:
         typer.echo(f"{store}: {exc}", err=True)
         raise typer.Exit(2) from None
     rows = []
-    for m in manifests:
+    for data, m in manifests:
         report = m.report
-        size = sum(f.size for f in m.files.values())
+        size = bundle_size(m, data)
         rows.append(
             {
                 "key": m.key,

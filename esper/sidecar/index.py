@@ -19,12 +19,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from esper.artifact import KEY_PATTERN
+from esper.artifact import KEY_PATTERN, atomic_write
 from esper.contracts.common import now_rfc3339
 
 INDEX_FILE = "index.json"
@@ -124,17 +123,7 @@ def write_index(kernel_dir: Path | str, kernels: list[IndexEntry], version: int)
     d.mkdir(parents=True, exist_ok=True)
     index = Index(version=version, updatedAt=now_rfc3339(), kernels=sorted(kernels, key=lambda k: k.name))
     data = (json.dumps(index.model_dump(mode="json"), indent=2, sort_keys=True) + "\n").encode()
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{INDEX_FILE}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; the trainer may run as another user
-        os.replace(tmp, index_path(d))
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(index_path(d), data)
     return index
 
 

@@ -23,6 +23,7 @@ from esper.artifact import (
     MANIFEST,
     ArtifactError,
     Manifest,
+    bundle_size,
     check_key,
     parse_manifest,
     sha256_bytes,
@@ -96,8 +97,9 @@ class Store(ABC):
         except BundleNotFound:
             return None
         manifest = parse_manifest(data, f"{self.bundle_uri(key)}/{MANIFEST}")
-        size = sum(f.size for f in manifest.files.values()) + len(data)
-        return ArtifactRef(uri=self.bundle_uri(key), sha256=sha256_bytes(data), size=size)
+        return ArtifactRef(
+            uri=self.bundle_uri(key), sha256=sha256_bytes(data), size=bundle_size(manifest, data)
+        )
 
     def fetch_bundle(self, key: str, dest_dir: Path, expected_sha256: str | None = None) -> Path:
         """Download, verify and atomically install the bundle at `dest_dir`; returns `dest_dir`.

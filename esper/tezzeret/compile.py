@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from esper.artifact import ParamSpec
+from esper.artifact import BACKWARD, FORWARD, PARAMS, ParamSpec
 from esper.contracts.common import CompileOptions, Toolchain
 from esper.targets import Target, check_runtime
 from esper.tezzeret.exitcodes import InvalidBlueprint, UnsupportedTarget
@@ -39,9 +39,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("esper.tezzeret")
 
-FORWARD_FILE = "forward.pt2"
-BACKWARD_FILE = "backward.pt2"
-PARAMS_FILE = "params.safetensors"
 # x86-64-v3 = AVX2 + FMA + F16C (+ BMI, MOVBE): what "cpu-avx2" promises to every node that loads it.
 CPU_MARCH = "x86-64-v3"
 CPU_ISA = "avx2"
@@ -318,7 +315,7 @@ def compile_module(
     )
     timings["exportBackward"] = time.perf_counter() - t0
 
-    fwd_path, bwd_path = bundle / FORWARD_FILE, bundle / BACKWARD_FILE
+    fwd_path, bwd_path = bundle / FORWARD, bundle / BACKWARD
     with inductor_settings(target):
         t0 = time.perf_counter()
         aoti_compile_and_package(fwd_ep, package_path=str(fwd_path))
@@ -330,7 +327,7 @@ def compile_module(
     _check_package(bwd_path)
 
     t0 = time.perf_counter()
-    params_path = bundle / PARAMS_FILE
+    params_path = bundle / PARAMS
     # clone(): tied or view parameters would make safetensors refuse shared storage.
     save_file({n: p.detach().cpu().contiguous().clone() for n, p in named}, str(params_path))
     timings["saveParams"] = time.perf_counter() - t0

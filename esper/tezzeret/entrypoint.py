@@ -210,7 +210,7 @@ def open_store_checked(uri: str) -> Any:
 
 def existing_result(store: Any, p: Plan, workdir: Path) -> CompileResult | None:
     """The result of a bundle already stored under the key, if it downloads and verifies; else None."""
-    from esper.artifact import ArtifactError, parse_manifest, read_manifest_bytes, sha256_bytes
+    from esper.artifact import ArtifactError, bundle_size, parse_manifest, read_manifest_bytes, sha256_bytes
 
     with storage_errors(f"cannot read store {store.uri}"):
         if not store.has_bundle(p.key):
@@ -223,12 +223,11 @@ def existing_result(store: Any, p: Plan, workdir: Path) -> CompileResult | None:
             return None
     manifest_bytes = read_manifest_bytes(dest)
     m = parse_manifest(manifest_bytes)
-    size = sum(f.size for f in m.files.values()) + len(manifest_bytes)
     return CompileResult(
         key=p.key,
         uri=store.bundle_uri(p.key),
         manifestSha256=sha256_bytes(manifest_bytes),
-        size=size,
+        size=bundle_size(m, manifest_bytes),
         toolchain=m.toolchain,
         compileSeconds=0.0,
         reused=True,

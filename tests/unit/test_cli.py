@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -121,3 +122,17 @@ def test_inject_needs_a_choice_of_kernels(tmp_path: Path) -> None:
     bad = tmp_path / "cm.yaml"
     bad.write_text("apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {}\n")
     assert run("kasmina", "inject", str(bad), "--kernels", "x").output.strip().startswith("apiVersion")
+
+
+def test_kernels_reports_the_same_bundle_size_as_the_store(tmp_path: Path) -> None:
+    """Data files plus manifest.json, as the Kernel's status.artifact.size has it."""
+    from esper.storage import open_store
+    from tests.support.s3 import make_fake_bundle
+
+    key, _ = make_fake_bundle(tmp_path / "bundle", size=1000)
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "bundle").iterdir())
+    ref = open_store(str(tmp_path / "store")).put_bundle(key, tmp_path / "bundle")
+    result = run("kernels", "--store", str(tmp_path / "store"), "--json")
+    assert result.exit_code == 0, result.output
+    [row] = json.loads(result.output)
+    assert row["key"] == key and row["size"] == ref.size == on_disk > 3000
