@@ -8,8 +8,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from esper.envconfig import read_env
 from esper.sidecar.index import NAME_RE
 from esper.storage import parse_s3_uri
 from esper.targets import Target
@@ -28,16 +29,12 @@ _ENV = {  # field -> environment variable
 }  # fmt: skip
 
 
-class ConfigError(ValueError):
-    """The sidecar's environment is wrong; the message names each variable at fault."""
-
-
 class SyncConfig(BaseModel):
     """What to sync, where to, and how; `from_env()` reads it from the pod's environment."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    kernel_dir: Path
+    kernel_dir: Path = Field(description="the shared kernel volume's mount path")
     kernels: tuple[str, ...] = ()
     selector: str | None = None
     namespace: str = "default"
@@ -101,20 +98,8 @@ class SyncConfig(BaseModel):
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> SyncConfig:
         """Read the ESPER_* variables (see `_ENV`); ConfigError listing every problem."""
         env = os.environ if env is None else env
-        raw: dict[str, Any] = {f: env[v] for f, v in _ENV.items() if env.get(v, "").strip()}
-        if "kernel_dir" not in raw:
-            raise ConfigError("ESPER_KERNEL_DIR: required (the shared kernel volume's mount path)")
-        raw.setdefault("namespace", default_namespace(env))
-        raw.update(overrides)
-        try:
-            return cls.model_validate(raw)
-        except ValidationError as e:
-            lines = []
-            for err in e.errors():
-                field = str(err["loc"][0]) if err["loc"] else ""
-                where = _ENV.get(field, "config")
-                lines.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
-            raise ConfigError("invalid sidecar configuration:\n  " + "\n  ".join(lines)) from None
+        defaults = {} if env.get(_ENV["namespace"], "").strip() else {"namespace": default_namespace(env)}
+        return read_env(cls, _ENV, what="sidecar", env=env, extra={**defaults, **overrides})
 
 
 def default_namespace(env: Mapping[str, str] | None = None) -> str:

@@ -30,9 +30,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from esper.artifact import ArtifactError, verify_bundle
-from esper.contracts.common import ArtifactRef
+from esper.contracts.common import API_GROUP, API_VERSION, ArtifactRef
+from esper.envconfig import ConfigError
 from esper.sidecar.config import (
-    ConfigError,
     SyncConfig,
     default_namespace,
     parse_selector,
@@ -56,7 +56,7 @@ __all__ = [
     "make_api_client", "run_sync", "store_uri_of",
 ]  # fmt: skip
 
-GROUP, VERSION, PLURAL = "esper.dev", "v1alpha1", "kernels"
+PLURAL = "kernels"
 RESYNC_SECONDS = 30.0  # a reconcile pass at least this often, events or not
 
 
@@ -211,8 +211,8 @@ class KernelSync:
     def list_kernels(self) -> str:
         """List the namespace's Kernels into `observed`; returns the list's resourceVersion."""
         resp = self.api.list_namespaced_custom_object(
-            GROUP,
-            VERSION,
+            API_GROUP,
+            API_VERSION,
             self.config.namespace,
             PLURAL,
             _request_timeout=(10, 60),
@@ -253,8 +253,8 @@ class KernelSync:
                 w = self._watch = watch.Watch()
                 for event in w.stream(
                     self.api.list_namespaced_custom_object,
-                    GROUP,
-                    VERSION,
+                    API_GROUP,
+                    API_VERSION,
                     self.config.namespace,
                     PLURAL,
                     resource_version=rv or None,

@@ -6,20 +6,16 @@ fail later on a node.
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from esper.envconfig import ConfigError, env_names, read_env, read_setting
 from esper.storage import open_store
 
 PREFIX = "ESPER_"
-
-
-class ConfigError(ValueError):
-    """The operator's environment is invalid."""
+__all__ = ["ConfigError", "OperatorConfig"]
 
 
 class OperatorConfig(BaseModel):
@@ -50,6 +46,9 @@ class OperatorConfig(BaseModel):
     retention: Literal["keep", "delete"] = Field(default="keep", description="Artifacts of deleted Kernels.")
     verify_artifacts: bool = Field(default=True, description="Check a Job's manifest sha256 in the store.")
     metrics_port: int = Field(default=8000, ge=0, le=65535)
+    resync_seconds: float = Field(
+        default=300.0, gt=0, description="Every Blueprint is reconciled this often."
+    )
 
     @field_validator("store_uri")
     @classmethod
@@ -59,26 +58,10 @@ class OperatorConfig(BaseModel):
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
-        env = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        for name, field in cls.model_fields.items():
-            var = PREFIX + name.upper()
-            if var not in env:
-                continue
-            raw = env[var]
-            annotation = str(field.annotation)
-            if raw.strip().startswith(("[", "{")) or "dict" in annotation or "list" in annotation:
-                try:
-                    values[name] = json.loads(raw)
-                except json.JSONDecodeError as exc:
-                    raise ConfigError(f"{var}: not valid JSON ({exc.msg})") from None
-            else:
-                values[name] = raw
-        try:
-            return cls(**values)
-        except ValidationError as exc:
-            lines = []
-            for err in exc.errors():
-                var = PREFIX + str(err["loc"][0]).upper() if err["loc"] else "config"
-                lines.append(f"{var}: {err['msg']}")
-            raise ConfigError("invalid operator configuration:\n" + "\n".join(lines)) from None
+        """Every ESPER_<FIELD> variable; ConfigError naming each one at fault."""
+        return read_env(cls, env_names(cls, PREFIX), what="operator", env=env)
+
+    @classmethod
+    def setting_from_env(cls, field: str, env: Mapping[str, str] | None = None) -> Any:
+        """One setting, read as from_env reads it, for handler options fixed at import."""
+        return read_setting(cls, field, env_names(cls, PREFIX), what="operator", env=env)

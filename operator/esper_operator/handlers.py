@@ -6,7 +6,6 @@ Run: `kopf run -A -m esper_operator.handlers --liveness=http://0.0.0.0:8080/heal
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import kopf
@@ -20,7 +19,7 @@ from esper_operator.reconcile import Reconciler
 
 BLUEPRINTS = (API_GROUP, API_VERSION, "blueprints")
 KERNELS = (API_GROUP, API_VERSION, "kernels")
-RESYNC_SECONDS = float(os.environ.get("ESPER_RESYNC_SECONDS", "300"))
+RESYNC_SECONDS: float = OperatorConfig.setting_from_env("resync_seconds")
 RETRY_SECONDS = 10  # a failed handler (API conflict storm, store down) is retried this often, forever
 
 

@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Any
 
 from esper.blueprint import BlueprintInvalid
-from esper.contracts import KernelSpec
+from esper.contracts import GROUP_VERSION, KernelSpec
 from esper.contracts.naming import (
     LABEL_BLUEPRINT,
     LABEL_IR_DIGEST,
@@ -42,7 +42,7 @@ OWNER_RETRIES = 8
 
 def _owner_ref(body: Body) -> Body:
     return {
-        "apiVersion": body.get("apiVersion", "esper.dev/v1alpha1"),
+        "apiVersion": body.get("apiVersion", GROUP_VERSION),
         "kind": body.get("kind", "Blueprint"),
         "name": body["metadata"]["name"],
         "uid": body["metadata"]["uid"],
@@ -95,7 +95,7 @@ class Reconciler:
         namespace = blueprint["metadata"]["namespace"]
         owner = _owner_ref(blueprint)
         body = {
-            "apiVersion": "esper.dev/v1alpha1",
+            "apiVersion": GROUP_VERSION,
             "kind": "Kernel",
             "metadata": {
                 "name": planned.name,
