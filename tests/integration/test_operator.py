@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import socket
 import sys
 import urllib.request
@@ -127,6 +128,8 @@ def start_esper(
             **overrides,
         }
         kubelet.volume_dirs["scratch"] = tmp_path_factory.mktemp("node-cache")  # a node's warm cache
+        if os.environ.get("PYTHONPATH"):  # Jobs run the code under test, not the venv's installed copy
+            kubelet.extra_env["PYTHONPATH"] = os.environ["PYTHONPATH"]
         operator = operator_process("esper_operator.handlers", env=env)
         operator.wait_for_log("esper operator ready", timeout=60)
         return Esper(cluster, kubelet, operator, s3_bucket, port)
