@@ -72,7 +72,7 @@ def read_setting(
     if not raw.strip():
         return info.get_default(call_default_factory=True)
     try:
-        annotation = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
+        annotation: Any = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
         return TypeAdapter(annotation).validate_python(_decode(model, field, raw))
     except (ValidationError, json.JSONDecodeError) as exc:
         message = (
