@@ -33,6 +33,7 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/hadolint $(DOCKERFILES)
 	$(VENV)/bin/actionlint
 

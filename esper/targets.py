@@ -5,7 +5,8 @@ are pinned to AVX2 so one CPU kernel runs on any x86-64-v3 node. CUDA kernels ar
 compute capability: Triton/AOTInductor cubins are built for one architecture, and the "a" variants
 (sm90a) are not forward-compatible at all.
 
-torch is imported lazily: the operator imports this module to compute kernel keys without torch.
+No torch here: the operator imports this module to compute kernel keys. Whether this machine can run
+a target is `esper.devices.check_runtime`.
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ SUPPORTED_CUDA_ARCHS: tuple[str, ...] = (
     "sm70", "sm75", "sm80", "sm86", "sm87", "sm89", "sm90", "sm90a", "sm100", "sm120",
 )  # fmt: skip
 _CUDA_RE = re.compile(r"^cuda-(sm[0-9]{2,3}a?)$")
-# ATen CPU capabilities that include AVX2.
-_AVX2_CAPABILITIES = frozenset({"AVX2", "AVX512"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,38 +79,5 @@ class Target:
         """The torch device type: "cpu" or "cuda"."""
         return self.kind
 
-    def runtime_capability_ok(self) -> bool:
-        """Whether this machine can run kernels of this target (see `check_runtime` for why not)."""
-        return check_runtime(self) is None
-
     def __str__(self) -> str:
         return self.name
-
-
-def _cuda_compute_capability(arch: str) -> tuple[int, int]:
-    digits = arch.removeprefix("sm").removesuffix("a")
-    return int(digits[:-1]), int(digits[-1])
-
-
-def check_runtime(target: Target | str) -> str | None:
-    """Return why this machine cannot run `target`'s kernels, or None if it can."""
-    t = Target.parse(target)
-    import torch
-
-    if t.kind == "cpu":
-        cap = torch.backends.cpu.get_cpu_capability()
-        if cap not in _AVX2_CAPABILITIES:
-            return f"target cpu needs a CPU with AVX2 (x86-64-v3); this CPU reports capability {cap}"
-        return None
-    if not torch.cuda.is_available():
-        built = "without CUDA" if torch.version.cuda is None else f"with CUDA {torch.version.cuda}"
-        return f"target {t.name} needs a CUDA GPU; none is available (torch {torch.__version__}, {built})"
-    want = _cuda_compute_capability(str(t.arch))
-    have = tuple(torch.cuda.get_device_capability())
-    if have != want:
-        gpu = torch.cuda.get_device_name()
-        return (
-            f"target {t.name} needs compute capability {want[0]}.{want[1]}; "
-            f"this GPU ({gpu}) has {have[0]}.{have[1]}"
-        )
-    return None

@@ -429,7 +429,8 @@ def _torch_minor(version: str) -> str:
 
 def _check_manifest(manifest: Manifest, device: torch.device, bundle: Path) -> None:
     from esper.artifact import DATA_FILES
-    from esper.targets import Target, check_runtime
+    from esper.devices import check_runtime
+    from esper.targets import Target
 
     missing = [f for f in DATA_FILES if f not in manifest.files]
     if missing:

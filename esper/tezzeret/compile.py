@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 from esper.artifact import BACKWARD, FORWARD, PARAMS, ParamSpec
 from esper.contracts.common import CompileOptions, Toolchain
-from esper.targets import Target, check_runtime
+from esper.devices import check_runtime
+from esper.targets import Target
 from esper.tezzeret.exitcodes import InvalidBlueprint, UnsupportedTarget
 
 if TYPE_CHECKING:

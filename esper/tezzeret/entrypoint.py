@@ -278,7 +278,7 @@ def build_bundle(p: Plan, workdir: Path) -> tuple[Path, float, Any]:
 
 def run(args: argparse.Namespace, workdir: Path) -> CompileResult:
     """The Job's work; raises TezzeretError subclasses for every expected failure."""
-    from esper.targets import check_runtime
+    from esper.devices import check_runtime
 
     work = load_work(args)
     p = plan(work.spec, work.target, work.expect_key, work.expect_torch)
