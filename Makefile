@@ -23,7 +23,8 @@ demo: $(STAMP)
 ## test: lint, then the whole suite (unit, compiler round trips, emulated cluster); what CI runs
 test: lint
 	$(PY) -m esper.contracts.crd --check
-	$(PY) -m pytest -ra $(PYTEST_ARGS)
+	$(PY) -m pytest -ra --cov --cov-report= $(PYTEST_ARGS)
+	$(PY) tests/coverage_summary.py
 
 ## test-fast: everything but the AOTInductor compiles
 test-fast: $(STAMP)
