@@ -24,7 +24,6 @@ demo: $(STAMP)
 test: lint
 	$(PY) -m esper.contracts.crd --check
 	$(PY) -m pytest -ra --cov --cov-report= $(PYTEST_ARGS)
-	$(PY) tests/coverage_summary.py
 
 ## test-fast: everything but the AOTInductor compiles
 test-fast: $(STAMP)

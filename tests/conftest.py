@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 # Compiles in tests share one inductor cache: the same graph compiles once per run, not once per test.
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(os.getcwd(), ".esper", "test-inductor-cache"))
 
@@ -20,3 +22,16 @@ if os.environ.get("CI"):
 
     _hypothesis_settings.register_profile("ci", derandomize=True, database=None)
     _hypothesis_settings.load_profile("ci")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    """Line coverage per package, when the run measured it (`make test` passes --cov)."""
+    if not getattr(config.option, "cov_source", None):
+        return
+    from tests.coverage_summary import table
+
+    lines = table()
+    if lines:
+        terminalreporter.write_sep("-", "line coverage per package (in-process code only)")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -1,4 +1,4 @@
-"""Print line coverage per package from the `.coverage` file `make test` leaves (pytest-cov).
+"""Line coverage per package from the `.coverage` file pytest-cov leaves; `make test` prints it at the end.
 
 Per package rather than per file, so gaps show at a glance; `python -m coverage report -m` has the
 lines. Code that runs only in child processes (the operator under `kopf run`, compile Jobs started by the
@@ -24,8 +24,9 @@ def package_of(path: Path) -> str:
     return ".".join(parts[:2]) if len(parts) > 2 else parts[0] + " (modules)" if len(parts) == 2 else parts[0]
 
 
-def main() -> int:
-    cov = coverage.Coverage(data_file=str(ROOT / ".coverage"))
+def table(data_file: Path = ROOT / ".coverage") -> list[str]:
+    """The per-package table's lines (empty when there is no data)."""
+    cov = coverage.Coverage(data_file=str(data_file))
     cov.load()
     totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for name in cov.get_data().measured_files():
@@ -37,17 +38,23 @@ def main() -> int:
         t[0] += len(statements)
         t[1] += len(statements) - len(missing)
     if not totals:
-        print("no coverage data", file=sys.stderr)
-        return 1
+        return []
     width = max(map(len, totals))
-    print(f"\n{'package':<{width}}  {'lines':>6}  {'covered':>7}  {'cover':>6}")
+    out = [f"{'package':<{width}}  {'lines':>6}  {'covered':>7}  {'cover':>6}"]
     all_lines = all_hit = 0
     for pkg in sorted(totals):
         lines, hit = totals[pkg]
         all_lines, all_hit = all_lines + lines, all_hit + hit
-        print(f"{pkg:<{width}}  {lines:>6}  {hit:>7}  {100 * hit / max(lines, 1):>5.1f}%")
-    print(f"{'total':<{width}}  {all_lines:>6}  {all_hit:>7}  {100 * all_hit / max(all_lines, 1):>5.1f}%")
-    return 0
+        out.append(f"{pkg:<{width}}  {lines:>6}  {hit:>7}  {100 * hit / max(lines, 1):>5.1f}%")
+    total = 100 * all_hit / max(all_lines, 1)
+    out.append(f"{'total':<{width}}  {all_lines:>6}  {all_hit:>7}  {total:>5.1f}%")
+    return out
+
+
+def main() -> int:
+    lines = table()
+    print("\n".join(lines) if lines else "no coverage data", file=sys.stdout if lines else sys.stderr)
+    return 0 if lines else 1
 
 
 if __name__ == "__main__":
