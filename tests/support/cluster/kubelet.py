@@ -33,7 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.support.cluster import ApiError, Cluster, now_iso, wait_for
+from .base import now_iso, wait_for
+from .client import ApiError
+from .server import Cluster
 
 JSON = dict[str, Any]
 RESULT_CAP = 4096  # bytes of termination message Kubernetes keeps
