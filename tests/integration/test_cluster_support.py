@@ -19,7 +19,7 @@ import urllib3
 import yaml
 
 from tests.support.cluster import ApiError, Cluster, OperatorProcess, b64, wait_for
-from tests.support.kubelet import FakeKubelet
+from tests.support.cluster.kubelet import FakeKubelet
 
 pytestmark = pytest.mark.cluster
 
