@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
+from esper.blueprint.opdef import MAX_DIM
 from esper.contracts.blueprint import BlueprintSpec, BlueprintStatus
 from esper.contracts.common import API_GROUP, API_VERSION
 from esper.contracts.kernel import KernelSpec, KernelStatus
@@ -77,10 +78,15 @@ def structural(node: Schema, defs: dict[str, Schema]) -> Schema:
             rules = []
             if strings and ints:
                 allowed = ", ".join(repr(s) for s in strings)
+                low, high = ints[0].get("minimum"), ints[0].get("maximum")
+                bounds = "".join(
+                    f" && self {op} {bound}" for op, bound in ((">=", low), ("<=", high)) if bound is not None
+                )
+                what = f"an integer from {low} to {high}" if None not in (low, high) else "an integer"
                 rules.append(
                     {
-                        "rule": f"type(self) == int || self in [{allowed}]",
-                        "message": f"must be an integer or one of {allowed}",
+                        "rule": f"self in [{allowed}] || (type(self) == int{bounds})",
+                        "message": f"must be {what} or one of {allowed}",
                     }
                 )
             if rules:
@@ -191,20 +197,39 @@ def _crd(
     }
 
 
+def _check_shapes(graph: Schema) -> None:
+    """Shapes as `esper.blueprint.validate` reads them: 'batch' once and first, sizes 1..MAX_DIM.
+
+    Without these rules the server stores `[64, batch, 0, -3]` and only the operator refuses it.
+    """
+    shape = graph["properties"]["inputs"]["items"]["properties"]["shape"]
+    dim = shape["items"]
+    dim["x-kubernetes-validations"] = [
+        {
+            "rule": f"self == 'batch' || (type(self) == int && self >= 1 && self <= {MAX_DIM})",
+            "message": f"must be 'batch' or a size from 1 to {MAX_DIM}",
+        }
+    ]
+    shape["x-kubernetes-validations"] = [
+        {"rule": "self[0] == 'batch'", "message": "the first dimension must be 'batch'"},
+        {
+            "rule": "self.filter(d, d == 'batch').size() <= 1",
+            "message": "'batch' may only be the first dimension",
+        },
+    ]
+
+
 def blueprint_crd() -> Schema:
     spec = model_schema(BlueprintSpec)
     spec["x-kubernetes-validations"] = [
         {"rule": "has(self.template) != has(self.graph)", "message": "give exactly one of template or graph"},
     ]
+    # Uniqueness is the server's own list-type check and emptiness its minItems: no CEL rule repeats
+    # them (one mistake, one message). The default is the model's, so an omitted list reads the same.
     targets = spec["properties"]["targets"]
     targets["x-kubernetes-list-type"] = "set"
-    targets["x-kubernetes-validations"] = [
-        {"rule": "size(self) > 0", "message": "targets must not be empty"},
-        {
-            "rule": "self.all(t, self.exists_one(u, u == t))",
-            "message": "targets must be unique",
-        },
-    ]
+    targets["default"] = BlueprintSpec.model_fields["targets"].get_default(call_default_factory=True)
+    _check_shapes(spec["properties"]["graph"])
     columns = [
         _printer("Phase", "string", ".status.phase", description="Derived from validation and Kernels."),
         _printer("Kernels", "string", ".status.kernelsSummary", description="Ready/total Kernels."),
@@ -225,6 +250,7 @@ def blueprint_crd() -> Schema:
 def kernel_crd() -> Schema:
     spec = model_schema(KernelSpec)
     spec["x-kubernetes-validations"] = [{"rule": "self == oldSelf", "message": "Kernel spec is immutable"}]
+    _check_shapes(spec["properties"]["graph"])
     columns = [
         _printer("Blueprint", "string", ".spec.blueprint"),
         _printer("Target", "string", ".spec.target"),
