@@ -123,12 +123,12 @@ def test_every_example_blueprint_is_admitted_as_written(
 
 def test_template_and_graph_together_are_refused(real_cluster: Cluster) -> None:
     errors = refused(real_cluster, blueprint("both", graph=graph("batch", 16)))
-    assert errors == ['spec: Invalid value: give exactly one of template or graph']
+    assert errors == ["spec: Invalid value: give exactly one of template or graph"]
 
 
 def test_neither_template_nor_graph_is_refused(real_cluster: Cluster) -> None:
     errors = refused(real_cluster, blueprint("neither", template=None))
-    assert errors == ['spec: Invalid value: give exactly one of template or graph']
+    assert errors == ["spec: Invalid value: give exactly one of template or graph"]
 
 
 def test_a_graph_alone_passes_the_one_of_rule(real_cluster: Cluster) -> None:

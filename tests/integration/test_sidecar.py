@@ -45,7 +45,8 @@ def kernel(name: str, key: str, labels: dict[str, str] | None = None, target: st
         "apiVersion": "esper.dev/v1alpha1", "kind": "Kernel",
         "metadata": {"name": name, "namespace": "default", "labels": labels or {}},
         "spec": {"blueprint": "mlp", "target": target, "key": key, "irDigest": key,
-                 "graph": {"inputs": [{"name": "x", "shape": ["batch", 4]}], "nodes": [], "outputs": ["x"]},
+                 "graph": {"inputs": [{"name": "x", "shape": ["batch", 4]}],
+                           "nodes": [{"id": "out", "op": "relu", "inputs": ["x"]}], "outputs": ["out"]},
                  "toolchain": {"torch": "2.13.0", "capability": "cpu-avx2"}},
     }  # fmt: skip
 

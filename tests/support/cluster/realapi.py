@@ -214,7 +214,9 @@ class RealApiServer:
         def serving() -> bool:  # Established can precede storage: lists answer 429 until then
             spec = crd["spec"]
             for version in spec["versions"]:
-                self.request("GET", f"/apis/{spec['group']}/{version['name']}/{spec['names']['plural']}?limit=1")
+                self.request(
+                    "GET", f"/apis/{spec['group']}/{version['name']}/{spec['names']['plural']}?limit=1"
+                )
             return True
 
         wait_for(serving, timeout, 0.05, message=f"CRD {crd_name} served")
