@@ -68,3 +68,25 @@ def test_blueprint_crd_rules() -> None:
         targets["minItems"] == 1 and targets["maxItems"] == 8 and targets["x-kubernetes-list-type"] == "set"
     )
     assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Kernels", "Age", "Digest"]
+
+
+def test_blueprint_targets_default_to_the_model_and_carry_no_duplicate_rules() -> None:
+    from esper.contracts.blueprint import BlueprintSpec
+
+    spec = crd.blueprint_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    targets = spec["properties"]["targets"]
+    assert targets["default"] == BlueprintSpec(template={"name": "mlp"}).targets == ["cpu"]
+    # minItems and the set list type are the server's own checks: a CEL rule would repeat their error.
+    assert "x-kubernetes-validations" not in targets
+
+
+def test_shape_rules_in_both_crds() -> None:
+    for doc in (crd.blueprint_crd(), crd.kernel_crd()):
+        spec = doc["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+        shape = spec["properties"]["graph"]["properties"]["inputs"]["items"]["properties"]["shape"]
+        assert [r["message"] for r in shape["x-kubernetes-validations"]] == [
+            "the first dimension must be 'batch'",
+            "'batch' may only be the first dimension",
+        ]
+        (dim_rule,) = shape["items"]["x-kubernetes-validations"]
+        assert dim_rule["message"] == "must be 'batch' or a size from 1 to 65536"

@@ -85,6 +85,8 @@ def real_apiserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealApi
     """The real API server, started once per session; skips where this machine has none."""
     located = locate_real_apiserver()
     if isinstance(located, str):
+        if os.environ.get("ESPER_REQUIRE_REAL_APISERVER"):
+            pytest.fail(f"ESPER_REQUIRE_REAL_APISERVER is set, but {located}")
         pytest.skip(located)
     server = RealApiServer(located, tmp_path_factory.mktemp("real-apiserver")).start()
     try:
