@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.support.cluster import ApiError, Cluster
+from tests.support.cluster import ApiError, Cluster, wait_for
 
 pytestmark = [pytest.mark.real_api, pytest.mark.cluster]
 
@@ -27,6 +27,7 @@ EXAMPLE_BLUEPRINTS = [
     if doc and doc.get("kind") == "Blueprint"
 ]
 GROUP_VERSION = "esper.dev/v1alpha1"
+V2_DISCOVERY = "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList"
 BATCH_ERROR = "must be 'batch' or a size from 1 to 65536"
 
 
@@ -368,3 +369,72 @@ def test_kubectl_wait_for_ready_sees_a_current_condition_only(real_cluster: Clus
         "wait", "--for=condition=Ready", "blueprint/wait-ready", "--timeout=10s"
     ).stdout
     assert out.strip() == "blueprint.esper.dev/wait-ready condition met"
+
+
+# ---- the hybrid cluster itself ------------------------------------------------------------------
+
+
+def test_one_endpoint_merges_discovery_from_both_backends(real_cluster: Cluster) -> None:
+    if real_cluster.backend != "hybrid":
+        pytest.skip("only the hybrid cluster has a routing front")
+    out = real_cluster.kubectl("api-resources", "--no-headers").stdout
+    names = {line.split()[0] for line in out.splitlines()}
+    assert {"blueprints", "kernels", "customresourcedefinitions", "jobs", "pods", "events"} <= names
+    # Aggregated discovery (kubectl's first choice): the real server's groups and the emulator's.
+    assert real_cluster.rest is not None
+    rsp = real_cluster.rest.http.request("GET", real_cluster.url + "/apis", headers={"Accept": V2_DISCOVERY})
+    params = dict(p.strip().partition("=")[::2] for p in rsp.headers["Content-Type"].split(";")[1:])
+    assert {"g": "apidiscovery.k8s.io", "v": "v2", "as": "APIGroupDiscoveryList"}.items() <= params.items()
+    resources = {
+        (item["metadata"]["name"], res["resource"])
+        for item in json.loads(rsp.data)["items"]
+        for version in item["versions"]
+        for res in version["resources"]
+    }
+    assert {
+        ("esper.dev", "blueprints"),
+        ("batch", "jobs"),
+        ("apiextensions.k8s.io", "customresourcedefinitions"),
+    } <= resources
+    legacy = real_cluster.rest.request("GET", "/apis")  # the legacy form, merged too
+    groups = [g["name"] for g in legacy["groups"]]
+    assert "esper.dev" in groups and "batch" in groups and len(groups) == len(set(groups))
+
+
+def _owner(obj: dict[str, Any]) -> dict[str, Any]:
+    meta = obj["metadata"]
+    return {"apiVersion": obj["apiVersion"], "kind": obj["kind"], "name": meta["name"], "uid": meta["uid"]}
+
+
+def test_harness_garbage_collects_across_both_backends(real_cluster: Cluster) -> None:
+    first = real_cluster.create(blueprint("gc-first"))
+    second = real_cluster.create(blueprint("gc-second"))
+    shared = kernel("k-shared")
+    shared["metadata"]["ownerReferences"] = [_owner(first), _owner(second)]
+    only = kernel("k-only")
+    only["metadata"]["ownerReferences"] = [_owner(first)]
+    only = real_cluster.create(only)
+    real_cluster.create(shared)
+    job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "compile-k-only", "namespace": "default", "ownerReferences": [_owner(only)]},
+        "spec": {
+            "template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "x"}]}}
+        },
+    }
+    real_cluster.create(job)
+
+    real_cluster.delete("blueprints", "gc-first")
+    # The dependent left without owners goes, and with it its Job on the other backend; the shared
+    # one stays, owned by the survivor only.
+    wait_for(
+        lambda: (
+            real_cluster.get("kernels", "k-only") is None
+            and real_cluster.get("jobs", "compile-k-only") is None
+        ),
+        10,
+        message="k-only and its Job collected",
+    )
+    remaining = real_cluster.get("kernels", "k-shared")["metadata"]["ownerReferences"]
+    assert [o["uid"] for o in remaining] == [second["metadata"]["uid"]]
