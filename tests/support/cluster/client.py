@@ -48,7 +48,7 @@ class ResourceRef:
 
 
 class RestClient:
-    """JSON over HTTP to the emulator; thread-safe (urllib3 pool). Raises ApiError on failure."""
+    """JSON over HTTP to the test cluster; thread-safe (urllib3 pool). Raises ApiError on failure."""
 
     def __init__(self, url: str, resolve: Callable[[str], ResourceRef]) -> None:
         self.url = url.rstrip("/")

@@ -23,9 +23,10 @@ class KubectlError(subprocess.CalledProcessError):
 
 
 class Kubectl:
-    """The real kubectl against the emulator: a private kubeconfig and discovery cache.
+    """The real kubectl against the test cluster: a private kubeconfig and discovery cache.
 
-    `--validate=false` is added to apply/create/replace (the emulator serves no OpenAPI).
+    `--validate=false` is added to apply/create/replace unless the call passes its own `--validate`
+    (the emulator serves no OpenAPI; tests of the real server's validation pass `--validate=strict`).
     Raises `KubectlError` (a CalledProcessError whose message has stdout/stderr) unless check=False.
     """
 

@@ -15,6 +15,7 @@ in a real cluster, comes from `HarnessGarbageCollector` (see `gc.py`).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -188,8 +189,6 @@ class RealApiServer:
         self, method: str, path: str, body: Any = None, content_type: str = "application/json"
     ) -> Any:
         assert self._http is not None and self.endpoint is not None, "the server is not started"
-        import json
-
         rsp = self._http.request(
             method,
             self.endpoint.url + path,
@@ -241,9 +240,13 @@ class RealApiServer:
     def reset(self, timeout: float = 30) -> None:
         """Remove every Esper object (finalizers cleared first), so the next test starts empty.
 
-        CRDs stay (re-applied by the next cluster); etcd is not restarted, which keeps a test's
-        setup at milliseconds instead of the server's ~3 s start.
+        Esper's CRDs stay (re-applied by the next cluster), others go; etcd is not restarted, which
+        keeps a test's setup at milliseconds instead of the server's ~3 s start.
         """
+        crds = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
+        for crd in self.request("GET", crds).get("items", []):
+            if crd["spec"]["group"] != ESPER_GROUP:  # a test's own CRD: its objects go with it
+                self.request("DELETE", f"{crds}/{crd['metadata']['name']}")
         resources = self.esper_resources()
         for path in resources:
             for obj in self.request("GET", path).get("items", []):

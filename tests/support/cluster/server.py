@@ -1,4 +1,5 @@
-"""The running cluster (emulator served by a background thread) and a real operator process."""
+"""The running cluster (the emulator served by a background thread, optionally behind a routing front
+before a real API server) and a real operator process."""
 
 from __future__ import annotations
 
@@ -208,7 +209,7 @@ class Cluster:
         self.call(lambda e: e.register_crd(crd))
 
     def apply_crd(self, crd: Mapping[str, Any] | Path) -> JSON:
-        """Create (or replace) a CRD object through the API; its resources are served at once."""
+        """Create (or replace) a CRD object through the API; returns once its resources are served."""
         if isinstance(crd, Path):
             crd = yaml.safe_load(crd.read_text())
         assert self.rest is not None
@@ -238,7 +239,7 @@ class Cluster:
         self.call(lambda e: e.pod_logs.__setitem__((namespace, name), text))
 
     def internal_errors(self) -> list[str]:
-        """Tracebacks of emulator bugs hit so far (tests may assert this is empty)."""
+        """Tracebacks of emulator, routing-front or harness-GC bugs hit so far (the fixture asserts none)."""
         return self.call(lambda e: list(e.internal_errors))
 
     def resolve(self, name: str) -> ResourceRef:
