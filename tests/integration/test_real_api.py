@@ -232,6 +232,16 @@ def test_unknown_fields_are_pruned_without_validation(real_cluster: Cluster) -> 
     assert spec["compile"]["maxBatch"] == 64
 
 
+def test_unknown_fields_are_warned_about_under_warn_validation(real_cluster: Cluster) -> None:
+    obj = blueprint("warned")
+    obj["spec"]["colour"] = "blue"
+    proc = apply(real_cluster, obj, "--validate=warn")
+    assert proc.returncode == 0, proc.stderr
+    # The server's Warning header reaches kubectl through the routing front.
+    assert 'Warning: unknown field "spec.colour"' in proc.stderr
+    assert "colour" not in real_cluster.get("blueprints", "warned")["spec"]
+
+
 # ---- Kernels: immutability and the shape rules ---------------------------------------------------
 
 

@@ -109,11 +109,14 @@ class RoutingFront:
         try:
             if not watching:
                 data = await upstream.read()
-                return aiohttp.web.Response(
+                response = aiohttp.web.Response(
                     body=data,
                     status=upstream.status,
                     headers={"Content-Type": upstream.headers.get("Content-Type", "application/json")},
                 )
+                for warning in upstream.headers.getall("Warning", []):  # kubectl prints these
+                    response.headers.add("Warning", warning)
+                return response
             self._watches.add(upstream)
             response = aiohttp.web.StreamResponse(
                 status=upstream.status,

@@ -85,7 +85,7 @@ class _MissingRef(Exception):
 
 
 class FakeKubelet:
-    """Runs the emulator's Jobs as subprocesses. Start with `start()`, stop with `stop()`.
+    """Runs the cluster's Jobs as subprocesses. Start with `start()`, stop with `stop()`.
 
     Knobs: `paused` (Jobs are accepted but not started), `max_parallel` (running Jobs at once),
     `fail_next(prefix, ...)` (fault injection), `command_hook(job, container) -> argv | None`
