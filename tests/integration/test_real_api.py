@@ -256,9 +256,23 @@ def test_kernel_spec_is_immutable_but_its_metadata_is_not(real_cluster: Cluster)
     assert real_cluster.get("kernels", "k-immutable")["spec"]["target"] == "cpu"
 
 
-def test_kernel_shapes_follow_the_same_rules(real_cluster: Cluster) -> None:
-    error = create_error(real_cluster, kernel("k-bad-shape", shape=["batch", 0]))
-    assert causes(error) == [("spec.graph.inputs[0].shape[1]", f"Invalid value: 0: {BATCH_ERROR}")]
+@pytest.mark.parametrize(
+    ("shape", "expected"),
+    [
+        (["batch", 0], ("spec.graph.inputs[0].shape[1]", f"Invalid value: 0: {BATCH_ERROR}")),
+        ([8, 16], ("spec.graph.inputs[0].shape", "Invalid value: the first dimension must be 'batch'")),
+        (
+            ["batch", "batch"],
+            ("spec.graph.inputs[0].shape", "Invalid value: 'batch' may only be the first dimension"),
+        ),
+    ],
+    ids=["zero-size", "no-batch", "batch-twice"],
+)
+def test_kernel_shapes_follow_the_same_rules(
+    real_cluster: Cluster, shape: list[Any], expected: tuple
+) -> None:
+    error = create_error(real_cluster, kernel("k-bad-shape", shape=shape))
+    assert causes(error) == [expected]
 
 
 # ---- the status subresource ----------------------------------------------------------------------
