@@ -50,9 +50,9 @@ def load_package(path: Path | str, *, device_index: int | None = None) -> Packag
     """Load one package; `device_index` selects the CUDA device of a CUDA package."""
     from torch._inductor import aoti_load_package
 
-    kwargs = {} if device_index is None else {"device_index": device_index}
+    index = -1 if device_index is None else device_index  # -1 (torch's default): the current CUDA device
     with no_isa_probe():
-        return Package(aoti_load_package(str(path), **kwargs))
+        return Package(aoti_load_package(str(path), device_index=index))
 
 
 def load_pair(

@@ -23,14 +23,14 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import Field, ValidationError, field_validator
 
 from esper.contracts.common import CompileOptions, Model, Toolchain, ValidationReport, now_rfc3339
 from esper.targets import Target
 
-FORMAT = "esper.dev/kernel-bundle/v1"
+FORMAT: Final = "esper.dev/kernel-bundle/v1"
 FORWARD = "forward.pt2"
 BACKWARD = "backward.pt2"
 PARAMS = "params.safetensors"

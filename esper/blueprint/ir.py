@@ -6,12 +6,12 @@ The models only check form (names, lengths, types). Meaning (ops, params, shapes
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 IDENT_PATTERN = r"^[a-z][a-z0-9_]{0,62}$"
-BATCH = "batch"
+BATCH: Final = "batch"
 MAX_DIM = 65536
 """Largest static dimension size."""
 MAX_PARAM_KEYS = 32

@@ -96,6 +96,9 @@ class Conv(nn.Module):
 
 
 class BatchNorm(nn.Module):
+    running_mean: Tensor
+    running_var: Tensor
+
     def __init__(self, p: BatchNormParams, ins: list[Shape], gen: torch.Generator) -> None:
         super().__init__()
         c = int(ins[0][1])
@@ -224,7 +227,7 @@ def _pool(fn: Callable[..., Tensor], p: PoolParams) -> Fn:
 
 
 def _adaptive(p: AdaptivePoolParams) -> Fn:
-    size = tuple(p.outputSize)
+    size = (p.outputSize[0], p.outputSize[1])
     return Fn(lambda x: F.adaptive_avg_pool2d(x, size), f"size={size}")
 
 

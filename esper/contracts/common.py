@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -11,7 +11,9 @@ from esper.blueprint.opdef import FieldError
 
 API_GROUP = "esper.dev"
 API_VERSION = "v1alpha1"
-GROUP_VERSION = f"{API_GROUP}/{API_VERSION}"
+# Spelled out so the models' `apiVersion: Literal[...]` defaults type-check; kept equal to the parts.
+GROUP_VERSION: Final = "esper.dev/v1alpha1"
+assert f"{API_GROUP}/{API_VERSION}" == GROUP_VERSION
 
 
 class Model(BaseModel):

@@ -66,7 +66,8 @@ def structural(node: Schema, defs: dict[str, Schema]) -> Schema:
         variants = [_resolve(v, defs) for v in variants if v.get("type") != "null"]
         types = {v.get("type") for v in variants}
         if len(variants) == 1:
-            out = structural({**variants[0], **({"description": description} if description else {})}, defs)
+            only = {**variants[0], **({"description": description} if description else {})}
+            out: Schema = structural(only, defs)
             out.pop("default", None)
             return out
         if types <= {"integer", "string"}:
@@ -95,7 +96,7 @@ def structural(node: Schema, defs: dict[str, Schema]) -> Schema:
                 out["description"] = description
             return out
         raise ValueError(f"cannot express a union of {sorted(map(str, types))} structurally")
-    out: Schema = {}
+    out = {}
     if "const" in node:
         out["enum"] = [node["const"]]
         out["type"] = node.get("type", "string")

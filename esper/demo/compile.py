@@ -89,7 +89,7 @@ def compile_kernels(
     """Compile each example into `store_dir` (default `<workdir>/store`; bundles already there are
     not rebuilt), then fetch and verify each bundle into `<workdir>/bundles/<key>` (what seeds load)."""
     from rich.markup import escape
-    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 
     from esper.storage import open_store
 
@@ -122,13 +122,11 @@ def compile_kernels(
                 progress.update(tid, description="[dim]in the store: not recompiled", completed=1)
             else:
                 progress.update(tid, description="compiling")
-                doc = _compile_one(
-                    spec,
-                    store_dir,
-                    jobs_dir,
-                    label,
-                    lambda msg, tid=tid: progress.update(tid, description=escape(msg[:60])),
-                )
+
+                def on_line(msg: str, tid: TaskID = tid) -> None:
+                    progress.update(tid, description=escape(msg[:60]))
+
+                doc = _compile_one(spec, store_dir, jobs_dir, label, on_line)
                 if isinstance(doc, CompileFailure):
                     err = doc.error
                     info.error = f"exit {err.code}: {err.message[:300]}"

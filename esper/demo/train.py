@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     import torch
@@ -98,7 +98,7 @@ def build_large(cfg: DemoConfig, kernels: Sequence[KernelInfo]) -> nn.Module:
         assert k.graph is not None and k.bundle is not None
         g = build_module(Graph.model_validate(k.graph), seed=k.init_seed)
         g.load_state_dict(load_file(str(Path(k.bundle) / PARAMS)))
-        model.blocks[i] = g  # type: ignore[index]
+        cast("nn.ModuleList", model.blocks)[i] = g
     return model
 
 

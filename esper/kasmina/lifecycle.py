@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from enum import StrEnum
+from typing import Any
 
 
 class SeedState(StrEnum):
@@ -69,8 +70,8 @@ class Transition:
         return d
 
     @classmethod
-    def from_json(cls, d: dict[str, object]) -> Transition:
-        return cls(int(d["step"]), S(d["from_state"]), S(d["to_state"]), str(d.get("reason", "")))  # type: ignore[arg-type]
+    def from_json(cls, d: dict[str, Any]) -> Transition:
+        return cls(int(d["step"]), S(d["from_state"]), S(d["to_state"]), str(d.get("reason", "")))
 
 
 def can_transition(from_state: SeedState, to_state: SeedState) -> bool:

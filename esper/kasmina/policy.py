@@ -76,7 +76,7 @@ class KernelCatalog:
         cat = cls()
         for d in bundle_dirs:
             try:
-                m = read_manifest(d)
+                m = read_manifest(Path(d))
             except ArtifactError:
                 continue
             score = (m.report.trainSpeedup or m.report.speedup) if m.report else 0.0

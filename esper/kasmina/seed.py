@@ -157,6 +157,7 @@ class SeedSlot(nn.Module):
         self._c = _Counters()
         self.name = name
         self.add_module("host", module)  # registered even when None: forward reads _modules["host"]
+        self.seed: nn.Module | None
         self.add_module("seed", None)
         self.blend_steps = blend_steps
         self.sample_every = sample_every  # live seed: grad norm + activation stats every N steps

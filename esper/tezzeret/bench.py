@@ -158,10 +158,14 @@ def _benchmark(
             fwd(*xs, params)
             bwd(*xs, *gs, params)
 
+        def eager_fwd(xs: Sequence[torch.Tensor] = xs) -> None:
+            module(*xs)
+
+        def compiled_fwd(xs: Sequence[torch.Tensor] = xs) -> None:
+            fwd(*xs, params)
+
         with torch.inference_mode():
-            e_fwd, c_fwd = interleaved_micros(
-                [lambda xs=xs: module(*xs), lambda xs=xs: fwd(*xs, params)], slice_s, sync
-            )
+            e_fwd, c_fwd = interleaved_micros([eager_fwd, compiled_fwd], slice_s, sync)
         e_train, c_train = interleaved_micros([eager_train, compiled_train], slice_s, sync)
         bench.timings.append(BatchTiming(b, e_fwd, c_fwd, e_train, c_train))
     for p in module.parameters():

@@ -4,7 +4,6 @@ validate` and by the validator the operator runs, with the field and the problem
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -445,15 +444,16 @@ CORPUS: list[tuple[str, str | bytes, str, bool]] = [
 runner = CliRunner()
 
 
+# Time goals (each case well under 2 s) are measured by benchmarks/hostile.py; here a generous
+# time-out only turns a hang into a failure.
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize(("case", "manifest", "expected", "operator"), CORPUS, ids=[c[0] for c in CORPUS])
-def test_esper_validate_refuses_it_clearly_and_fast(
+def test_esper_validate_refuses_it_clearly(
     tmp_path: Path, case: str, manifest: str | bytes, expected: str, operator: bool
 ) -> None:
     path = tmp_path / f"{case}.yaml"
     path.write_bytes(manifest.encode() if isinstance(manifest, str) else manifest)
-    start = time.perf_counter()
     result = runner.invoke(app, ["validate", str(path)])
-    elapsed = time.perf_counter() - start
     assert result.exit_code in (1, 2), result.output[:2000]
     assert expected in result.output, result.output[:2000]
     assert result.exception is None or isinstance(result.exception, SystemExit)
@@ -463,7 +463,6 @@ def test_esper_validate_refuses_it_clearly_and_fast(
         and "got nan" not in result.output
     )
     assert len(result.output) < 4000, result.output[:4000]
-    assert elapsed < 2.0, f"{case}: {elapsed:.2f} s"
 
 
 def _operator_spec(manifest: str | bytes) -> Any:
@@ -480,6 +479,7 @@ def _operator_spec(manifest: str | bytes) -> Any:
 OPERATOR_CASES = [c for c in CORPUS if c[3]]
 
 
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize(
     ("case", "manifest", "expected", "operator"), OPERATOR_CASES, ids=[c[0] for c in OPERATOR_CASES]
 )
@@ -487,13 +487,11 @@ def test_the_operators_validator_refuses_it_too(
     case: str, manifest: str | bytes, expected: str, operator: bool
 ) -> None:
     spec = _operator_spec(manifest)
-    start = time.perf_counter()
     with pytest.raises(BlueprintInvalid) as info:
         plan_blueprint("hostile", spec, torch_version="2.13.0")
-    elapsed = time.perf_counter() - start
     text = str(info.value)
     assert expected.replace("(document): ", "") in text or expected in text, text[:2000]
-    assert len(text) < 4000 and elapsed < 2.0
+    assert len(text) < 4000
 
 
 def test_the_corpus_covers_sixty_cases() -> None:
