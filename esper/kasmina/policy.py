@@ -24,7 +24,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -92,6 +92,19 @@ class KernelCatalog:
         return len(self._entries)
 
 
+class Agreement(Protocol):
+    """How a germination and a keep/cull verdict become decisions every data-parallel rank shares.
+
+    `PlateauPolicy.agreement` is None in one process; `esper.kasmina.distributed.SeedCoordinator`
+    sets it on rank 0 so that each attempt is carried out on every rank and succeeds only if it
+    succeeds everywhere.
+    """
+
+    def germinate(self, slot: SeedSlot, entry: CatalogEntry) -> bool: ...
+
+    def verdict(self, slot: SeedSlot, keep: bool) -> bool: ...
+
+
 class PlateauPolicy:
     """Plateau -> germinate -> train `train_steps` -> blend `blend_steps` -> fossilize or cull."""
 
@@ -125,9 +138,35 @@ class PlateauPolicy:
         self.tried: set[tuple[str, str]] = set()  # (slot, kernel) pairs already grown or refused
         self.events: list[dict[str, Any]] = []
         self._exhausted: tuple[Any, ...] | None = None  # what was true when nothing could be grown
+        self.agreement: Agreement | None = None  # set by a data-parallel coordinator
 
     def _event(self, event: str, **fields: Any) -> None:
         self.events.append({"step": self.step_count, "event": event, **fields})
+
+    def state_dict(self) -> dict[str, Any]:
+        """The policy's own state, JSON-able (the slots' state travels in the model's state_dict)."""
+        ex = self._exhausted
+        return {
+            "best": self.best,
+            "badEvals": self.bad_evals,
+            "stepCount": self.step_count,
+            "tried": sorted([list(t) for t in self.tried]),
+            "exhausted": None if ex is None else [list(ex[0]), ex[1], ex[2]],
+            "events": list(self.events),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore `state_dict()`; a missing or mistyped field raises ValueError and changes nothing."""
+        try:
+            best, bad, count = float(state["best"]), int(state["badEvals"]), int(state["stepCount"])
+            tried = {(str(a), str(b)) for a, b in state["tried"]}
+            ex = state.get("exhausted")
+            exhausted = None if ex is None else (tuple(str(n) for n in ex[0]), int(ex[1]), int(ex[2]))
+            events = [dict(e) for e in state.get("events", [])]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"not a PlateauPolicy state: {type(e).__name__}: {e}") from None
+        self.best, self.bad_evals, self.step_count = best, bad, count
+        self.tried, self._exhausted, self.events = tried, exhausted, events
 
     def active(self) -> SeedSlot | None:
         return next((s for s in self.slots.values() if s.state in LIVE_STATES), None)
@@ -173,17 +212,25 @@ class PlateauPolicy:
                 if (slot.name, entry.key) in self.tried:
                     continue
                 self.tried.add((slot.name, entry.key))
-                if not slot.germinate(entry.source, key=entry.key, expected_sha256=entry.sha256):
+                if self.agreement is not None:
+                    ok = self.agreement.germinate(slot, entry)
+                else:
+                    ok = slot.germinate(entry.source, key=entry.key, expected_sha256=entry.sha256)
+                if not ok:
                     self._event("germinate_failed", slot=slot.name, kernel=entry.key,
                                 reason=slot.telemetry.last_error)  # fmt: skip
                     continue
-                if self.optimizer is not None:
-                    self.optimizer.add_param_group(slot.param_group(**self.group_options))
-                slot.start_training()
+                self.start_seed(slot)
                 self._event("germinate", slot=slot.name, kernel=entry.key)
                 return
         self._exhausted = self._situation()
         self._event("no_kernel")
+
+    def start_seed(self, slot: SeedSlot) -> None:
+        """A germinated seed joins the optimizer (its own param group) and starts training."""
+        if self.optimizer is not None:
+            self.optimizer.add_param_group(slot.param_group(**self.group_options))
+        slot.start_training()
 
     def _situation(self) -> tuple[Any, ...]:
         dormant = tuple(n for n, s in self.slots.items() if s.state is S.DORMANT)
@@ -196,7 +243,10 @@ class PlateauPolicy:
         current = float(self.evaluate())
         contribution = base - current
         slot.telemetry.contribution = contribution
-        if contribution > self.cull_threshold:
+        keep = contribution > self.cull_threshold
+        if self.agreement is not None:
+            keep = self.agreement.verdict(slot, keep)
+        if keep:
             slot.fossilize(reason=f"contribution {contribution:.6g} > {self.cull_threshold:g}")
             self._event("fossilize", slot=slot.name, kernel=slot.kernel_key, contribution=contribution,
                         valLoss=current)  # fmt: skip
