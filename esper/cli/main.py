@@ -216,13 +216,18 @@ def demo(
     store: Annotated[Path, typer.Option(help="Local store the examples compile into.")] = Path(DEFAULT_STORE),
     quick: Annotated[bool, typer.Option(help="Fewer steps and one kernel (about a minute).")] = False,
     update_docs: Annotated[bool, typer.Option(help="Also write docs/demo-loss.png.")] = False,
+    workers: Annotated[
+        int, typer.Option(min=1, help="Also grow on N data-parallel workers (torchrun, gloo, CPU).")
+    ] = 1,
 ) -> None:
     """The main job: compile the example Blueprints, then grow a model with them and compare."""
     from esper.demo import DemoError, run_demo
 
     docs_png = Path("docs/demo-loss.png") if update_docs else None
     try:
-        result = run_demo(workdir, quick=quick, console=console, docs_png=docs_png, store=store)
+        result = run_demo(
+            workdir, quick=quick, console=console, docs_png=docs_png, store=store, workers=workers
+        )
     except DemoError as exc:
         typer.echo(f"esper demo: {exc}", err=True)
         raise typer.Exit(1) from None

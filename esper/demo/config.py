@@ -177,6 +177,7 @@ class DemoResult:
     total_seconds: float
     png: Path | None
     json_path: Path
+    distributed: dict[str, Any] | None = None  # `workers` > 1: the data-parallel run's checks and events
 
     def to_json(self) -> dict[str, Any]:
         import torch
@@ -193,4 +194,5 @@ class DemoResult:
             "threads": self.config.threads,
             "cpuCount": os.cpu_count(),
             "png": str(self.png) if self.png else None,
+            "distributed": self.distributed,
         }

@@ -7,7 +7,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -21,6 +21,10 @@ from esper.demo.train import build_host, build_large, grow, make_task, train
 # ---------------------------------------------------------------- the demo
 
 
+def _event_keys(events: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    return [(e["step"], e["event"], e.get("slot"), e.get("kernel")) for e in events]
+
+
 def run_demo(
     workdir: Path,
     *,
@@ -30,12 +34,15 @@ def run_demo(
     config: DemoConfig | None = None,
     examples_dir: Path = EXAMPLES_DIR,
     store: Path | None = None,
+    workers: int = 1,
 ) -> DemoResult:
     """Compile the examples, train host / grown / large, print tables, write the PNG and the JSON.
 
     `store`: the kernel store directory (default `<workdir>/store`; e.g. the CLI's .esper/store).
     `docs_png`: also copy the PNG there (e.g. docs/demo-loss.png). `config` overrides the defaults
-    (`quick` picks DemoConfig.quick()). Raises DemoError if no kernel could be compiled.
+    (`quick` picks DemoConfig.quick()). `workers` > 1 also runs the grown run data-parallel on that
+    many torchrun ranks (gloo, CPU; `esper.demo.distributed`). Raises DemoError if no kernel could be
+    compiled.
     """
     import torch
     from rich.console import Console
@@ -67,6 +74,7 @@ def run_demo(
     aoti_log = logging.getLogger("torch.export.pt2_archive._package")
     aoti_level = aoti_log.level
     aoti_log.setLevel(logging.ERROR)
+    distributed: dict[str, Any] | None = None
     try:
         task = make_task(cfg)
         runs: dict[str, RunResult] = {}
@@ -82,6 +90,14 @@ def run_demo(
             runs["host"] = train("host", build_host(cfg, len(usable)), task, cfg, progress, tids["host"])
             runs["grown"], events = grow(cfg, usable, task, progress, tids["grown"])
             runs["large"] = train("large", build_large(cfg, usable), task, cfg, progress, tids["large"])
+        if workers > 1:
+            from esper.demo.distributed import grow_workers
+
+            console.print(f"grown run on {workers} data-parallel workers (torchrun, gloo) ...")
+            name = f"grown x{workers}"
+            runs[name], w_events, distributed = grow_workers(cfg, usable, workers, workdir)
+            distributed["sameEvents"] = _event_keys(w_events) == _event_keys(events)
+            distributed["events"] = w_events
     finally:
         torch.set_num_threads(threads)
         aoti_log.setLevel(aoti_level)
@@ -97,6 +113,15 @@ def run_demo(
         f"({(1 - g.val_loss / h.val_loss) * 100:.1f}% lower); "
         f"large from scratch: {lg.val_loss:.4f}. Timings are wall clock on a shared machine: noisy."
     )
+    if distributed is not None:
+        w = runs[f"grown x{workers}"]
+        console.print(
+            f"grown on {workers} workers: val {w.val_loss:.4f} vs {g.val_loss:.4f} in one process "
+            f"({(w.val_loss / g.val_loss - 1) * 100:+.2f}%); seed events "
+            + ("identical" if distributed["sameEvents"] else "DIFFERENT")
+            + f" (step, slot, kernel); parameters bit-identical across ranks after all "
+            f"{distributed['inSyncChecks']} checks"
+        )
     png = plot(runs, events, workdir / "demo-loss.png")
     if png is not None and docs_png is not None:
         docs_png.parent.mkdir(parents=True, exist_ok=True)
@@ -113,6 +138,7 @@ def run_demo(
         total_seconds=time.perf_counter() - t_start,
         png=png,
         json_path=json_path,
+        distributed=distributed,
     )
     json_path.write_text(json.dumps(result.to_json(), indent=2, default=str) + "\n")
     console.print(

@@ -67,3 +67,22 @@ def test_second_run_reuses_the_store(demo: tuple[DemoResult, str], tmp_path: Pat
     kernels = compile_kernels(result.config.examples, result.workdir, Console(file=io.StringIO()))
     assert [k.cached for k in kernels] == [True]
     assert kernels[0].key == result.kernels[0].key and kernels[0].bundle is not None
+
+
+def test_two_workers_grow_the_same_seeds_as_one_process(demo: tuple[DemoResult, str], tmp_path: Path) -> None:
+    """`esper demo --workers 2`: the grown run again on 2 torchrun ranks (gloo), the store reused."""
+    result, _ = demo
+    out = io.StringIO()
+    two = run_demo(tmp_path, quick=True, console=Console(file=out, width=160),
+                   store=result.workdir / "store", workers=2)  # fmt: skip
+    assert two.distributed is not None
+    one, dp = two.runs["grown"], two.runs["grown x2"]
+    key = [(e["step"], e["event"], e.get("slot"), e.get("kernel")) for e in two.events]
+    assert [(e["step"], e["event"], e.get("slot"), e.get("kernel")) for e in two.distributed["events"]] == key
+    assert any(e["event"] == "germinate" and e.get("compiled") for e in two.distributed["events"])
+    assert two.distributed["inSyncChecks"] == two.config.steps + 1  # every step, bit-identical ranks
+    # Same global batches, split across the ranks: only the order of the gradient sums differs.
+    assert abs(dp.val_loss - one.val_loss) <= 0.01 * one.val_loss
+    assert dp.val_loss < two.runs["host"].val_loss
+    assert "grown on 2 workers" in out.getvalue()
+    assert json.loads(two.json_path.read_text())["distributed"]["sameEvents"] is True
