@@ -27,6 +27,7 @@ from typing import Any
 import kubernetes_validate
 
 K8S_SCHEMA_VERSION = "v1.36.0-local"
+_OPEN = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
 _KEEP = ("format", "enum", "required", "x-kubernetes-list-type", "x-kubernetes-list-map-keys",
          "x-kubernetes-map-type")  # fmt: skip
 
@@ -125,7 +126,7 @@ def pytorchjob_crd() -> dict[str, Any]:
         "required": ["pytorchReplicaSpecs"],
         "properties": {
             "pytorchReplicaSpecs": {"type": "object", "additionalProperties": replica},
-            "runPolicy": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+            "runPolicy": _OPEN,
         },
     }
     return _crd("kubeflow.org", "v1", "PyTorchJob", "pytorchjobs", spec)
@@ -138,7 +139,7 @@ def trainingruntime_crd() -> dict[str, Any]:
         "properties": {
             "name": {"type": "string"},
             "replicas": {"type": "integer", "format": "int32"},
-            "dependsOn": {"type": "array", "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
+            "dependsOn": {"type": "array", "items": _OPEN},
             "template": {
                 "type": "object",
                 "properties": {
@@ -155,7 +156,8 @@ def trainingruntime_crd() -> dict[str, Any]:
                 "type": "object",
                 "properties": {
                     "numNodes": {"type": "integer", "format": "int32"},
-                    "torch": {"type": "object", "properties": {"numProcPerNode": {"x-kubernetes-int-or-string": True}}},
+                    "torch": {"type": "object",
+                              "properties": {"numProcPerNode": {"x-kubernetes-int-or-string": True}}},
                 },
             },
             "template": {
@@ -183,8 +185,11 @@ def trainjob_crd() -> dict[str, Any]:
             "runtimeRef": {
                 "type": "object",
                 "required": ["name"],
-                "properties": {"name": {"type": "string"}, "apiGroup": {"type": "string"},
-                               "kind": {"type": "string", "enum": ["TrainingRuntime", "ClusterTrainingRuntime"]}},
+                "properties": {
+                    "name": {"type": "string"},
+                    "apiGroup": {"type": "string"},
+                    "kind": {"type": "string", "enum": ["TrainingRuntime", "ClusterTrainingRuntime"]},
+                },
             },
             "trainer": {
                 "type": "object",
