@@ -8,13 +8,20 @@ The kernels land on an emptyDir shared with every app container (read-only there
 The pod's ServiceAccount needs the `esper-kernel-reader` ClusterRole (the chart provides it) bound in
 the namespace, and a token: if the pod turns automounting off, a projected token is mounted into the
 sidecar only.
+
+Training jobs with several pod templates get the sidecar in each: every replica type of a
+`PyTorchJob` (kubeflow.org/v1), and the trainer's replicated Job of a `TrainingRuntime` or
+`ClusterTrainingRuntime` (trainer.kubeflow.org/v1alpha1). A `TrainJob` cannot add containers to its
+pods (Trainer's runtime patches only patch containers the runtime already has), so its sidecar lives
+in the runtime it references: a TrainJob is injected only together with that runtime, and gets the
+kernel directory in `spec.trainer.env`.
 """
 
 from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import yaml
@@ -37,6 +44,11 @@ TEMPLATE_PATHS: dict[str, tuple[str, ...]] = {
     "Job": ("spec", "template"),
     "CronJob": ("spec", "jobTemplate", "spec", "template"),
 }
+#: Training jobs: several pod templates (PyTorchJob) or a runtime's template (Kubeflow Trainer v2).
+RUNTIME_KINDS = ("TrainingRuntime", "ClusterTrainingRuntime")
+TRAINING_KINDS = ("PyTorchJob", *RUNTIME_KINDS, "TrainJob")
+KINDS = (*TEMPLATE_PATHS, *TRAINING_KINDS)
+TRAINER_STEP_LABEL = "trainer.kubeflow.org/trainjob-ancestor-step"
 
 
 def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
@@ -102,10 +114,63 @@ def _token_volume() -> dict[str, Any]:
     ]}}  # fmt: skip
 
 
+def _get(node: Any, *path: str) -> Any:
+    for part in path:
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _template_spec(template: Any, where: str, path: str) -> dict[str, Any]:
+    spec = _get(template, "spec")
+    if not isinstance(spec, dict):
+        raise ValueError(f"{where}: no pod template spec at {path}")
+    if not spec.get("containers"):
+        raise ValueError(f"{where}: the pod template at {path} has no containers")
+    return spec
+
+
+def _is_trainer(job: dict[str, Any]) -> bool:
+    """The trainer's replicated Job of a Trainer runtime (not the dataset or model initializers)."""
+    step = _get(job, "template", "metadata", "labels", TRAINER_STEP_LABEL)
+    return step == "trainer" or (step is None and job.get("name") == "node")
+
+
+def _pod_specs(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every pod template spec of a workload the sidecar goes into (a TrainJob has none)."""
+    kind = doc.get("kind")
+    where = f"{kind} {(doc.get('metadata') or {}).get('name', '?')}"
+    if kind == "PyTorchJob":
+        replicas = _get(doc, "spec", "pytorchReplicaSpecs")
+        if not isinstance(replicas, dict) or not replicas:
+            raise ValueError(f"{where}: no replicas at spec.pytorchReplicaSpecs")
+        return [
+            _template_spec(_get(r, "template"), where, f"spec.pytorchReplicaSpecs.{name}.template.spec")
+            for name, r in replicas.items()
+        ]
+    if kind in RUNTIME_KINDS:
+        jobs = _get(doc, "spec", "template", "spec", "replicatedJobs")
+        if not isinstance(jobs, list) or not jobs:
+            raise ValueError(f"{where}: no replicated Jobs at spec.template.spec.replicatedJobs")
+        trainers = [j for j in jobs if isinstance(j, dict) and _is_trainer(j)]
+        if not trainers:
+            raise ValueError(
+                f"{where}: no trainer Job (a replicated Job labelled {TRAINER_STEP_LABEL}: trainer, "
+                "or named node)"
+            )
+        return [
+            _template_spec(_get(j, "template", "spec", "template"), where,
+                           f"spec.template.spec.replicatedJobs[{j.get('name')}].template.spec.template.spec")
+            for j in trainers
+        ]  # fmt: skip
+    if kind == "TrainJob":
+        return []
+    return [_pod_spec(doc)]
+
+
 def _pod_spec(doc: dict[str, Any]) -> dict[str, Any]:
     kind = doc.get("kind")
     if kind not in TEMPLATE_PATHS:
-        raise ValueError(f"cannot inject into kind {kind!r}: expected one of {', '.join(TEMPLATE_PATHS)}")
+        raise ValueError(f"cannot inject into kind {kind!r}: expected one of {', '.join(KINDS)}")
     node: Any = doc
     for part in TEMPLATE_PATHS[kind]:
         node = node.get(part) if isinstance(node, dict) else None
@@ -137,11 +202,14 @@ def inject(
     store_uri: str | None = None,
     kernel_dir: str = DEFAULT_KERNEL_DIR,
     service_account: str | None = None,
+    runtimes: Collection[str] = (),
 ) -> dict[str, Any]:
-    """A copy of `manifest` (one workload) with the sidecar, the volume and the mounts; idempotent.
+    """A copy of `manifest` (one workload) with the sidecar, the volume and the mounts in each of its
+    pod templates; idempotent.
 
-    ValueError: unknown kind, no containers, nothing to sync, a bad name, or a conflicting volume,
-    mount path or ServiceAccount.
+    `runtimes`: names of the (Cluster)TrainingRuntimes injected alongside (a TrainJob must reference
+    one of them). ValueError: unknown kind, no containers, nothing to sync, a bad name, a conflicting
+    volume, mount path or ServiceAccount, or a TrainJob whose runtime is not injected with it.
     """
     names = [n.strip() for n in kernels.split(",")] if isinstance(kernels, str) else list(kernels or ())
     names = [n for n in names if n]
@@ -156,9 +224,44 @@ def inject(
     if not isinstance(manifest, dict):
         raise ValueError("expected one manifest (a mapping); split multi-document YAML with inject_documents")
     doc = copy.deepcopy(manifest)
-    spec = _pod_spec(doc)
-    where = f"{doc['kind']} {(doc.get('metadata') or {}).get('name', '?')}"
+    where = f"{doc.get('kind')} {(doc.get('metadata') or {}).get('name', '?')}"
+    if doc.get("kind") == "TrainJob":
+        _inject_trainjob(doc, where, kernel_dir, runtimes)
+    for spec in _pod_specs(doc):
+        _inject_spec(spec, where, image, names, selector, store_uri, kernel_dir, service_account)
+    return doc
 
+
+def _inject_trainjob(doc: dict[str, Any], where: str, kernel_dir: str, runtimes: Collection[str]) -> None:
+    ref = _get(doc, "spec", "runtimeRef", "name")
+    if not isinstance(ref, str) or not ref:
+        raise ValueError(f"{where}: no runtime at spec.runtimeRef.name")
+    if ref not in runtimes:
+        raise ValueError(
+            f"{where}: a TrainJob cannot add the sidecar to its pods (its runtime patches only patch "
+            f"containers the runtime has); inject its runtime {ref!r} together with it (one input: "
+            "the TrainingRuntime or ClusterTrainingRuntime documents beside the TrainJob)"
+        )
+    spec = doc.setdefault("spec", {})
+    trainer = spec.get("trainer")
+    if trainer is None:
+        trainer = spec["trainer"] = {}
+    if not isinstance(trainer, dict):
+        raise ValueError(f"{where}: spec.trainer is not a mapping")
+    _upsert(trainer.setdefault("env", []), {"name": "ESPER_KERNEL_DIR", "value": kernel_dir})
+
+
+def _inject_spec(
+    spec: dict[str, Any],
+    where: str,
+    image: str,
+    names: list[str],
+    selector: str | None,
+    store_uri: str | None,
+    kernel_dir: str,
+    service_account: str | None,
+) -> None:
+    """The sidecar, the shared volume, the mounts and the env in one pod template spec (in place)."""
     volumes = spec.setdefault("volumes", [])
     existing = next((v for v in volumes if v.get("name") == VOLUME), None)
     if existing is not None and "emptyDir" not in existing:
@@ -193,7 +296,6 @@ def inject(
         token_volume=token,
     )
     _upsert(spec.setdefault("initContainers", []), sidecar, at=0)  # first: later init containers see kernels
-    return doc
 
 
 _SEPARATOR = re.compile(r"^---[ \t]*(?:#.*)?$", re.MULTILINE)
@@ -205,17 +307,29 @@ def inject_documents(text: str, **kwargs: Any) -> str:
     A `kind: List` (kubectl's output) has each workload item injected. Keyword arguments go to `inject`.
     """
     chunks = _SEPARATOR.split(text)
+    docs = [yaml.safe_load(chunk) if chunk.strip() else None for chunk in chunks]
+    items = [i for d in docs if isinstance(d, dict) for i in (d, *_list_items(d)) if isinstance(i, dict)]
+    runtimes = {
+        str(_get(i, "metadata", "name"))
+        for i in items
+        if isinstance(i, dict) and i.get("kind") in RUNTIME_KINDS
+    }
+    kwargs.setdefault("runtimes", runtimes)
     out = []
-    for chunk in chunks:
-        doc = yaml.safe_load(chunk) if chunk.strip() else None
-        if isinstance(doc, dict) and doc.get("kind") in TEMPLATE_PATHS:
+    for chunk, doc in zip(chunks, docs, strict=True):
+        if isinstance(doc, dict) and doc.get("kind") in KINDS:
             out.append("\n" + yaml.safe_dump(inject(doc, **kwargs), sort_keys=False))
-        elif isinstance(doc, dict) and doc.get("kind") == "List" and isinstance(doc.get("items"), list):
+        elif isinstance(doc, dict) and _list_items(doc):
             doc["items"] = [
-                inject(i, **kwargs) if isinstance(i, dict) and i.get("kind") in TEMPLATE_PATHS else i
+                inject(i, **kwargs) if isinstance(i, dict) and i.get("kind") in KINDS else i
                 for i in doc["items"]
             ]
             out.append("\n" + yaml.safe_dump(doc, sort_keys=False))
         else:
             out.append(chunk)
     return "---".join(out).lstrip("\n")
+
+
+def _list_items(doc: dict[str, Any]) -> list[Any]:
+    items = doc.get("items")
+    return items if doc.get("kind") == "List" and isinstance(items, list) else []

@@ -9,7 +9,7 @@ volume) as it checks a Pod's, and strict field validation refuses any field a po
 have.
 
 - `pytorchjobs.kubeflow.org` v1 (Training Operator v1): `spec.pytorchReplicaSpecs.<Master|Worker>`
-  = {replicas, restartPolicy, template}, `spec.runPolicy` kept as an open object.
+  = {replicas, restartPolicy, template}, `spec.nprocPerNode`, `spec.runPolicy` kept as an open object.
 - `trainingruntimes.trainer.kubeflow.org` v1alpha1 (Trainer v2): `spec.mlPolicy` {numNodes, torch},
   `spec.template.spec.replicatedJobs[]` = {name, replicas, template: {metadata, spec: {template}}}
   (a JobSet's replicated Jobs, list-map keyed by name).
@@ -125,6 +125,7 @@ def pytorchjob_crd() -> dict[str, Any]:
         "type": "object",
         "required": ["pytorchReplicaSpecs"],
         "properties": {
+            "nprocPerNode": {"type": "string"},
             "pytorchReplicaSpecs": {"type": "object", "additionalProperties": replica},
             "runPolicy": _OPEN,
         },
