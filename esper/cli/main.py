@@ -344,7 +344,7 @@ def kasmina_train(ctx: typer.Context) -> None:
 
 @kasmina_app.command("inject")
 def kasmina_inject(
-    file: Annotated[Path, typer.Argument(help="Manifest (Pod, Job, Deployment, PyTorchJob, TrainJob with its TrainingRuntime, ...); '-' for stdin.")],
+    file: Annotated[Path, typer.Argument(help="Manifest (Pod, Job, PyTorchJob, ...); '-': stdin.")],
     kernels: Annotated[str, typer.Option(help="Comma-separated Kernel names to sync.")] = "",
     selector: Annotated[str, typer.Option(help="Label selector of the Kernels to sync.")] = "",
     image: Annotated[str, typer.Option(help="Sidecar image (carries the esper CLI).")] = DEFAULT_IMAGE,
