@@ -5,6 +5,12 @@ the Kasmina sidecar delivers: between steps it stats the sidecar's index (one `o
 arrived bundles to the policy's catalog (verified against the sha256 the index recorded when a seed
 loads them), and lets the plateau policy germinate, train, blend and fossilize or cull. Seed events
 are printed as JSON lines; seed metrics are served for Prometheus.
+
+Under torchrun (`WORLD_SIZE` > 1, e.g. `torchrun --no-python esper kasmina train` in each pod of a
+PyTorchJob or TrainJob) it trains data-parallel: the host in DistributedDataParallel (gloo), every
+rank on its own batches, seeds grown only by agreement of every rank (`SeedCoordinator`: a kernel one
+pod's sidecar has not delivered yet is not grown anywhere). Rank 0 prints the events; a SIGTERM on
+any rank stops every rank at the next evaluation.
 """
 
 from __future__ import annotations
@@ -50,9 +56,18 @@ def train(options: TrainerOptions) -> int:
     cfg = DemoConfig(seed=options.seed)
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
-    _emit({"event": "start", "warmupSeconds": round(warmup(), 3), "kernelDir": str(options.kernel_dir)})
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = 0
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
+        rank = dist.get_rank()
+    say = _emit if rank == 0 else (lambda _event: None)
+    say({"event": "start", "warmupSeconds": round(warmup(), 3), "kernelDir": str(options.kernel_dir),
+         "world": world})  # fmt: skip
     if options.metrics_port:
-        start_http_server(options.metrics_port)
+        start_http_server(options.metrics_port + int(os.environ.get("LOCAL_RANK", "0")))
     task = make_task(cfg)
     model = build_host(cfg, options.slots)
     wrap(
@@ -61,6 +76,12 @@ def train(options: TrainerOptions) -> int:
         blend_steps=cfg.blend_steps,
         metrics=default_metrics(),
     )
+    forward: torch.nn.Module = model
+    if world > 1:
+        from esper.kasmina.distributed import ignore_seed_parameters
+
+        ignore_seed_parameters(model)
+        forward = torch.nn.parallel.DistributedDataParallel(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     loss_fn = torch.nn.MSELoss()
 
@@ -73,12 +94,18 @@ def train(options: TrainerOptions) -> int:
 
     catalog = KernelCatalog()
     policy = cfg.policy(catalog, evaluate, model, optimizer)
+    coord = None
+    if world > 1:
+        from esper.kasmina.distributed import SeedCoordinator
+
+        coord = SeedCoordinator(policy)
     watcher = IndexWatcher(options.kernel_dir)
     known: set[str] = set()
     seen_events = 0
-    generator = torch.Generator().manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed + rank)  # each rank its own batches
     step = 0
-    while not stop.is_set() and (options.steps == 0 or step < options.steps):
+    stopping = False
+    while not stopping and (options.steps == 0 or step < options.steps):
         try:
             index = watcher.changed()
         except IndexCorrupt as exc:  # the sidecar rewrites it atomically; a corrupt file is someone else's
@@ -92,22 +119,35 @@ def train(options: TrainerOptions) -> int:
                 for e in found:
                     catalog.add(e.key, e.source, e.score, e.sample_shape, sha256=entry.sha256)
                     known.add(e.key)
-                    _emit({"event": "kernel-arrived", "step": step, "kernel": entry.name, "key": e.key})
+                    say({"event": "kernel-arrived", "step": step, "kernel": entry.name, "key": e.key})
         idx = torch.randint(0, task.x_train.shape[0], (cfg.batch,), generator=generator)
-        loss = loss_fn(model(task.x_train[idx]), task.y_train[idx])
+        loss = loss_fn(forward(task.x_train[idx]), task.y_train[idx])
         loss.backward()
+        if coord is not None:
+            coord.sync_grads()
         optimizer.step()
         policy.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         if step % cfg.eval_every == 0:
-            val = evaluate()
-            policy.on_eval(val, step)
-            _emit({"event": "eval", "step": step, "valLoss": round(val, 5), "time": time.time()})
+            if coord is not None:
+                val = coord.on_eval(evaluate(), step)
+                stopping = coord.mean(1.0 if stop.is_set() else 0.0) > 0  # every rank stops together
+            else:
+                val = evaluate()
+                policy.on_eval(val, step)
+            say({"event": "eval", "step": step, "valLoss": round(val, 5), "time": time.time()})
+        stopping = stopping or (coord is None and stop.is_set())
         for ev in policy.events[seen_events:]:
-            _emit(ev)
+            say(ev)
         seen_events = len(policy.events)
-    _emit({"event": "stop", "step": step, "valLoss": round(evaluate(), 5)})
+    final = coord.evaluate() if coord is not None else evaluate()
+    say({"event": "stop", "step": step, "valLoss": round(final, 5)})
+    if coord is not None:
+        import torch.distributed as dist
+
+        del forward  # before the process group: a DDP that outlives it aborts the process
+        dist.destroy_process_group()
     return 0
 
 
