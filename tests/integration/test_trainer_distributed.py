@@ -33,14 +33,16 @@ def test_two_ranks_grow_a_delivered_kernel_at_the_same_step(tmp_path: Path) -> N
     open_store(str(tmp_path / "store")).fetch_bundle(
         result["key"], bundle_path(kernel_dir, "cpu-lora"), expected_sha256=result["manifestSha256"]
     )
-    entry = IndexEntry(name="cpu-lora", namespace="default", key=result["key"], sha256=result["manifestSha256"],
-                       target="cpu", blueprint="lora-64-r8", path="kernels/cpu-lora", size=result["size"])  # fmt: skip
+    entry = IndexEntry(
+        name="cpu-lora", namespace="default", key=result["key"], sha256=result["manifestSha256"],
+        target="cpu", blueprint="lora-64-r8", path="kernels/cpu-lora", size=result["size"],
+    )  # fmt: skip
     write_index(kernel_dir, [entry], version=1)
 
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'operator'}", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=0",
-           "-m", "esper.cli.main", "kasmina", "train", "--kernel-dir", str(kernel_dir), "--steps", "1200",
-           "--slots", "1", "--metrics-port", "0"]  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "--max-restarts=0", "-m", "esper.cli.main", "kasmina", "train", "--kernel-dir", str(kernel_dir),
+           "--steps", "1200", "--slots", "1", "--metrics-port", "0"]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=ROOT)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
