@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from esper.kasmina.inject import SIDECAR, VOLUME, inject_documents
+from esper.sidecar.inject import SIDECAR, VOLUME, inject_documents
 from tests.support.kubeflow_crds import all_crds
 
 ROOT = Path(__file__).resolve().parents[2]

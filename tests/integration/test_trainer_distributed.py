@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from esper.kasmina.index import IndexEntry, bundle_path, write_index
+from esper.sidecar.index import IndexEntry, bundle_path, write_index
 from esper.storage import open_store
 from esper.tezzeret.entrypoint import main as tezzeret
 

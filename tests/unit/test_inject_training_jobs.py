@@ -11,7 +11,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from esper.kasmina.inject import SIDECAR, VOLUME, inject, inject_documents
+from esper.sidecar.inject import SIDECAR, VOLUME, inject, inject_documents
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE = "ghcr.io/esper/esper:0.1.0"
