@@ -280,8 +280,15 @@ class SeedCoordinator:
         return False
 
     def verdict(self, slot: SeedSlot, keep: bool) -> bool:
-        """Rank 0's keep/cull verdict for every rank."""
-        return bool(self._bcast(keep))
+        """Rank 0's keep/cull verdict for every rank; cull wherever the seed failed on some rank
+        during the measuring evaluations (its slot culled it there on the spot)."""
+        votes = self._all_gather((keep, slot.state is not S.CULLED))
+        if all(alive for _, alive in votes):
+            return bool(votes[0][0])
+        failed = sum(not alive for _, alive in votes)
+        self._tracked.pop(slot.name, None)
+        slot.telemetry.last_error = f"SeedError on {failed} of {self.world} ranks"
+        return False
 
     # ---- every step ------------------------------------------------------------------------------
 

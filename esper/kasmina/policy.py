@@ -251,9 +251,10 @@ class PlateauPolicy:
             self._event("fossilize", slot=slot.name, kernel=slot.kernel_key, contribution=contribution,
                         valLoss=current)  # fmt: skip
         else:
-            key = slot.kernel_key
+            key = slot.kernel_key or slot.telemetry.kernel_key
             self._drop_group(slot)
-            slot.cull(f"contribution {contribution:.6g} <= {self.cull_threshold:g}")
+            if slot.state is not S.CULLED:  # else it failed while being measured, and culled itself
+                slot.cull(f"contribution {contribution:.6g} <= {self.cull_threshold:g}")
             slot.reset()
             self._event("cull", slot=slot.name, kernel=key, contribution=contribution, valLoss=base)
         self.best = min(base, current)

@@ -115,6 +115,21 @@ def test_a_seed_failing_on_one_rank_is_culled_on_all(tmp_path: Path) -> None:
     assert culls[0]["reason"] == "SeedError on 1 of 2 ranks"
 
 
+def test_a_seed_failing_on_one_rank_while_it_is_judged_is_culled_on_all(tmp_path: Path) -> None:
+    # The seed's evaluation-mode forwards on each rank: the probe at germination (1), then 4 chunks
+    # of 64 per evaluation of the rank's 256 samples. Blending from step 50: the evaluations at 50
+    # and 60 make calls 2-9; at 70 the blend ends and the policy measures val(alpha=0) (no seed
+    # call) and val(alpha=1): rank 1 fails there, at call 10.
+    reports = torchrun(tmp_path, "fail-eval", "--steps", "80", "--fail-after", "9")
+    assert_same_everywhere(reports, 80)
+    ks = kinds(reports[0]["events"])
+    assert (70, "cull", "2", "mlp-a") in ks and not any(k[1] == "fossilize" for k in ks)
+    cull = next(e for e in reports[0]["events"] if e["event"] == "cull")
+    assert cull["contribution"] > -0.1  # rank 0 alone would have kept it (cull threshold -0.1)
+    assert (80, "germinate", "2", "mlp-bb") in ks  # the slot is free again, on every rank
+    assert reports[0]["states"]["2"] == "training"
+
+
 def test_a_checkpoint_from_two_ranks_restores_on_one_and_on_two(tmp_path: Path) -> None:
     import torch
 

@@ -11,6 +11,7 @@ Scenarios (`--scenario`), each writing `<out>/rank<r>.json` (events, per-step di
 - `late`: rank 1's sidecar delivers the kernels only at `--late-step`.
 - `refuse`: the first-ranked kernel fails to load on rank 1 only.
 - `fail`: the seed raises in its forward on rank 1 only, `--fail-after` steps after it germinates.
+- `fail-eval`: the seed raises on rank 1 only in its evaluation forward number `--fail-after` + 1.
 - `checkpoint`: like `grow`, then rank 0 saves a checkpoint at the end (`<out>/ckpt.pt`).
 - `restore`: restores `--ckpt` (on whatever number of ranks) and trains `--steps` more.
 - `bundle`: one compiled kernel bundle (`--bundle`, `--sha256`) instead of the eager kernels.
@@ -33,13 +34,16 @@ BATCH, N_TRAIN, N_VAL = 64, 2048, 512
 
 
 class ResidualMLP(nn.Module):
-    def __init__(self, fail_on_rank: int | None = None, fail_after: int = 0) -> None:
+    """A residual seed; with `fail_on_rank` it raises on that rank after `fail_after` training
+    forwards (or, with `in_eval`, after that many evaluation forwards)."""
+
+    def __init__(self, fail_on_rank: int | None = None, fail_after: int = 0, in_eval: bool = False) -> None:
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(WIDTH, 32), nn.Linear(32, WIDTH)
-        self.fail_on_rank, self.fail_after, self.calls = fail_on_rank, fail_after, 0
+        self.fail_on_rank, self.fail_after, self.in_eval, self.calls = fail_on_rank, fail_after, in_eval, 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and torch.is_grad_enabled():
+        if (self.training and torch.is_grad_enabled()) != self.in_eval:
             self.calls += 1
             if self.fail_on_rank == _rank() and self.calls > self.fail_after:
                 raise RuntimeError("seed failed on this rank")
@@ -98,8 +102,8 @@ def catalog_entries(scenario: str, args: argparse.Namespace) -> list[Any]:
         key = read_manifest(args.bundle).key
         return [CatalogEntry(key, Path(args.bundle), 1.0, sample_shape=(WIDTH,), sha256=args.sha256)]
     kw: dict[str, Any] = {}
-    if scenario == "fail":
-        kw = {"fail_on_rank": 1, "fail_after": args.fail_after}
+    if scenario in ("fail", "fail-eval"):
+        kw = {"fail_on_rank": 1, "fail_after": args.fail_after, "in_eval": scenario == "fail-eval"}
     entries = [
         CatalogEntry("mlp-a", kernel_factory("mlp-a", **kw), 2.0),
         CatalogEntry("mlp-bb", kernel_factory("mlp-bb"), 1.0),
