@@ -17,7 +17,7 @@ makes every seed decision a shared one:
   loaded and verified it (an all-gather of the outcomes); otherwise every rank rolls it back. The
   seed's initial parameters are then broadcast from rank 0. When the evaluation is over, rank 0 broadcasts its
   policy state and new events, and the other ranks take them as theirs. The keep/cull verdict at the
-  end of a blend is rank 0's, broadcast.
+  end of a blend is rank 0's, unless the seed failed on some rank while it was being measured.
 - **Seed parameters are trained data-parallel outside DDP.** The host is wrapped in
   `DistributedDataParallel` once, before any seed exists, with every seed parameter excluded
   (`ignore_seed_parameters`); seeds add parameters mid-run, which a built DDP cannot take. After
