@@ -30,8 +30,8 @@ def torchrun(out: Path, scenario: str, *args: str, nproc: int = 2) -> list[dict[
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'operator'}", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "--max-restarts=0", "--monitor-interval=0.5", "-m", "tests.support.ddp_worker",
-           "--scenario", scenario, "--out", str(out), *args]  # fmt: skip
+           "--max-restarts=0", "--monitor-interval=0.5", "--rdzv-conf=join_timeout=60",  # ranks join in 60 s
+           "-m", "tests.support.ddp_worker", "--scenario", scenario, "--out", str(out), *args]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)  # fmt: skip
     try:
