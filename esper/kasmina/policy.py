@@ -96,8 +96,9 @@ class Agreement(Protocol):
     """How a germination and a keep/cull verdict become decisions every data-parallel rank shares.
 
     `PlateauPolicy.agreement` is None in one process; `esper.kasmina.distributed.SeedCoordinator`
-    sets it on rank 0 so that each attempt is carried out on every rank and succeeds only if it
-    succeeds everywhere.
+    sets it on every rank. `germinate` is called on rank 0 only (the one that decides): the attempt
+    is carried out on every rank and succeeds only if it succeeds everywhere. `verdict` is called on
+    every rank when a blend ends and returns the decision all of them apply.
     """
 
     def germinate(self, slot: SeedSlot, entry: CatalogEntry) -> bool: ...
@@ -243,7 +244,7 @@ class PlateauPolicy:
         current = float(self.evaluate())
         contribution = base - current
         slot.telemetry.contribution = contribution
-        keep = contribution > self.cull_threshold
+        keep = contribution > self.cull_threshold and slot.state is not S.CULLED  # failed while measured
         if self.agreement is not None:
             keep = self.agreement.verdict(slot, keep)
         if keep:
