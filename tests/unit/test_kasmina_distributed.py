@@ -152,3 +152,38 @@ def test_rank_states_that_differ_are_refused(world_of_one: None, monkeypatch: py
     monkeypatch.setattr(dist, "all_gather_object", lying_gather)
     with pytest.raises(RanksDiverged, match=r"slot states differ from rank 0's on rank\(s\) \[1\]"):
         SeedCoordinator(policy)
+
+
+def test_a_seed_that_fails_while_its_blend_is_measured_is_culled_not_fossilized() -> None:
+    """One process: the seed raises in the policy's own evaluation at the end of the blend."""
+
+    class FailsInEvaluation(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, h: torch.Tensor) -> torch.Tensor:
+            if not torch.is_grad_enabled() and h.shape[0] > 1:  # not the 1-sample load probe
+                raise RuntimeError("seed broke")
+            return h + self.lin(h)
+
+    model = _model()
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
+    model(x)
+
+    def evaluate() -> float:
+        with torch.no_grad():
+            return float(model(x).pow(2).mean())
+
+    catalog = KernelCatalog()
+    catalog.add("fails", lambda: EagerKernel(FailsInEvaluation(), "fails"), 1.0)
+    policy = PlateauPolicy(patience=1, min_delta=10.0, train_steps=1, blend_steps=1, cull_threshold=-1e9,
+                           catalog=catalog, evaluate=evaluate, model=model)  # fmt: skip
+    policy.on_eval(1.0, 0)
+    policy.on_eval(1.0, 0)  # plateau: germinate
+    for _ in range(2):  # train 1 step, blend 1 step: the blend ends and the seed is measured
+        model(x).pow(2).mean().backward()
+        policy.step()
+    assert [e["event"] for e in policy.events] == ["plateau", "germinate", "blending", "cull"]
+    assert policy.events[-1]["kernel"] == "fails"  # a cull, though any contribution beats -1e9
+    assert model[1].state.value == "dormant" and model[1].seed is None
