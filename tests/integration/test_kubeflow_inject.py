@@ -1,10 +1,11 @@
-"""Injected training jobs against a real API server (`../shared/k8s`: apiextensions-apiserver + etcd).
+"""Injected training jobs against a real API server (the test cluster's `real_apiserver`: by default
+`../shared/k8s`, apiextensions-apiserver + etcd).
 
 The CRDs of PyTorchJob, TrainingRuntime and TrainJob carry Kubernetes' own PodTemplateSpec schema
 (`tests.support.kubeflow_crds`), and every apply uses strict field validation: the server checks the
 injected sidecar, volume and mounts as it would a Pod's, and refuses any field a pod template does
-not have. The objects are read back to show that nothing was pruned. Skipped where the server or
-kubectl is missing.
+not have. The objects are read back to show that nothing was pruned. Skipped where the machine has
+no real server or no kubectl.
 """
 
 from __future__ import annotations
@@ -24,15 +25,9 @@ from esper.sidecar.inject import SIDECAR, VOLUME, inject_documents
 from tests.support.kubeflow_crds import all_crds
 
 ROOT = Path(__file__).resolve().parents[2]
-# ESPER_REAL_APISERVER, else ../shared/k8s beside the main checkout or beside the worktrees' folder
-_CANDIDATES = [ROOT.parent / "shared" / "k8s", ROOT.parent.parent / "shared" / "k8s"]
-if os.environ.get("ESPER_REAL_APISERVER"):
-    _CANDIDATES.insert(0, Path(os.environ["ESPER_REAL_APISERVER"]))
-SCRIPT = next((c / "real-apiserver.sh" for c in _CANDIDATES if (c / "real-apiserver.sh").is_file()),
-              _CANDIDATES[0] / "real-apiserver.sh")  # fmt: skip
 KINDS = {"PyTorchJob": "pytorchjobs", "TrainingRuntime": "trainingruntimes", "TrainJob": "trainjobs"}
+NS = "default"  # exists on a full API server too
 pytestmark = [
-    pytest.mark.skipif(not SCRIPT.is_file(), reason=f"no real API server at {SCRIPT}"),
     pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed"),
     pytest.mark.timeout(180),
 ]
@@ -53,20 +48,18 @@ class Kubectl:
 
 
 @pytest.fixture(scope="module")
-def kubectl(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kubectl]:
-    state = tmp_path_factory.mktemp("apiserver")
-    env = {**os.environ, "STATE": str(state), "KUBECACHEDIR": str(state / "kube-cache")}
-    started = subprocess.run([str(SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=120)
-    if started.returncode != 0:
-        pytest.skip(f"the real API server did not start: {started.stderr.strip()[-500:]}")
-    env["KUBECONFIG"] = started.stdout.strip().splitlines()[-1]
-    k = Kubectl(env)
+def kubectl(real_apiserver: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kubectl]:
+    cache = tmp_path_factory.mktemp("kube-cache")
+    k = Kubectl({**os.environ, "KUBECONFIG": str(real_apiserver.kubeconfig), "KUBECACHEDIR": str(cache)})
+    crds = yaml.safe_dump_all(all_crds())
+    k("apply", "--server-side", "-f", "-", stdin=crds)
     try:
-        k("apply", "--server-side", "-f", "-", stdin=yaml.safe_dump_all(all_crds()))
-        k("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
+        k("wait", "--for=condition=Established", *[f"crd/{p}.{g}" for p, g in (
+            ("pytorchjobs", "kubeflow.org"), ("trainingruntimes", "trainer.kubeflow.org"),
+            ("trainjobs", "trainer.kubeflow.org"))], "--timeout=60s")  # fmt: skip
         yield k
     finally:
-        subprocess.run([str(SCRIPT), "stop"], env=env, capture_output=True, timeout=60)
+        k("delete", "--wait=false", "-f", "-", stdin=crds, check=False)  # the server is the session's
 
 
 def _training_docs(example: str) -> list[dict[str, Any]]:
@@ -96,11 +89,11 @@ def test_injected_training_jobs_are_admitted_and_keep_every_sidecar(
     docs = _training_docs(example)
     assert sorted(d["kind"] for d in docs) == sorted(expected)
     kubectl(
-        "apply", "--server-side", "--validate=strict", "-n", "ml", "-f", "-", stdin=yaml.safe_dump_all(docs)
+        "apply", "--server-side", "--validate=strict", "-n", NS, "-f", "-", stdin=yaml.safe_dump_all(docs)
     )
     for doc in docs:
         got = json.loads(
-            kubectl("get", KINDS[doc["kind"]], doc["metadata"]["name"], "-n", "ml", "-o", "json").stdout
+            kubectl("get", KINDS[doc["kind"]], doc["metadata"]["name"], "-n", NS, "-o", "json").stdout
         )
         specs = _pod_specs(got)
         assert len(specs) == expected[doc["kind"]]  # every replica's pod template
@@ -125,7 +118,7 @@ def test_the_server_refuses_a_sidecar_field_no_pod_template_has(kubectl: Kubectl
     job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["initContainers"][0]["sidecarMode"] = (
         True
     )
-    proc = kubectl("apply", "--server-side", "--validate=strict", "-n", "ml", "-f", "-",
+    proc = kubectl("apply", "--server-side", "--validate=strict", "-n", NS, "-f", "-",
                    stdin=yaml.safe_dump(job), check=False)  # fmt: skip
     assert proc.returncode != 0 and "sidecarMode" in proc.stderr
-    assert kubectl("get", "pytorchjobs", "esper-grow-bad", "-n", "ml", check=False).returncode != 0
+    assert kubectl("get", "pytorchjobs", "esper-grow-bad", "-n", NS, check=False).returncode != 0
