@@ -47,9 +47,10 @@ def survive_any_body() -> None:
 def check(part: str, value: Any) -> None:
     """Refuse `value` (found at `part` of a body) if it is deeper or larger than a manifest may be."""
     try:
-        check_tree({part: value}, max_depth=MAX_DEPTH + 1, max_values=MAX_VALUES)
+        check_tree(value, max_depth=MAX_DEPTH, max_values=MAX_VALUES)
     except ManifestError as exc:
-        raise BodyRefused(str(exc)) from None
+        where = part + ("" if not exc.path or exc.path.startswith("[") else ".") + exc.path
+        raise BodyRefused(f"{where}: {exc.message}") from None
 
 
 def plain(body: Mapping[str, Any], *, parts: tuple[str, ...] = ("spec", "status")) -> dict[str, Any]:

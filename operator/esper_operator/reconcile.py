@@ -166,12 +166,13 @@ class Reconciler:
                 return
             owners = kernel["metadata"].get("ownerReferences") or []
             remaining = [o for o in owners if o.get("uid") != owner_uid]
+            if len(remaining) < len(owners):
+                crash_point("kernel-release")
             if not remaining:
                 await self.kube.delete("kernels", namespace, name)
                 return
             if len(remaining) == len(owners):
                 return
-            crash_point("kernel-release")
             patch = {
                 "metadata": {
                     "resourceVersion": kernel["metadata"]["resourceVersion"],

@@ -1,0 +1,493 @@
+"""Faults against the real operator process on the emulated cluster, counted.
+
+Poison bodies, the operator SIGKILLed at every crash point (`esper_operator.faults`), API errors and
+time-outs, S3 down mid-operation, compile Pods evicted or deleted. Each test records what it tried
+and what held in `RESULTS`; the last test renders them as the table in docs/reliability.md and fails
+if the committed table differs (`ESPER_UPDATE_DOCS=1` rewrites it).
+
+Compiles are replaced by a stand-in (`FakeCompile`) that writes a manifest to S3 and reports it as a
+real compile Job would: these tests are about the operator's bookkeeping, and a real compile per
+crash point would cost minutes (the real compile Job is covered by test_operator.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import signal
+import socket
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from esper.artifact import MANIFEST
+from esper.contracts.naming import LABEL_KERNEL
+from esper.storage import open_store
+from esper.storage.base import KERNELS_DIR
+from esper_operator.faults import POINTS
+from tests.support.cluster import Cluster, OperatorProcess, k8s_error, wait_for
+
+pytestmark = pytest.mark.cluster
+
+REPO = Path(__file__).resolve().parents[2]
+DOC = REPO / "docs" / "reliability.md"
+TABLE_START, TABLE_END = "<!-- results: start -->", "<!-- results: end -->"
+API_TIMEOUT = 2.0
+WAIT = 60.0
+
+
+@dataclass
+class Row:
+    """One line of the reliability table."""
+
+    fault: str
+    where: str
+    trials: int
+    injected: int
+    duplicated: int = 0
+    lost: int = 0
+    stuck: int = 0
+    held: str = ""
+
+
+RESULTS: dict[str, Row] = {}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def blueprint(name: str, seed: int, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A small residual MLP; the seed makes the kernel key (so Kernel and Job) distinct."""
+    return {
+        "apiVersion": "esper.dev/v1alpha1",
+        "kind": "Blueprint",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "template": {
+                "name": "residual-mlp",
+                "params": params or {"features": 16, "hidden": 32, "blocks": 1},
+            },
+            "targets": ["cpu"],
+            "compile": {"initSeed": seed, "validateBatches": [1], "benchmarkBatches": [8]},
+        },
+    }
+
+
+class FakeCompile:
+    """A compile Job's stand-in: puts a manifest into the store and reports it on the termination log."""
+
+    def __init__(self, cluster: Cluster, store_uri: str) -> None:
+        self.cluster = cluster
+        self.store = open_store(store_uri)
+
+    def __call__(self, job: dict[str, Any], container: dict[str, Any]) -> list[str]:
+        labels = job["metadata"].get("labels") or {}
+        kernel = self.cluster.get("kernels", labels[LABEL_KERNEL], job["metadata"]["namespace"])
+        assert kernel is not None, f"Job {job['metadata']['name']} has no Kernel"
+        key = kernel["spec"]["key"]
+        data = json.dumps({"key": key, "stand-in": True}).encode()
+        store: Any = self.store
+        prefix = f"{store.prefix}/" if store.prefix else ""
+        store.client.put_object(Bucket=store.bucket, Key=f"{prefix}{KERNELS_DIR}/{key}/{MANIFEST}", Body=data)
+        result = {
+            "key": key,
+            "uri": self.store.bundle_uri(key),
+            "manifestSha256": hashlib.sha256(data).hexdigest(),
+            "size": len(data),
+            "toolchain": kernel["spec"]["toolchain"],
+            "compileSeconds": 0.01,
+        }
+        write = "import os, sys; open(os.environ['ESPER_RESULT_PATH'], 'w').write(sys.argv[1])"
+        return [sys.executable, "-c", write, json.dumps(result)]
+
+
+class Rig:
+    """The operator under test (restartable, killable), the cluster, the kubelet and the store."""
+
+    def __init__(self, cluster: Cluster, kubelet: Any, operator: OperatorProcess, health_port: int) -> None:
+        self.cluster, self.kubelet, self.operator = cluster, kubelet, operator
+        self.health_url = f"http://127.0.0.1:{health_port}/healthz"
+
+    # --- the process ------------------------------------------------------------------------------
+
+    def start(self, fault_points: str = "", *, wait: bool = True) -> None:
+        """Start the operator (crash points armed if given); wait for it to be ready unless armed."""
+        self.operator.extra_env["ESPER_FAULT_POINTS"] = fault_points
+        self.operator.start()
+        if wait and not fault_points:
+            starts = self.operator.starts
+            wait_for(
+                lambda: self.operator.log().count("esper operator ready") >= starts,
+                WAIT,
+                0.1,
+                message=lambda: self.operator.log()[-3000:],
+            )
+
+    def kill(self) -> None:
+        """SIGKILL, as a node failure would."""
+        proc = self.operator.proc
+        assert proc is not None
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+    def wait_killed_at(self, point: str) -> None:
+        """The armed operator reached `point` and died by SIGKILL there."""
+        proc = self.operator.proc
+        assert proc is not None
+        log = self.operator.log
+        wait_for(lambda: proc.poll() is not None, WAIT, 0.05, message=lambda: f"{point}: {log()[-3000:]}")
+        assert proc.returncode == -signal.SIGKILL, self.operator.log()[-3000:]
+        assert f"esper fault point {point}: SIGKILL" in self.operator.log()
+
+    def health(self) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(self.health_url, timeout=5) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    # --- the cluster ------------------------------------------------------------------------------
+
+    def phase(self, resource: str, name: str) -> str | None:
+        obj = self.cluster.get(resource, name)
+        return ((obj or {}).get("status") or {}).get("phase")
+
+    def wait_phase(self, name: str, phase: str, timeout: float = WAIT) -> dict[str, Any]:
+        wait_for(
+            lambda: self.phase("blueprints", name) == phase,
+            timeout,
+            0.1,
+            message=lambda: (
+                f"blueprint {name} {phase}: {self.cluster.get('blueprints', name)}\n"
+                f"{self.operator.log()[-3000:]}"
+            ),
+        )
+        blueprint = self.cluster.get("blueprints", name)
+        assert blueprint is not None
+        return blueprint
+
+    def wait_gone(self, name: str) -> None:
+        wait_for(lambda: self.cluster.get("blueprints", name) is None, WAIT, 0.1, message=lambda: name)
+
+    def tally(self) -> Row:
+        """Duplicate Jobs (or compile runs), lost Kernels and stuck objects, counted from the cluster."""
+        blueprints = self.cluster.list("blueprints", "default")
+        kernels = {k["metadata"]["name"]: k for k in self.cluster.list("kernels", "default")}
+        jobs = self.cluster.list("jobs", "default")
+        row = Row("", "", 0, 0)
+        jobs_of: dict[str, int] = {}
+        for job in jobs:
+            kernel = job["metadata"]["labels"][LABEL_KERNEL]
+            jobs_of[kernel] = jobs_of.get(kernel, 0) + 1
+            row.duplicated += max(0, len(self.kubelet.runs_of(job["metadata"]["name"])) - 1)
+        row.duplicated += sum(n - 1 for n in jobs_of.values() if n > 1)
+        row.stuck += sum(1 for k in jobs_of if k not in kernels)  # a Job whose Kernel is gone
+        for bp in blueprints:
+            status = bp.get("status") or {}
+            if bp["metadata"].get("deletionTimestamp") or status.get("phase") != "Ready":
+                row.stuck += 1
+            for ref in status.get("kernels") or []:
+                if ref["name"] not in kernels:
+                    row.lost += 1
+        owners = {bp["metadata"]["uid"] for bp in blueprints}
+        for name, kernel in kernels.items():
+            if (kernel.get("status") or {}).get("phase") != "Ready" or jobs_of.get(name, 0) != 1:
+                row.stuck += 1
+            if not {o["uid"] for o in kernel["metadata"].get("ownerReferences") or []} & owners:
+                row.stuck += 1  # a Kernel no Blueprint owns is never cleaned up
+        return row
+
+
+@pytest.fixture
+def rig(
+    cluster: Cluster,
+    kubelet: Any,
+    s3_server: str,
+    s3_bucket: str,
+    tmp_path: Path,
+) -> Iterator[Rig]:
+    secret = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    cluster.create(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "esper-s3", "namespace": "default"},
+            "data": {k: base64.b64encode(v.encode()).decode() for k, v in secret.items()},
+        }
+    )
+    kubelet.command_hook = FakeCompile(cluster, s3_bucket)
+    health = _free_port()
+    env = {
+        "ESPER_STORE_URI": s3_bucket,
+        "ESPER_S3_ENDPOINT": s3_server,
+        "ESPER_S3_SECRET": "esper-s3",
+        "ESPER_BACKOFF_LIMIT": "2",
+        "ESPER_METRICS_PORT": str(_free_port()),
+        "ESPER_RESYNC_SECONDS": "5",
+        "ESPER_RETRY_SECONDS": "1",
+        "ESPER_API_TIMEOUT_SECONDS": str(API_TIMEOUT),
+        **secret,
+    }
+    operator = OperatorProcess(
+        "esper_operator.handlers",
+        cluster,
+        tmp_path / "operator.log",
+        env=env,
+        args=["--liveness", f"http://127.0.0.1:{health}/healthz"],
+    )
+    yield Rig(cluster, kubelet, operator, health)
+    operator.stop()
+
+
+# --- poison bodies ----------------------------------------------------------------------------------
+
+
+def nested(depth: int, *, lists: bool = False) -> Any:
+    """{"a": {"a": ... 1}} (or [[...[1]]]) with `depth` levels, built without recursion."""
+    value: Any = 1
+    for _ in range(depth):
+        value = [value] if lists else {"a": value}
+    return value
+
+
+@pytest.fixture
+def deep_recursion() -> Iterator[None]:
+    """This process (the emulator, the test's client) must itself encode and copy deep bodies."""
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(50_000)
+    yield
+    sys.setrecursionlimit(old)
+
+
+POISON = {
+    # ~480 levels broke the operator's own copy, ~490 kopf's deepcopy, ~1000 the watch's json.loads.
+    "deep-480": ({"features": nested(480)}, "spec.template.params.features.a.a.a.a.a"),
+    "deep-3000": ({"features": nested(3000)}, "spec.template.params.features.a.a.a.a.a"),
+    "deep-list": ({"features": nested(2000, lists=True)}, "spec.template.params.features[0]"),
+    "wide": ({"features": [0] * 110_000}, "spec.template.params.features"),
+}
+
+
+def test_poison_blueprints_go_invalid_stay_deletable_and_never_delay_others(
+    rig: Rig, deep_recursion: None
+) -> None:
+    rig.start()
+    for name, (params, _) in POISON.items():
+        rig.cluster.create(blueprint(name, seed=0, params=params))
+    rig.cluster.create(blueprint("healthy", seed=1))
+    # The healthy Blueprint is reconciled at once: no poison delays it by a retry (1 s here, 10 s default).
+    rig.wait_phase("healthy", "Ready", timeout=20)
+    for name, (_, path) in POISON.items():
+        status = rig.wait_phase(name, "Invalid")["status"]
+        assert status["message"].startswith(path), status["message"]
+        assert (
+            "nested deeper than 64 levels" in status["message"]
+            or "more than 100,000 values" in (status["message"])
+        )
+        assert len(status["message"]) < 300
+    code, body = rig.health()
+    assert code == 200, body
+    watched = json.loads(body)["watching"]
+    assert any(w.startswith("blueprints.") for w in watched) and any(w.startswith("jobs.") for w in watched)
+    # Deletable: the finalizer is released, nothing was created for them.
+    for name in POISON:
+        rig.cluster.delete("blueprints", name)
+    for name in POISON:
+        rig.wait_gone(name)
+    tally = rig.tally()
+    assert (tally.duplicated, tally.lost, tally.stuck) == (0, 0, 0)
+    assert len(rig.cluster.list("kernels", "default")) == 1
+    assert "Traceback" not in rig.operator.log()
+    RESULTS["poison"] = Row(
+        "poison Blueprint: params nested 480, 2,000 (lists) and 3,000 levels deep; 110,000 values",
+        "reconcile, resync, delete",
+        len(POISON),
+        len(POISON),
+        held=f"{len(POISON)}/{len(POISON)} Invalid with the path, deleted; a healthy one Ready meanwhile",
+    )
+
+
+# --- the operator killed at every crash point -------------------------------------------------------
+
+ON_CREATE = [
+    "plan",
+    "kernel-created",
+    "job-create",
+    "job-created",
+    "kernel-compiling",
+    "blueprint-status",
+    "job-observed",
+    "kernel-finishing",
+    "kernel-finished",
+    "blueprint-refresh",
+]
+ON_DELETE = ["kernel-release", "kernel-cleanup"]
+
+
+def test_operator_killed_at_every_crash_point_loses_and_duplicates_nothing(rig: Rig) -> None:
+    assert set(ON_CREATE + ON_DELETE + ["kernel-adopted"]) == set(POINTS)
+    rig.start()
+    rig.cluster.create(blueprint("base", seed=100))
+    rig.wait_phase("base", "Ready")
+    totals = Row("", "", 0, 0)
+
+    def crash_and_recover(point: str, act: Callable[[], None], recovered: Callable[[], object]) -> None:
+        rig.kill()
+        rig.start(fault_points=point)
+        act()
+        rig.wait_killed_at(point)
+        rig.start(wait=False)
+        log = rig.operator.log
+        wait_for(recovered, WAIT, 0.1, message=lambda: f"recovery after {point}\n{log()[-3000:]}")
+        tally = rig.tally()
+        assert (tally.duplicated, tally.lost, tally.stuck) == (0, 0, 0), (point, tally)
+        totals.trials += 1
+
+    for i, point in enumerate(ON_CREATE):
+        name = f"kill-{point}"
+        crash_and_recover(
+            point,
+            lambda name=name, i=i: rig.cluster.create(blueprint(name, seed=i)),  # type: ignore[misc]
+            lambda name=name: rig.phase("blueprints", name) == "Ready",  # type: ignore[misc]
+        )
+    # A second Blueprint with the base's spec adopts its Kernel.
+    crash_and_recover(
+        "kernel-adopted",
+        lambda: rig.cluster.create(blueprint("adopter", seed=100)),
+        lambda: rig.phase("blueprints", "adopter") == "Ready",
+    )
+    shared = rig.cluster.get("kernels", rig.cluster.get("blueprints", "base")["status"]["kernels"][0]["name"])
+    assert {o["name"] for o in shared["metadata"]["ownerReferences"]} == {"base", "adopter"}
+    for point, name in zip(ON_DELETE, ("kill-plan", "kill-job-create"), strict=True):
+        kernel = rig.cluster.get("blueprints", name)["status"]["kernels"][0]["name"]
+        crash_and_recover(
+            point,
+            lambda name=name: rig.cluster.delete("blueprints", name),  # type: ignore[misc]
+            lambda name=name, kernel=kernel: (  # type: ignore[misc]
+                rig.cluster.get("blueprints", name) is None and rig.cluster.get("kernels", kernel) is None
+            ),
+        )
+    assert totals.trials == len(POINTS)
+    assert len(rig.cluster.list("kernels", "default")) == len(ON_CREATE) + 1 - len(ON_DELETE)
+    RESULTS["sigkill"] = Row(
+        "operator SIGKILLed, then restarted",
+        f"{len(POINTS)} crash points in reconcile, Job observation and deletion",
+        totals.trials,
+        totals.trials,
+        held=f"{totals.trials}/{totals.trials}: each Blueprint Ready or gone; one Job, one Pod per Kernel",
+    )
+
+
+# --- API errors and time-outs -----------------------------------------------------------------------
+
+
+@dataclass
+class ApiFault:
+    """The next `times` matching operator requests fail: HTTP `kind`, or `timeout` (answered too late)."""
+
+    method: str
+    plural: str
+    subresource: str | None
+    kind: str
+    times: int
+    served: int = 0
+
+
+@dataclass
+class ApiFaults:
+    """A reaction on the emulator that fails the operator's (never the test's or kubelet's) requests.
+
+    A time-out is answered after the client gave up, and the request still takes effect, as on a slow
+    API server: a create that "timed out" may exist when the operator retries.
+    """
+
+    faults: list[ApiFault]
+    agents: tuple[str, ...] = ("kopf/", "OpenAPI-Generator/")
+    log: list[str] = field(default_factory=list)
+
+    def _pick(self, request: Any) -> ApiFault | None:
+        if request.resource is None or request.params.get("watch") in ("true", "1"):
+            return None
+        if not str(request.headers.get("User-Agent", "")).startswith(self.agents):
+            return None
+        for fault in self.faults:
+            if (
+                fault.served < fault.times
+                and fault.method == request.method
+                and fault.plural == request.resource.plural
+                and fault.subresource == request.subresource
+            ):
+                return fault
+        return None
+
+    def matches(self, request: Any) -> bool:
+        return self._pick(request) is not None
+
+    async def respond(self, request: Any) -> Any:
+        fault = self._pick(request)
+        if fault is None:
+            raise NotImplementedError  # served normally
+        fault.served += 1
+        self.log.append(f"{fault.kind} {request.method} {request.resource.plural} {request.subresource}")
+        if fault.kind == "timeout":
+            await asyncio.sleep(API_TIMEOUT + 1)
+            raise NotImplementedError  # then served normally: the write happens after the time-out
+        code = int(fault.kind)
+        raise k8s_error(code, "Conflict" if code == 409 else "InternalError", f"injected HTTP {code}")
+
+    def pending(self) -> list[ApiFault]:
+        return [f for f in self.faults if f.served < f.times]
+
+
+def test_api_errors_and_time_outs_lose_and_duplicate_nothing(rig: Rig) -> None:
+    faults = ApiFaults(
+        [
+            ApiFault("POST", "kernels", None, "500", 1),
+            ApiFault("POST", "kernels", None, "timeout", 1),
+            ApiFault("PATCH", "kernels", None, "409", 2),
+            ApiFault("PATCH", "kernels", "status", "500", 1),
+            ApiFault("PATCH", "kernels", "status", "409", 1),
+            ApiFault("PATCH", "kernels", "status", "timeout", 1),
+            ApiFault("GET", "kernels", None, "timeout", 1),
+            ApiFault("POST", "jobs", None, "500", 1),
+            ApiFault("POST", "jobs", None, "timeout", 1),
+            ApiFault("GET", "jobs", None, "500", 1),
+            ApiFault("GET", "pods", None, "500", 1),
+            ApiFault("PATCH", "blueprints", None, "500", 2),
+            ApiFault("PATCH", "blueprints", "status", "500", 1),
+        ]
+    )
+    rig.start()
+    rig.cluster.call(lambda e: e[faults.matches] << faults.respond)
+    specs = {"api-a": 300, "api-b": 300, "api-c": 301, "api-d": 302}  # a and b share a Kernel
+    for name, seed in specs.items():
+        rig.cluster.create(blueprint(name, seed=seed))
+    for name in specs:
+        rig.wait_phase(name, "Ready", timeout=90)
+    pending = faults.pending()
+    assert not pending, f"faults never reached: {pending}"
+    tally = rig.tally()
+    assert (tally.duplicated, tally.lost, tally.stuck) == (0, 0, 0), tally
+    assert len(rig.cluster.list("kernels", "default")) == 3 and len(rig.cluster.list("jobs", "default")) == 3
+    injected = sum(f.times for f in faults.faults)
+    kinds = sorted({f.kind for f in faults.faults})
+    RESULTS["api"] = Row(
+        f"API server answers {', '.join(kinds)}",
+        "creates and patches of Kernels, Jobs and Blueprints; reads of Kernels, Jobs and Pods",
+        len(specs),
+        injected,
+        held=f"{len(specs)}/{len(specs)} Blueprints Ready; 3 Kernels, 3 Jobs, one Pod each",
+    )
