@@ -46,6 +46,7 @@ REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "reliability.md"
 TABLE_START, TABLE_END = "<!-- results: start -->", "<!-- results: end -->"
 API_TIMEOUT = 2.0
+FINAL = ("Ready", "Failed", "Invalid")  # phases nothing more happens in until the spec changes
 WAIT = 60.0
 
 
@@ -201,14 +202,14 @@ class Rig:
         row.stuck += sum(1 for k in jobs_of if k not in kernels)  # a Job whose Kernel is gone
         for bp in blueprints:
             status = bp.get("status") or {}
-            if bp["metadata"].get("deletionTimestamp") or status.get("phase") != "Ready":
+            if bp["metadata"].get("deletionTimestamp") or status.get("phase") not in FINAL:
                 row.stuck += 1
             for ref in status.get("kernels") or []:
                 if ref["name"] not in kernels:
                     row.lost += 1
         owners = {bp["metadata"]["uid"] for bp in blueprints}
         for name, kernel in kernels.items():
-            if (kernel.get("status") or {}).get("phase") != "Ready" or jobs_of.get(name, 0) != 1:
+            if (kernel.get("status") or {}).get("phase") not in FINAL or jobs_of.get(name, 0) != 1:
                 row.stuck += 1
             if not {o["uid"] for o in kernel["metadata"].get("ownerReferences") or []} & owners:
                 row.stuck += 1  # a Kernel no Blueprint owns is never cleaned up
@@ -319,9 +320,12 @@ def test_poison_blueprints_go_invalid_stay_deletable_and_never_delay_others(
     assert "Traceback" not in rig.operator.log()
     RESULTS["poison"] = Row(
         "poison Blueprint: params nested 480, 2,000 (lists) and 3,000 levels deep; 110,000 values",
-        "reconcile, resync, delete",
+        "create, delete",
         len(POISON),
         len(POISON),
+        tally.duplicated,
+        tally.lost,
+        tally.stuck,
         held=f"{len(POISON)}/{len(POISON)} Invalid with the path, deleted; a healthy one Ready meanwhile",
     )
 
@@ -361,6 +365,9 @@ def test_operator_killed_at_every_crash_point_loses_and_duplicates_nothing(rig: 
         tally = rig.tally()
         assert (tally.duplicated, tally.lost, tally.stuck) == (0, 0, 0), (point, tally)
         totals.trials += 1
+        totals.duplicated += tally.duplicated
+        totals.lost += tally.lost
+        totals.stuck += tally.stuck
 
     for i, point in enumerate(ON_CREATE):
         name = f"kill-{point}"
@@ -393,6 +400,9 @@ def test_operator_killed_at_every_crash_point_loses_and_duplicates_nothing(rig: 
         f"{len(POINTS)} crash points in reconcile, Job observation and deletion",
         totals.trials,
         totals.trials,
+        totals.duplicated,
+        totals.lost,
+        totals.stuck,
         held=f"{totals.trials}/{totals.trials}: each Blueprint Ready or gone; one Job, one Pod per Kernel",
     )
 
@@ -495,6 +505,9 @@ def test_api_errors_and_time_outs_lose_and_duplicate_nothing(rig: Rig) -> None:
         "creates and patches of Kernels, Jobs and Blueprints; reads of Kernels, Jobs and Pods",
         len(specs),
         injected,
+        tally.duplicated,
+        tally.lost,
+        tally.stuck,
         held=f"{len(specs)}/{len(specs)} Blueprints Ready; 3 Kernels, 3 Jobs, one Pod each",
     )
 
@@ -636,11 +649,16 @@ def test_evicted_or_deleted_compile_pods_are_retried_then_fail_with_the_right_re
         if phase == "Failed":
             assert f"after {failed} attempt(s)" in kernel["status"]["message"]
     assert len(rig.cluster.list("jobs", "default")) == len(DISRUPTIONS)
+    tally = rig.tally()
+    assert (tally.duplicated, tally.lost, tally.stuck) == (0, 0, 0), tally
     RESULTS["pods"] = Row(
         "compile Pod evicted (with and without DisruptionTarget) or deleted while running",
         "once (then it succeeds), or on every attempt (backoffLimit 2)",
         len(DISRUPTIONS),
         sum(t for _, t, *_ in DISRUPTIONS.values()),
+        tally.duplicated,
+        tally.lost,
+        tally.stuck,
         held="4/4: retried; once -> Ready; always -> Failed, reason Evicted or BackoffLimitExceeded",
     )
 
