@@ -32,6 +32,8 @@ from typing import Any
 import pytest
 
 from esper.artifact import MANIFEST, verify_bundle
+from esper.contracts.common import Toolchain
+from esper.contracts.job import CompileResult, result_line
 from esper.contracts.naming import LABEL_KERNEL
 from esper.storage import open_store
 from esper.storage.base import KERNELS_DIR, StorageError
@@ -106,16 +108,16 @@ class FakeCompile:
         store: Any = self.store
         prefix = f"{store.prefix}/" if store.prefix else ""
         store.client.put_object(Bucket=store.bucket, Key=f"{prefix}{KERNELS_DIR}/{key}/{MANIFEST}", Body=data)
-        result = {
-            "key": key,
-            "uri": self.store.bundle_uri(key),
-            "manifestSha256": hashlib.sha256(data).hexdigest(),
-            "size": len(data),
-            "toolchain": kernel["spec"]["toolchain"],
-            "compileSeconds": 0.01,
-        }
+        result = CompileResult(
+            key=key,
+            uri=self.store.bundle_uri(key),
+            manifestSha256=hashlib.sha256(data).hexdigest(),
+            size=len(data),
+            toolchain=Toolchain.model_validate(kernel["spec"]["toolchain"]),
+            compileSeconds=0.01,
+        )
         write = "import os, sys; open(os.environ['ESPER_RESULT_PATH'], 'w').write(sys.argv[1])"
-        return [sys.executable, "-c", write, json.dumps(result)]
+        return [sys.executable, "-c", write, result_line(result)]
 
 
 class Rig:
