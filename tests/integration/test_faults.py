@@ -325,7 +325,7 @@ def rig(
         "ESPER_S3_SECRET": "esper-s3",
         "ESPER_BACKOFF_LIMIT": "2",
         "ESPER_METRICS_PORT": str(_free_port()),
-        "ESPER_RESYNC_SECONDS": "5",
+        "ESPER_RESYNC_SECONDS": "30",  # recovery must not wait for it: restarts resume everything
         "ESPER_RETRY_SECONDS": "1",
         "ESPER_API_TIMEOUT_SECONDS": str(API_TIMEOUT),
         **secret,
