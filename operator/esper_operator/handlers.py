@@ -26,6 +26,7 @@ RESYNC_SECONDS: float = OperatorConfig.setting_from_env("resync_seconds")
 # A failed handler (API conflict storm, store down) is retried this often, forever.
 RETRY_SECONDS: float = OperatorConfig.setting_from_env("retry_seconds")
 API_TIMEOUT_SECONDS: float = OperatorConfig.setting_from_env("api_timeout_seconds")
+OBSERVE_ATTEMPTS = 6  # then the periodic resync carries a finished Job over
 
 survive_any_body()  # before kopf decodes its first body
 
@@ -105,14 +106,21 @@ async def release_blueprint(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={MANAGED_BY: OPERATOR_NAME}, id="observe-job")
-async def observe_job(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+async def observe_job(type: str, body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    """kopf never retries an event handler: a failed observation is retried here, else left to resync."""
     if type == "DELETED":
         return
-    try:
-        await memo.reconciler.observe_job(plain(body))
-    except Exception:
-        metrics.ERRORS.labels("observe-job").inc()
-        raise
+    job = plain(body)
+    for attempt in range(1, OBSERVE_ATTEMPTS + 1):
+        try:
+            await memo.reconciler.observe_job(job)
+            return
+        except Exception as exc:
+            metrics.ERRORS.labels("observe-job").inc()
+            if attempt == OBSERVE_ATTEMPTS:
+                raise
+            logger.warning("observing the Job failed (%s); retrying in %s s", exc, RETRY_SECONDS)
+            await asyncio.sleep(RETRY_SECONDS)
 
 
 @kopf.on.event(*KERNELS, id="kernel-metrics")

@@ -325,7 +325,7 @@ def rig(
         "ESPER_S3_SECRET": "esper-s3",
         "ESPER_BACKOFF_LIMIT": "2",
         "ESPER_METRICS_PORT": str(_free_port()),
-        "ESPER_RESYNC_SECONDS": "30",  # recovery must not wait for it: restarts resume everything
+        "ESPER_RESYNC_SECONDS": "300",  # nothing here may wait for it: every recovery is event-driven
         "ESPER_RETRY_SECONDS": "1",
         "ESPER_API_TIMEOUT_SECONDS": str(API_TIMEOUT),
         **secret,
@@ -575,6 +575,7 @@ def test_api_errors_and_time_outs_lose_and_duplicate_nothing(rig: Rig) -> None:
         rig.wait_phase(name, "Ready", timeout=90)
     pending = faults.pending()
     assert not pending, f"faults never reached: {pending}"
+    assert "observing the Job failed" in rig.operator.log()  # retried at once, not left to the resync
     tally = rig.tally()
     assert (tally.duplicated, tally.lost, tally.stuck) == (0, 0, 0), tally
     assert len(rig.cluster.list("kernels", "default")) == 3 and len(rig.cluster.list("jobs", "default")) == 3
