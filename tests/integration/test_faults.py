@@ -575,7 +575,6 @@ def test_api_errors_and_time_outs_lose_and_duplicate_nothing(rig: Rig) -> None:
         rig.wait_phase(name, "Ready", timeout=90)
     pending = faults.pending()
     assert not pending, f"faults never reached: {pending}"
-    assert "observing the Job failed" in rig.operator.log()  # retried at once, not left to the resync
     tally = rig.tally()
     assert (tally.duplicated, tally.lost, tally.stuck) == (0, 0, 0), tally
     assert len(rig.cluster.list("kernels", "default")) == 3 and len(rig.cluster.list("jobs", "default")) == 3
