@@ -41,7 +41,8 @@ from esper.storage import open_store
 from esper.storage.base import KERNELS_DIR, StorageError
 from esper.storage.s3 import S3Store
 from esper_operator.faults import POINTS
-from tests.support.cluster import Cluster, k8s_error, wait_for
+from tests.support.cluster import Cluster, wait_for
+from tests.support.cluster.base import k8s_error
 from tests.support.s3 import make_fake_bundle
 
 pytestmark = pytest.mark.cluster
