@@ -49,6 +49,10 @@ class OperatorConfig(BaseModel):
     resync_seconds: float = Field(
         default=300.0, gt=0, description="Every Blueprint is reconciled this often."
     )
+    retry_seconds: float = Field(default=10.0, gt=0, description="A failed handler is retried this often.")
+    api_timeout_seconds: float = Field(
+        default=30.0, gt=0, description="Each API request; a hung server fails the handler, which is retried."
+    )
 
     @field_validator("store_uri")
     @classmethod

@@ -5,7 +5,9 @@ Run: `kopf run -A -m esper_operator.handlers --liveness=http://0.0.0.0:8080/heal
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 import kopf
@@ -13,6 +15,7 @@ import kopf
 from esper.contracts import API_GROUP, API_VERSION
 from esper.contracts.naming import MANAGED_BY, OPERATOR_NAME
 from esper_operator import metrics
+from esper_operator.bodies import BodyRefused, plain, survive_any_body
 from esper_operator.config import ConfigError, OperatorConfig
 from esper_operator.kube import Kube
 from esper_operator.reconcile import Reconciler
@@ -20,7 +23,12 @@ from esper_operator.reconcile import Reconciler
 BLUEPRINTS = (API_GROUP, API_VERSION, "blueprints")
 KERNELS = (API_GROUP, API_VERSION, "kernels")
 RESYNC_SECONDS: float = OperatorConfig.setting_from_env("resync_seconds")
-RETRY_SECONDS = 10  # a failed handler (API conflict storm, store down) is retried this often, forever
+# A failed handler (API conflict storm, store down) is retried this often, forever.
+RETRY_SECONDS: float = OperatorConfig.setting_from_env("retry_seconds")
+API_TIMEOUT_SECONDS: float = OperatorConfig.setting_from_env("api_timeout_seconds")
+OBSERVE_ATTEMPTS = 6  # then the periodic resync carries a finished Job over
+
+survive_any_body()  # before kopf decodes its first body
 
 
 def _emit(body: dict[str, Any], type_: str, reason: str, message: str) -> None:
@@ -43,12 +51,13 @@ async def configure(
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.execution.max_workers = 16
+    settings.networking.request_timeout = API_TIMEOUT_SECONDS
     try:
         config = OperatorConfig.from_env()
     except ConfigError as exc:
         logger.error("%s", exc)
         raise
-    memo.reconciler = Reconciler(Kube(), config, _emit)
+    memo.reconciler = Reconciler(Kube(timeout=API_TIMEOUT_SECONDS), config, _emit)
     metrics.serve(config.metrics_port)
     logger.info("esper operator ready: store %s, compile image %s", config.store_uri, config.compile_image)
 
@@ -58,7 +67,7 @@ async def configure(
 @kopf.on.update(*BLUEPRINTS, id="reconcile", backoff=RETRY_SECONDS)
 async def reconcile_blueprint(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
     try:
-        patch["status"] = await memo.reconciler.reconcile_blueprint(_plain(body))
+        patch["status"] = await _reconcile(body, memo)
     except Exception:
         metrics.ERRORS.labels("reconcile").inc()
         raise
@@ -71,23 +80,47 @@ async def resync_blueprint(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, 
     """Level-triggered safety net: heals lost events, deleted Kernels or Jobs."""
     if body.get("metadata", {}).get("deletionTimestamp"):
         return
-    patch["status"] = await memo.reconciler.reconcile_blueprint(_plain(body))
+    patch["status"] = await _reconcile(body, memo)
+
+
+async def _reconcile(body: kopf.Body, memo: kopf.Memo) -> dict[str, Any]:
+    """Reconcile a Blueprint; one whose body cannot be processed safely becomes Invalid, with why."""
+    try:
+        checked = plain(body)
+    except BodyRefused as exc:
+        return await memo.reconciler.refuse_blueprint(_metadata_and_status(body), str(exc))
+    return await memo.reconciler.reconcile_blueprint(checked)
+
+
+def _metadata_and_status(body: kopf.Body) -> dict[str, Any]:
+    """What releasing a Blueprint's Kernels needs, even when its spec (or status) is refused."""
+    try:
+        return plain(body, parts=("status",))
+    except BodyRefused:
+        return plain(body, parts=())
 
 
 @kopf.on.delete(*BLUEPRINTS, id="release", backoff=RETRY_SECONDS)
 async def release_blueprint(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    await memo.reconciler.blueprint_deleted(_plain(body))
+    await memo.reconciler.blueprint_deleted(_metadata_and_status(body))
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={MANAGED_BY: OPERATOR_NAME}, id="observe-job")
-async def observe_job(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+async def observe_job(type: str, body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    """kopf never retries an event handler: a failed observation is retried here, else left to resync."""
     if type == "DELETED":
         return
-    try:
-        await memo.reconciler.observe_job(_plain(body))
-    except Exception:
-        metrics.ERRORS.labels("observe-job").inc()
-        raise
+    job = plain(body)
+    for attempt in range(1, OBSERVE_ATTEMPTS + 1):
+        try:
+            await memo.reconciler.observe_job(job)
+            return
+        except Exception as exc:
+            metrics.ERRORS.labels("observe-job").inc()
+            if attempt == OBSERVE_ATTEMPTS:
+                raise
+            logger.warning("observing the Job failed (%s); retrying in %s s", exc, RETRY_SECONDS)
+            await asyncio.sleep(RETRY_SECONDS)
 
 
 @kopf.on.event(*KERNELS, id="kernel-metrics")
@@ -97,7 +130,7 @@ def kernel_metrics(type: str, name: str, namespace: str, status: kopf.Status, **
 
 @kopf.on.delete(*KERNELS, id="cleanup", backoff=RETRY_SECONDS)
 async def cleanup_kernel(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    await memo.reconciler.kernel_deleted(_plain(body))
+    await memo.reconciler.kernel_deleted(plain(body))
 
 
 @kopf.on.probe(id="kernels")
@@ -105,20 +138,28 @@ def kernels_probe(**_: Any) -> int:
     return metrics.kernels_tracked()
 
 
-def _plain(body: kopf.Body) -> dict[str, Any]:
-    """kopf's Body is a read-only view; the reconciler works on plain dicts."""
-    return {
-        "apiVersion": body.get("apiVersion"),
-        "kind": body.get("kind"),
-        "metadata": _deep(body.get("metadata", {})),
-        "spec": _deep(body.get("spec", {})),
-        "status": _deep(body.get("status", {})),
-    }
+@kopf.on.probe(id="watching")
+async def watching_probe(**_: Any) -> list[str]:
+    """Liveness fails (HTTP 500) once a resource's watch has died: kopf does not restart it."""
+    return WATCHES.check(t.get_name() for t in asyncio.all_tasks())
 
 
-def _deep(value: Any) -> Any:
-    if isinstance(value, dict) or hasattr(value, "items"):
-        return {k: _deep(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_deep(v) for v in value]
-    return value
+class Watches:
+    """The resources kopf watches, from its task names (`watcher for <resource>@<namespace>`)."""
+
+    PREFIX = "watcher for "
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+
+    def check(self, task_names: Iterable[str]) -> list[str]:
+        """The watched resources; RuntimeError if one watched before has no watch task any more."""
+        live = {n[len(self.PREFIX) :].rsplit("@", 1)[0] for n in task_names if n.startswith(self.PREFIX)}
+        lost = self.seen - live
+        self.seen |= live
+        if lost:
+            raise RuntimeError(f"the watch of {', '.join(sorted(lost))} has stopped; restart the operator")
+        return sorted(live)
+
+
+WATCHES = Watches()

@@ -36,13 +36,15 @@ def load_client_config() -> client.ApiClient:
 class Kube:
     """Thin async facade over the typed client for Blueprints, Kernels, Jobs and Pods."""
 
-    def __init__(self, api_client: client.ApiClient | None = None) -> None:
+    def __init__(self, api_client: client.ApiClient | None = None, *, timeout: float = 30.0) -> None:
         self.api_client = api_client or load_client_config()
+        self.timeout = timeout  # per request: a hung API server fails the handler, which kopf retries
         self.custom = client.CustomObjectsApi(self.api_client)
         self.batch = client.BatchV1Api(self.api_client)
         self.core = client.CoreV1Api(self.api_client)
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        kwargs.setdefault("_request_timeout", self.timeout)
         try:
             return await asyncio.to_thread(fn, *args, **kwargs)
         except ApiException as exc:

@@ -29,6 +29,7 @@ from esper.contracts.naming import (
 from esper.storage import Store, open_store
 from esper_operator import metrics
 from esper_operator.config import OperatorConfig
+from esper_operator.faults import crash_point
 from esper_operator.jobs import JobOutcome, build_job, interpret
 from esper_operator.kube import Body, Conflict, Kube
 from esper_operator.plan import PlannedKernel, plan_blueprint
@@ -75,12 +76,8 @@ class Reconciler:
         try:
             plan = plan_blueprint(name, body.get("spec") or {}, torch_version=self.config.torch_version)
         except BlueprintInvalid as exc:
-            message = str(exc)
-            if previous.get("phase") != "Invalid" or previous.get("message") != message:
-                self.emit(body, "Warning", "Invalid", message)
-            await self._release(body, keep=set())
-            metrics.RECONCILES.labels("blueprint", "invalid").inc()
-            return invalid_status(previous=previous, message=message, generation=generation)
+            return await self.refuse_blueprint(body, str(exc))
+        crash_point("plan")
         refs = []
         for planned in plan.kernels:
             kernel = await self.ensure_kernel(body, planned)
@@ -88,7 +85,18 @@ class Reconciler:
             refs.append({"target": planned.spec.target, "name": planned.name, "phase": _phase(kernel)})
         await self._release(body, keep={k.name for k in plan.kernels})
         metrics.RECONCILES.labels("blueprint", "ok").inc()
+        crash_point("blueprint-status")
         return blueprint_status(previous=previous, digest=plan.digest, kernels=refs, generation=generation)
+
+    async def refuse_blueprint(self, body: Body, message: str) -> Body:
+        """Status of a Blueprint that cannot be processed: Invalid with `message`; its Kernels released."""
+        previous = body.get("status") or {}
+        generation = int(body["metadata"].get("generation") or 1)
+        if previous.get("phase") != "Invalid" or previous.get("message") != message:
+            self.emit(body, "Warning", "Invalid", message)
+        await self._release(body, keep=set())
+        metrics.RECONCILES.labels("blueprint", "invalid").inc()
+        return invalid_status(previous=previous, message=message, generation=generation)
 
     async def ensure_kernel(self, blueprint: Body, planned: PlannedKernel) -> Body:
         """Create the Kernel, or adopt an existing one by adding this Blueprint as an owner."""
@@ -115,6 +123,7 @@ class Reconciler:
         except Conflict:
             kernel = await self._adopt(namespace, planned.name, owner)
         else:
+            crash_point("kernel-created")
             self.emit(kernel, "Normal", "Created", f"Kernel for Blueprint {planned.spec.blueprint}")
             self.emit(blueprint, "Normal", "KernelCreated", f"Kernel {planned.name} ({planned.spec.target})")
         return kernel
@@ -138,6 +147,7 @@ class Reconciler:
             except Conflict:
                 continue
             if patched is not None:
+                crash_point("kernel-adopted")
                 return patched
         raise RuntimeError(f"could not add owner to Kernel {name}: too many conflicts; will retry")
 
@@ -156,6 +166,8 @@ class Reconciler:
                 return
             owners = kernel["metadata"].get("ownerReferences") or []
             remaining = [o for o in owners if o.get("uid") != owner_uid]
+            if len(remaining) < len(owners):
+                crash_point("kernel-release")
             if not remaining:
                 await self.kube.delete("kernels", namespace, name)
                 return
@@ -195,6 +207,7 @@ class Reconciler:
                 previous=status, digest=status.get("digest", ""), kernels=refs, generation=generation
             )
             if new["phase"] != status.get("phase") or new["kernels"] != status.get("kernels"):
+                crash_point("blueprint-refresh")
                 await self.kube.patch_status("blueprints", namespace, owner["name"], new)
                 if new["phase"] in ("Ready", "Failed"):
                     kind = "Normal" if new["phase"] == "Ready" else "Warning"
@@ -219,11 +232,13 @@ class Reconciler:
                 spec=spec,
                 config=self.config,
             )
+            crash_point("job-create")
             try:
                 await self.kube.create_job(namespace, manifest)
             except Conflict:
                 pass  # created by an earlier attempt: adopt it
             else:
+                crash_point("job-created")
                 metrics.JOBS_CREATED.labels(spec.target).inc()
                 self.emit(kernel, "Normal", "JobCreated", f"compile Job {job_name}")
         elif _finished(job):
@@ -240,6 +255,7 @@ class Reconciler:
                 jobName=job_name,
             )
             kernel = await self.kube.patch_status("kernels", namespace, meta["name"], status) or kernel
+            crash_point("kernel-compiling")
         return kernel
 
     async def observe_job(self, job: Body) -> None:
@@ -261,8 +277,10 @@ class Reconciler:
         outcome = interpret(job, pods, expected_key=kernel["spec"]["key"])
         if outcome.state == "running":
             return
+        crash_point("job-observed")
         if outcome.state == "succeeded":
             outcome = await self._verify(outcome)
+        crash_point("kernel-finishing")
         await self._finish(kernel, job, outcome)
 
     async def _verify(self, outcome: JobOutcome) -> JobOutcome:
@@ -318,6 +336,7 @@ class Reconciler:
         metrics.JOB_SECONDS.labels(target, outcome.state).observe(_job_seconds(job))
         patched = await self.kube.patch_status("kernels", meta["namespace"], meta["name"], status)
         if patched is not None:
+            crash_point("kernel-finished")
             await self.refresh_blueprints(patched)
 
     # --- deletion --------------------------------------------------------------------------------
@@ -332,6 +351,7 @@ class Reconciler:
         job_name = (kernel.get("status") or {}).get("jobName")
         if job_name:
             await self.kube.delete_job(meta["namespace"], job_name)
+            crash_point("kernel-cleanup")
         if self.config.retention == "delete":
             await asyncio.to_thread(self.store.delete_bundle, kernel["spec"]["key"])
             log.info("deleted artifact of Kernel %s (retention=delete)", meta["name"])

@@ -13,8 +13,9 @@ new Pod per attempt), podFailurePolicy onExitCodes (FailJob, Ignore, Count), act
 Not mirrored (documented gaps): images (only `command` runs; no image entrypoint), volumes and
 mounts, resources/OOM (inject with `fail_next`), `workingDir` (a temp dir is the cwd), completions
 or parallelism above 1, retry back-off delays (retries start at once), restartPolicy OnFailure
-(a new Pod, not a restarted container), onPodConditions rules, and ttlSecondsAfterFinished (ignored:
-finished Jobs stay until deleted). `activeDeadlineSeconds` counts from the first Pod's start.
+(a new Pod, not a restarted container), and ttlSecondsAfterFinished (ignored: finished Jobs stay
+until deleted). `activeDeadlineSeconds` counts from the first Pod's start. onPodConditions rules
+match only the DisruptionTarget condition that `disrupt_next` (eviction, deletion) sets.
 """
 
 from __future__ import annotations
@@ -55,6 +56,23 @@ class Fault:
 
 
 @dataclass
+class Disruption:
+    """An injected disruption of the next matching running Pod (see `FakeKubelet.disrupt_next`)."""
+
+    prefix: str
+    how: str  # "evict", "evict-unmarked", "delete"
+    times: int
+
+
+DISRUPTION_CONDITION = {
+    "type": "DisruptionTarget",
+    "status": "True",
+    "reason": "TerminationByKubelet",
+    "message": "The node was low on resource: memory.",
+}
+
+
+@dataclass
 class PodRun:
     """What one Pod did, for assertions (`kubelet.runs`)."""
 
@@ -77,6 +95,7 @@ class _JobState:
     started: bool = False
     finished: bool = False
     cancelled: threading.Event = field(default_factory=threading.Event)
+    disrupted: bool = False  # the last Pod carries a DisruptionTarget condition
     thread: threading.Thread | None = None
 
 
@@ -119,6 +138,7 @@ class FakeKubelet:
         self.runs: list[PodRun] = []
         self.errors: list[str] = []
         self._faults: list[Fault] = []
+        self._disruptions: list[Disruption] = []
         self._jobs: dict[str, _JobState] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -154,6 +174,19 @@ class FakeKubelet:
         """Make the next `times` Pods of Jobs named `job_name_prefix*` fail like this, without running."""
         with self._lock:
             self._faults.append(Fault(job_name_prefix, exit_code, reason, message, times))
+
+    def disrupt_next(self, job_name_prefix: str, how: str = "evict", times: int = 1) -> None:
+        """Stop the next `times` Pods of Jobs named `job_name_prefix*` while they run.
+
+        `evict`: node-pressure eviction as Kubernetes 1.26+ does it: phase Failed, reason Evicted, and a
+        DisruptionTarget condition (a podFailurePolicy may Ignore it). `evict-unmarked`: the same
+        without the condition (older clusters), so it counts towards backoffLimit. `delete`: the Pod
+        is deleted through the API (`kubectl delete pod`); the killed container counts as a failure.
+        """
+        if how not in ("evict", "evict-unmarked", "delete"):
+            raise ValueError(f"unknown disruption {how!r}")
+        with self._lock:
+            self._disruptions.append(Disruption(job_name_prefix, how, times))
 
     def wait_idle(self, timeout: float = 30) -> None:
         """Wait until every Job seen so far has finished (or been deleted)."""
@@ -264,7 +297,9 @@ class FakeKubelet:
                 )
                 self._job_status(state, status)
                 return
-            action, index = _failure_policy_action(spec.get("podFailurePolicy"), container, code)
+            action, index = _failure_policy_action(
+                spec.get("podFailurePolicy"), container, code, disrupted=state.disrupted
+            )
             if action == "Ignore":  # not counted towards backoffLimit, nor in status.failed
                 continue
             failed += 1
@@ -411,7 +446,45 @@ class FakeKubelet:
         self._job_status(state, {"active": 1, "ready": 1})
 
         fault = self._take_fault(state.name)
+        disruption = None if fault is not None else self._take_disruption(state.name)
+        state.disrupted = disruption is not None and disruption.how == "evict"
         deadline_hit = False
+        if disruption is not None:
+            # Stopped while running: SIGKILL after the grace period, as the kubelet does.
+            code, reason, message, output = 137, "Error", "", ""
+            run.exit_code, run.reason = code, disruption.how
+            if disruption.how == "delete":
+                with contextlib.suppress(ApiError):
+                    rest.delete("pods", pod_name, state.namespace)
+                return code, container.get("name", "")
+            evicted: JSON = {
+                "phase": "Failed",
+                "reason": "Evicted",
+                "message": "The node was low on resource: memory.",
+                "conditions": [dict(DISRUPTION_CONDITION, lastTransitionTime=now_iso())]
+                if disruption.how == "evict"
+                else [],
+                "containerStatuses": [
+                    {
+                        "name": container.get("name", ""),
+                        "ready": False,
+                        "restartCount": 0,
+                        "image": container.get("image", ""),
+                        "imageID": "",
+                        "started": False,
+                        "state": {
+                            "terminated": {
+                                "exitCode": code,
+                                "reason": reason,
+                                "startedAt": pod_started,
+                                "finishedAt": now_iso(),
+                            }
+                        },
+                    }
+                ],
+            }
+            self._pod_status(state, pod_name, evicted)
+            return code, container.get("name", "")
         if fault is not None:
             code, reason, message, output = fault.exit_code, fault.reason, fault.message, ""
         else:
@@ -546,6 +619,16 @@ class FakeKubelet:
                     return fault
         return None
 
+    def _take_disruption(self, job_name: str) -> Disruption | None:
+        with self._lock:
+            for disruption in self._disruptions:
+                if job_name.startswith(disruption.prefix) and disruption.times > 0:
+                    disruption.times -= 1
+                    if disruption.times == 0:
+                        self._disruptions.remove(disruption)
+                    return disruption
+        return None
+
     def _pod_status(self, state: _JobState, pod_name: str, status: JSON) -> None:
         assert self.cluster.rest is not None
         if state.cancelled.is_set():
@@ -663,12 +746,23 @@ def _conditions(*items: tuple[str, str, str]) -> list[JSON]:
     ]
 
 
-def _failure_policy_action(policy: JSON | None, container: str, code: int) -> tuple[str | None, int]:
-    """The first podFailurePolicy rule whose onExitCodes match -> (action, index); (None, -1) if none."""
+def _failure_policy_action(
+    policy: JSON | None, container: str, code: int, *, disrupted: bool = False
+) -> tuple[str | None, int]:
+    """The first podFailurePolicy rule that matches -> (action, index); (None, -1) if none.
+
+    onPodConditions rules match only DisruptionTarget, on a Pod that `disrupt_next` evicted.
+    """
     for index, rule in enumerate((policy or {}).get("rules") or []):
+        on_conditions = rule.get("onPodConditions")
+        if on_conditions:
+            wanted = {(c.get("type"), c.get("status", "True")) for c in on_conditions}
+            if disrupted and ("DisruptionTarget", "True") in wanted:
+                return rule.get("action"), index
+            continue
         on_codes = rule.get("onExitCodes")
         if not on_codes:
-            continue  # onPodConditions: the fake kubelet never sets DisruptionTarget
+            continue
         if on_codes.get("containerName") not in (None, container):
             continue
         values = set(on_codes.get("values") or [])
