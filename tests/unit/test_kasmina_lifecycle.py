@@ -75,3 +75,50 @@ def test_full_life_and_json_round_trip() -> None:
     assert [Transition.from_json(t.to_json()) for t in lc.history] == lc.history
     with pytest.raises(IllegalTransition, match="terminal"):
         lc.transition(S.CULLED)
+
+
+def test_illegal_transition_message_names_what_is_allowed() -> None:
+    with pytest.raises(IllegalTransition) as ei:
+        Lifecycle("blocks.0", state=S.TRAINING).transition(S.DORMANT)
+    assert str(ei.value) == (
+        "blocks.0: illegal seed transition training -> dormant; allowed from training: blending, culled"
+    )
+    with pytest.raises(IllegalTransition) as ei:
+        Lifecycle(state=S.FOSSILIZED).transition(S.CULLED)  # unnamed: no prefix
+    assert str(ei.value) == (
+        "illegal seed transition fossilized -> culled; allowed from fossilized: none (terminal)"
+    )
+
+
+def test_defaults_and_state_given_by_value() -> None:
+    lc = Lifecycle()
+    assert (lc.name, lc.state, lc.history, lc.on_transition) == ("", S.DORMANT, [], None)
+    t = lc.transition("germinated")  # type: ignore[arg-type]  # a JSON value is accepted
+    assert lc.state is S.GERMINATED and t == Transition(0, S.DORMANT, S.GERMINATED, "")
+
+
+def test_the_callback_sees_the_new_state() -> None:
+    states: list[SeedState] = []
+    lc = Lifecycle(state=S.DORMANT)
+    lc.on_transition = lambda t: states.append(lc.state)
+    lc.transition(S.GERMINATED)
+    assert states == [S.GERMINATED]
+
+
+def test_transition_json_is_plain_values() -> None:
+    t = Transition(3, S.DORMANT, S.GERMINATED, "kernel k")
+    assert t.to_json() == {"step": 3, "from_state": "dormant", "to_state": "germinated", "reason": "kernel k"}
+    assert Transition.from_json({"step": "5", "from_state": "training", "to_state": "culled"}) == Transition(
+        5, S.TRAINING, S.CULLED, ""
+    )
+
+
+def test_restore_sets_state_and_copies_history() -> None:
+    history = [Transition(1, S.DORMANT, S.GERMINATED), Transition(2, S.GERMINATED, S.TRAINING)]
+    lc = Lifecycle("s")
+    lc.restore("training", history)  # type: ignore[arg-type]
+    assert lc.state is S.TRAINING and lc.history == history
+    history.append(Transition(3, S.TRAINING, S.BLENDING))
+    assert len(lc.history) == 2  # the checkpoint's list is not shared
+    lc.transition(S.BLENDING, step=3)
+    assert [t.step for t in lc.history] == [1, 2, 3]

@@ -1,0 +1,125 @@
+"""The bundle format's edges: plain names, manifest bytes, the atomic write, size limits, messages."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from esper import artifact
+from esper.artifact import (
+    MANIFEST,
+    ArtifactError,
+    is_plain_name,
+    parse_manifest,
+    read_manifest,
+    read_manifest_bytes,
+    verify_bundle,
+    write_manifest,
+)
+from tests.support.s3 import make_fake_bundle
+
+
+@pytest.mark.parametrize(
+    ("name", "plain"),
+    [
+        ("forward.pt2", True),
+        ("a", True),
+        ("a" * 128, True),
+        ("a" * 129, False),
+        ("a.b-c_d", True),
+        ("a..b", False),  # the pattern admits it; the '..' check must refuse it
+        ("..", False),
+        (".hidden", False),
+        ("-dash", False),
+        ("a/b", False),
+        ("a\\b", False),
+        ("", False),
+    ],
+)
+def test_plain_names(name: str, plain: bool) -> None:
+    assert is_plain_name(name) is plain
+
+
+def test_manifest_bytes_are_sorted_two_space_json_with_one_newline(tmp_path: Path) -> None:
+    make_fake_bundle(tmp_path, seed=2)
+    data = (tmp_path / MANIFEST).read_bytes()
+    assert data.endswith(b"}\n") and not data.endswith(b"\n\n")
+    lines = data.decode().splitlines()
+    assert lines[0] == "{" and re.match(r'^  "[a-zA-Z]+": ', lines[1])  # indent 2, one key per line
+
+    def sorted_pairs(pairs: list[tuple[str, object]]) -> dict[str, object]:
+        keys = [k for k, _ in pairs]
+        assert keys == sorted(keys), keys
+        return dict(pairs)
+
+    doc = json.loads(data, object_pairs_hook=sorted_pairs)  # every object's keys in sorted order
+    assert doc == read_manifest(tmp_path).model_dump(mode="json")
+
+
+def test_a_data_file_with_a_bad_name_is_refused_by_name(tmp_path: Path) -> None:
+    make_fake_bundle(tmp_path, seed=2)
+    (tmp_path / "bad name").write_bytes(b"x")
+    manifest = read_manifest(tmp_path)
+    message = f"{tmp_path}: 'bad name' is not a plain bundle file name"
+    with pytest.raises(ArtifactError, match=re.escape(message)):
+        write_manifest(tmp_path, manifest)
+
+
+def test_manifest_write_is_atomic_beside_the_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The temp file is hidden and in the bundle directory (a rename within one filesystem); if the
+    rename fails, the old manifest.json is intact and no temp file is left."""
+    make_fake_bundle(tmp_path, seed=2)
+    before = (tmp_path / MANIFEST).read_bytes()
+    manifest = read_manifest(tmp_path).model_copy(update={"createdAt": "2030-01-01T00:00:00Z"})
+    seen: list[Path] = []
+
+    def failing_replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        seen.append(Path(src))
+        assert Path(src).is_file()
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "not-a-dir"))  # only the bundle dir works
+    with pytest.raises(OSError, match="disk gone"):
+        write_manifest(tmp_path, manifest)
+    assert len(seen) == 1 and seen[0].parent == tmp_path
+    assert re.fullmatch(r"\.manifest\.json\..+\.tmp", seen[0].name), seen[0].name
+    assert (tmp_path / MANIFEST).read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_manifest_size_limit_is_inclusive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_fake_bundle(tmp_path, seed=2)
+    size = (tmp_path / MANIFEST).stat().st_size
+    monkeypatch.setattr(artifact, "MAX_MANIFEST_BYTES", size)
+    assert read_manifest_bytes(tmp_path) == (tmp_path / MANIFEST).read_bytes()  # exactly the limit: read
+    monkeypatch.setattr(artifact, "MAX_MANIFEST_BYTES", size - 1)
+    with pytest.raises(ArtifactError, match=f"manifest.json is larger than {size - 1} bytes"):
+        read_manifest_bytes(tmp_path)
+
+
+def test_invalid_manifest_lists_every_problem_at_its_dotted_path(tmp_path: Path) -> None:
+    make_fake_bundle(tmp_path, seed=2)
+    doc = json.loads((tmp_path / MANIFEST).read_bytes())
+    doc["key"] = "short"
+    doc["files"]["forward.pt2"]["sha256"] = "nope"
+    with pytest.raises(ArtifactError) as ei:
+        parse_manifest(json.dumps(doc).encode(), "src")
+    message = str(ei.value)
+    assert message.startswith("src: invalid manifest: ")
+    problems = message.removeprefix("src: invalid manifest: ").split("; ")
+    assert [p.split(": ")[0] for p in problems] == ["key", "files.forward.pt2.sha256"]
+
+
+def test_read_and_verify_name_the_manifest_file_at_fault(tmp_path: Path) -> None:
+    make_fake_bundle(tmp_path, seed=2)
+    (tmp_path / MANIFEST).write_bytes(b"{not json")
+    where = re.escape(str(tmp_path / MANIFEST))
+    with pytest.raises(ArtifactError, match=f"^{where}: not valid JSON"):
+        read_manifest(tmp_path)
+    with pytest.raises(ArtifactError, match=f"^{where}: not valid JSON"):
+        verify_bundle(tmp_path)
