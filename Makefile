@@ -7,7 +7,7 @@ STAMP       := $(VENV)/.esper-installed
 PYTEST_ARGS ?=
 DOCKERFILES := $(shell find . -path ./.venv -prune -o -name 'Dockerfile*' -type f -print)
 
-.PHONY: demo test test-fast lint crds bench clean
+.PHONY: demo test test-fast lint crds bench mutation clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,11 @@ bench: $(STAMP)
 	$(PY) benchmarks/compile.py
 	$(PY) benchmarks/operator.py
 	$(PY) benchmarks/kasmina.py
+
+## mutation: mutmut over the core modules with the fast tests, one module at a time (slow: tens of minutes)
+MUTATION_MODULES ?=
+mutation: $(STAMP)
+	nice -n 19 $(PY) benchmarks/mutation.py $(MUTATION_MODULES)
 
 clean:
 	rm -rf .esper benchmarks/results .pytest_cache
