@@ -6,6 +6,7 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -123,3 +124,35 @@ def test_read_and_verify_name_the_manifest_file_at_fault(tmp_path: Path) -> None
         read_manifest(tmp_path)
     with pytest.raises(ArtifactError, match=f"^{where}: not valid JSON"):
         verify_bundle(tmp_path)
+
+
+def test_canonical_json_is_compact_sorted_utf8() -> None:
+    assert artifact.canonical_json({"b": "é", "a": [1, {"d": 2, "c": None}]}) == (
+        '{"a":[1,{"c":null,"d":2}],"b":"é"}'.encode()
+    )
+
+
+def test_hash_file_reads_in_bounded_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A multi-gigabyte package must not be read into memory at once."""
+    path = tmp_path / "blob"
+    path.write_bytes(os.urandom(2 * 1024 * 1024 + 5))
+    sizes: list[int | None] = []
+
+    class Recording:
+        def __init__(self, f: Any) -> None:
+            self.f = f
+
+        def read(self, n: int | None = -1) -> bytes:
+            sizes.append(n)
+            return self.f.read(n)
+
+        def __enter__(self) -> Recording:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.f.close()
+
+    real_open = open
+    monkeypatch.setattr(artifact, "open", lambda p, mode: Recording(real_open(p, mode)), raising=False)
+    assert artifact.hash_file(path)[1] == 2 * 1024 * 1024 + 5
+    assert len(sizes) >= 3 and all(n is not None and 0 < n <= 1024 * 1024 for n in sizes), sizes
