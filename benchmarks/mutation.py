@@ -62,11 +62,13 @@ def existing_modules() -> dict[str, str]:
     return {name: path for name, path in CORE.items() if (REPO / path).is_file()}
 
 
-def stage() -> None:
-    """Mirror the sources and tests into STAGE, keeping its mutants/ (mutmut's cache) in place.
+def stage() -> set[Path]:
+    """Mirror the sources and tests into STAGE, keeping its mutants/ (mutmut's cache) in place;
+    returns the staged paths that changed.
 
     Files whose content is unchanged keep their mtime, so mutmut regenerates only what changed.
     """
+    changed: set[Path] = set()
     STAGE.mkdir(parents=True, exist_ok=True)
     wanted: dict[Path, Path] = {Path(name): REPO / name for name in FILES}  # staged -> repo path
     for dst, src in TREES.items():
@@ -78,6 +80,7 @@ def stage() -> None:
         if not dst_path.is_file() or dst_path.read_bytes() != src_path.read_bytes():
             dst_path.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src_path, dst_path)
+            changed.add(rel)
     for top in TREES:  # drop files that are gone from the repo
         for path in sorted((STAGE / top).rglob("*"), reverse=True):
             rel = path.relative_to(STAGE)
@@ -87,6 +90,7 @@ def stage() -> None:
         link = STAGE / name
         if not link.exists():
             link.symlink_to(REPO / name)
+    return changed
 
 
 def pending(module: str) -> list[str] | None:
@@ -102,8 +106,9 @@ def pending(module: str) -> list[str] | None:
 def run_mutmut(module: str, max_children: int, everything: bool) -> int:
     """`mutmut run` on one module's mutants in the staged tree; the tests import only staged copies.
 
-    mutmut reruns every mutant named on its command line, so only those without a kill are named
-    (unless `everything`); a glob names the whole module.
+    mutmut reruns every mutant named on its command line, so only those without a kill are named;
+    a glob names the whole module (with `everything`, or when its source changed: its mutants are
+    regenerated, under names the last results may not have).
     """
     todo = None if everything else pending(module)
     if todo == []:
@@ -229,9 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     selected = {m: available[m] for m in args.modules} if args.modules else available
     t0 = time.monotonic()
     if not args.report_only:
-        stage()
+        changed = stage()
         for module in selected:
-            rc = run_mutmut(module, args.max_children, args.all)
+            rerun = args.all or Path(module.replace(".", "/") + ".py") in changed
+            rc = run_mutmut(module, args.max_children, rerun)
             if rc != 0:
                 print(f"mutmut failed on {module} (exit {rc})", file=sys.stderr)
                 return rc
