@@ -83,6 +83,9 @@ def test_illegal_transition_message_names_what_is_allowed() -> None:
     assert str(ei.value) == (
         "blocks.0: illegal seed transition training -> dormant; allowed from training: blending, culled"
     )
+    assert str(IllegalTransition(S.DORMANT, S.FOSSILIZED)) == (  # no place given: no prefix
+        "illegal seed transition dormant -> fossilized; allowed from dormant: germinated"
+    )
     with pytest.raises(IllegalTransition) as ei:
         Lifecycle(state=S.FOSSILIZED).transition(S.CULLED)  # unnamed: no prefix
     assert str(ei.value) == (

@@ -133,3 +133,15 @@ def test_the_latest_succeeded_pod_carries_the_result() -> None:
         outcome = interpret(job, pods, expected_key=KEY)
         assert outcome.state == "succeeded"
         assert outcome.artifact is not None and outcome.artifact.sha256 == "c" * 64
+
+
+def test_the_compiler_container_is_read_among_several() -> None:
+    """A mesh sidecar listed first must not hide the compiler's exit code."""
+    pod = _pod("p", "Failed", "2026-01-01T10:00:00Z", 65, '{"error":{"message":"spec.graph: bad"}}')
+    proxy = {
+        "name": "istio-proxy",
+        "state": {"terminated": {"exitCode": 0, "message": "", "reason": "Completed"}},
+    }
+    pod["status"]["containerStatuses"].insert(0, proxy)
+    outcome = interpret(_failed_job("PodFailurePolicy", 1), [pod], expected_key=KEY)
+    assert outcome.reason == "InvalidBlueprint" and "exit code 65; spec.graph: bad" in outcome.message

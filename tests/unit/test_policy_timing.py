@@ -99,3 +99,16 @@ def test_blending_starts_after_train_steps_and_the_decision_after_blend_steps() 
     assert [(e["step"], e["event"]) for e in policy.events[2:]] == [(23, "blending"), (25, "fossilize")]
     assert policy.events[-1]["contribution"] == 0.25 and policy.events[-1]["valLoss"] == 0.25
     assert policy.best == 0.25 and policy.bad_evals == 0
+
+
+@pytest.mark.parametrize(("base", "current", "event"), [(0.5, 0.25, "cull"), (0.5, 0.125, "fossilize")])
+def test_a_seed_must_beat_the_threshold_to_be_kept(base: float, current: float, event: str) -> None:
+    """contribution = base - current; kept only if strictly above cull_threshold (0.25 here)."""
+    policy = _policy(1, 0.25, evaluate=iter([base, current]))
+    policy.cull_threshold = 0.25
+    policy.on_eval(1.0, step=10)
+    policy.on_eval(1.0, step=20)
+    for _ in range(5):
+        policy.step()
+    assert [e["event"] for e in policy.events] == ["plateau", "germinate", "blending", event]
+    assert policy.events[-1]["contribution"] == base - current

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from kubernetes.client import ApiClient
 
-from esper.artifact import MANIFEST, ArtifactError, verify_bundle
+from esper.artifact import FORWARD, MANIFEST, ArtifactError, verify_bundle
 from esper.sidecar.index import read_index
-from esper.sidecar.sync import KernelSync, SyncConfig
+from esper.sidecar.sync import KernelSync, SyncConfig, desired_of
 from esper.storage import LocalStore
 from tests.support.s3 import make_fake_bundle
 
@@ -82,3 +82,28 @@ def test_fetch_bundle_checks_the_expected_sha256(
     assert not (tmp_path / "dest").exists()
     store.fetch_bundle(key, tmp_path / "dest", expected_sha256=sha_b)
     assert verify_bundle(tmp_path / "dest", sha_b, expected_key=key).key == key
+
+
+def test_fetch_bundle_verifies_every_file_it_downloads(tmp_path: Path) -> None:
+    """The manifest matches, a data file in the store does not: nothing is installed."""
+    key, sha = make_fake_bundle(tmp_path / "a", seed=8, size=512)
+    store = LocalStore(tmp_path / "store")
+    store.put_bundle(key, tmp_path / "a")
+    (tmp_path / "store" / "kernels" / key / FORWARD).write_bytes(b"tampered")
+    with pytest.raises(ArtifactError, match=f"{FORWARD}: size is 8 bytes, manifest says 512"):
+        store.fetch_bundle(key, tmp_path / "dest", expected_sha256=sha)
+    assert not (tmp_path / "dest").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "store"]  # no temp download left
+
+
+def test_only_kernels_of_the_pods_target_are_wanted() -> None:
+    cpu = _kernel("k", "a" * 64, "s3://b/p/kernels/" + "a" * 64, "b" * 64)
+    gpu = {**cpu, "spec": {**cpu["spec"], "target": "cuda-sm90"}}
+    assert desired_of(cpu, "ns", "cpu") is not None and desired_of(cpu, "ns", None) is not None
+    assert desired_of(gpu, "ns", "cpu") is None
+    d = desired_of(gpu, "ns", "cuda-sm90")
+    assert d is not None and (d.entry.target, d.entry.sha256, d.bundle_uri) == (
+        "cuda-sm90",
+        "b" * 64,
+        cpu["status"]["artifact"]["uri"],
+    )
