@@ -200,18 +200,19 @@ def print_table(doc: dict[str, Any]) -> None:
     from rich.table import Table
 
     table = Table(title="mutation testing (mutmut, tests/unit -m 'not slow')")
-    for col in ("module", "mutants", "killed", "survived", "timeout", "no tests", "equivalent", "score"):
-        table.add_column(col, justify="left" if col == "module" else "right")
+    counts = ("killed", "survived", "timeout", "no tests", "equivalent", "not run")
+    for col in ("module", "mutants", *counts, "score"):
+        table.add_column(col, justify="left" if col == "module" else "right", no_wrap=True)
 
     def row(name: str, m: dict[str, Any], mutants: int | str) -> None:
         score = "-" if m["score"] is None else f"{100 * m['score']:.1f}%"
-        cells = [str(m[k]) for k in (*COUNTED, "equivalent")]
+        cells = [str(m[k]) for k in (*COUNTED, "equivalent", "not checked")]
         table.add_row(name, str(mutants), *cells, score)
 
     for name, m in doc["modules"].items():
         row(name, m, m["mutants"])
     row("total", doc["total"], sum(m["mutants"] for m in doc["modules"].values()))
-    console = Console()
+    console = Console(width=140)
     console.print(table)
     for m in doc["modules"].values():
         for s in m["survivors"]:

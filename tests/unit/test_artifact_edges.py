@@ -156,3 +156,9 @@ def test_hash_file_reads_in_bounded_chunks(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(artifact, "open", lambda p, mode: Recording(real_open(p, mode)), raising=False)
     assert artifact.hash_file(path)[1] == 2 * 1024 * 1024 + 5
     assert len(sizes) >= 3 and all(n is not None and 0 < n <= 1024 * 1024 for n in sizes), sizes
+
+
+def test_manifest_is_readable_by_other_users(tmp_path: Path) -> None:
+    """mkstemp makes 0600 files; the trainer reading a bundle may run as another user than its writer."""
+    make_fake_bundle(tmp_path, seed=2)
+    assert (tmp_path / MANIFEST).stat().st_mode & 0o777 == 0o644
