@@ -30,22 +30,6 @@ CASES: dict[Rule, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {
         [{"self": {"template": TEMPLATE}}, {"self": {"graph": SPEC_GRAPH, "targets": ["cpu"]}}],
         [{"self": {"template": TEMPLATE, "graph": SPEC_GRAPH}}, {"self": {"targets": ["cpu"]}}],
     ),
-    ("Blueprint", "spec.graph.inputs[].shape[]", "must be an integer or one of 'batch'"): (
-        [{"self": 64}, {"self": "batch"}],
-        [{"self": "Batch"}, {"self": "64"}, {"self": ""}],
-    ),
-    ("Kernel", "spec.graph.inputs[].shape[]", "must be an integer or one of 'batch'"): (
-        [{"self": 1}, {"self": "batch"}],
-        [{"self": "channels"}],
-    ),
-    ("Blueprint", "spec.targets", "targets must not be empty"): (
-        [{"self": ["cpu"]}, {"self": ["cpu", "cuda-sm90"]}],
-        [{"self": []}],
-    ),
-    ("Blueprint", "spec.targets", "targets must be unique"): (
-        [{"self": ["cpu"]}, {"self": ["cpu", "cuda-sm90"]}, {"self": []}],
-        [{"self": ["cpu", "cpu"]}, {"self": ["cpu", "cuda-sm90", "cpu"]}],
-    ),
     ("Kernel", "spec", "Kernel spec is immutable"): (
         [{"self": {"key": "a", "target": "cpu"}, "oldSelf": {"key": "a", "target": "cpu"}}],
         [
@@ -57,6 +41,19 @@ CASES: dict[Rule, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {
         ],
     ),
 }
+for _kind in ("Blueprint", "Kernel"):
+    CASES[(_kind, "spec.graph.inputs[].shape[]", "must be 'batch' or a size from 1 to 65536")] = (
+        [{"self": "batch"}, {"self": 1}, {"self": 64}, {"self": 65536}],
+        [{"self": 0}, {"self": -3}, {"self": 65537}, {"self": "Batch"}, {"self": "64"}, {"self": ""}],
+    )
+    CASES[(_kind, "spec.graph.inputs[].shape", "the first dimension must be 'batch'")] = (
+        [{"self": ["batch"]}, {"self": ["batch", 4, 8]}],
+        [{"self": [4, "batch"]}, {"self": [64]}],
+    )
+    CASES[(_kind, "spec.graph.inputs[].shape", "'batch' may only be the first dimension")] = (
+        [{"self": ["batch", 4]}, {"self": [4, 8]}],
+        [{"self": ["batch", 4, "batch"]}, {"self": ["batch", "batch"]}],
+    )
 
 
 def _rules(crd: dict[str, Any]) -> dict[Rule, str]:
