@@ -5,7 +5,12 @@
     the same two programs (`compile_module`), each with its own cold TORCHINDUCTOR_CACHE_DIR.
     Target <= 1.25.
 (b) payoff: compiled/eager latency per template (forward, and the training step fwd+bwd) at
-    batches a seed sees in training, and their geometric means. Target >= 1.3x on CPU.
+    batches a seed sees in training, and their geometric means. Target >= 1.3x on CPU (forward);
+    training step >= 1.2x per template, geomean >= 2.5x. Beside it, the memory a training step keeps
+    between forward and backward, in bytes per sample: the compiled kernel's saved tensors (exact,
+    from the manifest's shapes) and eager autograd's (every distinct tensor autograd saves, measured
+    with saved-tensor hooks at two batches; parameters cancel out). And the compile time of each
+    template by part: export, partition, each AOTInductor compile, validation, benchmark.
 
     python benchmarks/compile.py [--quick]
 
@@ -74,12 +79,36 @@ def overhead() -> dict[str, Any]:
             "jobReport": result.get("report")}  # fmt: skip
 
 
+def eager_saved_bytes_per_sample(module: Any, input_specs: Any) -> float:
+    """Bytes per sample that eager autograd keeps for the backward (distinct storages its saved-tensor
+    hooks see, at batches 32 and 64: what does not grow with the batch, the parameters, cancels)."""
+    import torch
+
+    from esper.tezzeret.compile import sample_inputs
+
+    def saved_bytes(batch: int) -> int:
+        seen: dict[Any, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+            return t
+
+        xs = [x.requires_grad_(True) for x in sample_inputs(input_specs, batch, torch.device("cpu"))]
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = module(*xs)
+        del out
+        return sum(seen.values())
+
+    return (saved_bytes(64) - saved_bytes(32)) / 32
+
+
 def speedups(names: list[str]) -> dict[str, Any]:
     from esper.blueprint import validate_source
     from esper.contracts.common import CompileOptions
     from esper.tezzeret.bench import benchmark, geomean
     from esper.tezzeret.compile import compile_graph
-    from esper.tezzeret.validate import load_packages, validate
+    from esper.tezzeret.validate import load_result_packages, validate
 
     rows: dict[str, Any] = {}
     options = CompileOptions(benchmarkBatches=BATCHES)
@@ -89,11 +118,19 @@ def speedups(names: list[str]) -> dict[str, Any]:
             t0 = time.perf_counter()
             r = compile_graph(graph, "cpu", options, Path(tmp) / name)
             seconds = time.perf_counter() - t0
-            packages = load_packages(r.forward_path, r.backward_path)
+            t0 = time.perf_counter()
+            packages = load_result_packages(r)
             validate(r, options, packages)
+            validate_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
             b = benchmark(r, options, packages, budget_s=3.0)
+            bench_s = time.perf_counter() - t0
+            parts = {k: round(v, 2) for k, v in r.timings.items()}
             rows[name] = {
                 "compileSeconds": round(seconds, 1),
+                "compileParts": {**parts, "validate": round(validate_s, 2), "benchmark": round(bench_s, 2)},
+                "savedBytesPerSample": round(r.saved_bytes_per_sample, 1),
+                "eagerSavedBytesPerSample": round(eager_saved_bytes_per_sample(r.module, r.input_specs), 1),
                 "speedup": round(b.speedup, 3),
                 "trainSpeedup": round(b.train_speedup, 3),
                 "batches": [
@@ -127,13 +164,22 @@ def main() -> None:
     console.print(table)
     sp = speedups(names)
     table = Table(title=f"(b) compiled vs eager, CPU, batches {BATCHES} (median µs; speedup = geomean)")
-    for c in ("template", "fwd speedup", "train speedup", *[f"fwd/train µs @{b}" for b in BATCHES]):
+    for c in ("template", "fwd speedup", "train speedup", "saved B/sample (eager)",
+              *[f"fwd/train µs @{b}" for b in BATCHES]):  # fmt: skip
         table.add_column(c)
     for name, r in sp["templates"].items():
         cells = [f"{t['eagerFwd']:.0f}/{t['compiledFwd']:.0f}  {t['eagerTrain']:.0f}/{t['compiledTrain']:.0f}"
                  for t in r["batches"]]  # fmt: skip
-        table.add_row(name, f"{r['speedup']:.2f}x", f"{r['trainSpeedup']:.2f}x", *cells)
+        mem = f"{r['savedBytesPerSample']:.0f} ({r['eagerSavedBytesPerSample']:.0f})"
+        table.add_row(name, f"{r['speedup']:.2f}x", f"{r['trainSpeedup']:.2f}x", mem, *cells)
     table.add_row("geomean", f"{sp['geomeanSpeedup']:.2f}x", f"{sp['geomeanTrainSpeedup']:.2f}x")
+    console.print(table)
+    table = Table(title="(c) compile time per template, seconds by part")
+    part_names = list(next(iter(sp["templates"].values()))["compileParts"])
+    for c in ("template", *part_names):
+        table.add_column(c)
+    for name, r in sp["templates"].items():
+        table.add_row(name, *[f"{r['compileParts'].get(k, 0):.1f}" for k in part_names])
     console.print(table)
     import torch
 

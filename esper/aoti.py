@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 
 @contextlib.contextmanager
@@ -58,5 +58,22 @@ def load_package(path: Path | str, *, device_index: int | None = None) -> Packag
 def load_pair(
     forward: Path | str, backward: Path | str, *, device_index: int | None = None
 ) -> Sequence[Package]:
-    """The forward and backward packages of a kernel bundle."""
+    """Two packages of a kernel bundle (a format v1 bundle's forward and backward)."""
     return load_package(forward, device_index=device_index), load_package(backward, device_index=device_index)
+
+
+class SavedRef(Protocol):
+    """Where a saved tensor comes from (esper.artifact.SavedSpec, esper.tezzeret.compile.Saved)."""
+
+    @property
+    def kind(self) -> str: ...
+    @property
+    def index(self) -> int: ...
+
+
+def gather_saved(
+    saved: Sequence[SavedRef], inputs: Sequence[Any], outputs: Sequence[Any], activations: Sequence[Any]
+) -> list[Any]:
+    """The training backward's leading arguments, in manifest order, from what the forward had."""
+    pools = {"input": inputs, "output": outputs, "activation": activations}
+    return [pools[s.kind][s.index] for s in saved]

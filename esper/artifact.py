@@ -2,12 +2,18 @@
 
 The one module both the compiler (writer) and the runtime (reader) use, so the two cannot drift apart.
 
-A bundle is a flat directory named by its key::
+A bundle is a flat directory named by its key (format v2)::
 
-    forward.pt2          AOTInductor package: (inputs..., params) -> outputs
-    backward.pt2         AOTInductor package: (inputs..., grad_outputs..., params) -> grads
+    forward.pt2          AOTInductor package: (inputs..., params) -> outputs (inference)
+    train_forward.pt2    AOTInductor package: (inputs..., params) -> (outputs..., activations...)
+    train_backward.pt2   AOTInductor package: (saved..., grad_outputs..., params) -> grads
     params.safetensors   initial parameters
     manifest.json        written last; its sha256 is the bundle's identity
+
+`saved` is the manifest's list of what the training backward takes, in order: an input, an output or
+an activation of the training forward (which returns its activations after its outputs, in order).
+A format v1 bundle has `backward.pt2` instead of the two training packages: (inputs...,
+grad_outputs..., params) -> grads, recomputing the forward; it still loads.
 
 Security: the ``.pt2`` packages are native code (loading one dlopens a shared library) and are
 trusted-only. `verify_bundle` must pass, against a sha256 recorded by a trusted party (the Kernel's
@@ -30,12 +36,17 @@ from pydantic import Field, ValidationError, field_validator
 from esper.contracts.common import CompileOptions, Model, Toolchain, ValidationReport, now_rfc3339
 from esper.targets import Target
 
-FORMAT: Final = "esper.dev/kernel-bundle/v1"
+FORMAT_V1: Final = "esper.dev/kernel-bundle/v1"
+FORMAT: Final = "esper.dev/kernel-bundle/v2"
+FORMATS: tuple[str, ...] = (FORMAT_V1, FORMAT)
 FORWARD = "forward.pt2"
-BACKWARD = "backward.pt2"
+TRAIN_FORWARD = "train_forward.pt2"
+TRAIN_BACKWARD = "train_backward.pt2"
+BACKWARD = "backward.pt2"  # format v1 only: the backward that recomputes the forward
 PARAMS = "params.safetensors"
 MANIFEST = "manifest.json"
-DATA_FILES: tuple[str, ...] = (FORWARD, BACKWARD, PARAMS)
+DATA_FILES: tuple[str, ...] = (FORWARD, TRAIN_FORWARD, TRAIN_BACKWARD, PARAMS)
+DATA_FILES_V1: tuple[str, ...] = (FORWARD, BACKWARD, PARAMS)
 FILE_NAMES: tuple[str, ...] = (*DATA_FILES, MANIFEST)
 
 KEY_PATTERN = r"^[0-9a-f]{64}$"
@@ -116,10 +127,24 @@ class ParamSpec(Model):
     dtype: str = Field(max_length=16)
 
 
+class SavedSpec(Model):
+    """One tensor the training forward hands to the training backward (format v2).
+
+    `kind` says where it comes from: the call's input `index`, its output `index`, or the training
+    forward's extra output `index` (an activation). Shapes are symbolic in `batch`, e.g. `["batch", 16]`
+    or `["16*batch", 64]`.
+    """
+
+    kind: Literal["input", "output", "activation"]
+    index: int = Field(ge=0)
+    shape: list[int | str] = Field(max_length=8)
+    dtype: str = Field(default="float32", max_length=16)
+
+
 class Manifest(Model):
     """manifest.json: what a bundle is, what built it, and the hash of every data file."""
 
-    format: Literal["esper.dev/kernel-bundle/v1"] = FORMAT
+    format: Literal["esper.dev/kernel-bundle/v1", "esper.dev/kernel-bundle/v2"] = FORMAT
     key: str = Field(pattern=KEY_PATTERN)
     irDigest: str = Field(pattern=KEY_PATTERN)
     target: str
@@ -129,6 +154,7 @@ class Manifest(Model):
     inputs: list[IOSpec] = Field(default_factory=list)
     outputs: list[IOSpec] = Field(default_factory=list)
     params: list[ParamSpec] = Field(default_factory=list)
+    saved: list[SavedSpec] = Field(default_factory=list, max_length=4096)
     files: dict[str, FileEntry] = Field(default_factory=dict)
     report: ValidationReport | None = None
     createdAt: str = Field(default_factory=now_rfc3339)
@@ -145,6 +171,11 @@ class Manifest(Model):
             if not is_plain_name(name) or name == MANIFEST:
                 raise ValueError(f"file name {name!r} is not a plain bundle file name")
         return v
+
+    @property
+    def data_files(self) -> tuple[str, ...]:
+        """The data files a bundle of this manifest's format must hold."""
+        return DATA_FILES_V1 if self.format == FORMAT_V1 else DATA_FILES
 
     def expected_key(self) -> str:
         """The key this manifest's inputs derive (to check `key` against)."""
@@ -232,8 +263,10 @@ def parse_manifest(data: bytes, source: str = MANIFEST) -> Manifest:
         raise ArtifactError(f"{source}: not valid JSON ({e})") from None
     if not isinstance(doc, dict):
         raise ArtifactError(f"{source}: not a JSON object")
-    if doc.get("format") != FORMAT:
-        raise ArtifactError(f"{source}: unknown format {doc.get('format')!r} (expected {FORMAT!r})")
+    if doc.get("format") not in FORMATS:
+        raise ArtifactError(
+            f"{source}: unknown format {doc.get('format')!r} (expected one of {', '.join(FORMATS)})"
+        )
     try:
         return Manifest.model_validate(doc)
     except ValidationError as e:

@@ -1,9 +1,12 @@
 """Loading compiled kernels: verify the bundle, check it fits this machine, wrap it as an nn.Module.
 
 A `KernelModule` owns the kernel's parameters as ordinary nn.Parameters (so any optimizer trains them
-and state_dict saves them) and runs the AOTInductor forward package inside a custom autograd Function
-whose backward runs the backward package. The backward package recomputes the forward internally, so
-only inputs and parameters are saved between the two (activation-checkpointing memory, 2x forward).
+and state_dict saves them). When a backward can follow (grad enabled and an input or a parameter
+requires grad) it runs the training forward package inside a custom autograd Function that saves the
+activations the package returns (the manifest's `saved` list) and whose backward runs the training
+backward package on them; otherwise (no_grad, inference_mode, frozen seed) it runs the inference
+forward package alone. A format v1 bundle has no training packages: its backward package recomputes
+the forward, so only inputs and parameters are saved (activation-checkpointing memory, 2x forward).
 
 First load in a process: `aoti_load_package` probes the CPU's vector ISA by compiling tiny programs
 with the C++ compiler (~2 s here), and importing torch._inductor costs ~2 s more. `warmup()` pays both
@@ -32,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from esper.aoti import gather_saved
 from esper.kasmina.telemetry import KasminaMetrics, default_metrics
 
 if TYPE_CHECKING:
@@ -196,6 +200,37 @@ class _CompiledFunction(torch.autograd.Function):
         return (None, None, *grads)
 
 
+class _TrainingFunction(torch.autograd.Function):
+    """Training forward package in forward (outputs and activations, saved); training backward
+    package in backward, on the saved tensors. Grad outputs are checked like `_CompiledFunction`'s."""
+
+    @staticmethod
+    def forward(ctx: Any, kernel: KernelModule, bound: dict[str, int], *flat: torch.Tensor) -> Any:
+        n, n_out = kernel.n_inputs, kernel.n_outputs
+        inputs, params = flat[:n], flat[n:]
+        res = kernel.train_forward_runner(*inputs, params)
+        outs, acts = res[:n_out], res[n_out:]
+        ctx.kernel = kernel
+        ctx.bound = bound
+        ctx.out_meta = [(o.shape, o.dtype, o.device) for o in outs]
+        ctx.save_for_backward(*gather_saved(kernel.saved, inputs, outs, acts), *params)
+        return outs[0] if n_out == 1 else tuple(outs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, *grad_outputs: torch.Tensor | None) -> Any:
+        kernel: KernelModule = ctx.kernel
+        saved = ctx.saved_tensors
+        n_saved = len(kernel.saved)
+        gs = [
+            torch.zeros(shape, dtype=dtype, device=device) if g is None else g
+            for g, (shape, dtype, device) in zip(grad_outputs, ctx.out_meta, strict=True)
+        ]
+        gs = kernel._match(gs, kernel._out_expects, dict(ctx.bound))
+        grads = kernel.backward_runner(*saved[:n_saved], *gs, tuple(saved[n_saved:]))
+        return (None, None, *grads)
+
+
 def _as_tuple(out: Any) -> tuple[torch.Tensor, ...]:
     return tuple(out) if isinstance(out, tuple | list) else (out,)
 
@@ -205,6 +240,8 @@ class KernelModule(nn.Module):
 
     `dim_bounds` gives (min, max) of each named dim; `batch` is 1..`max_batch`, a name without
     bounds is 1..unbounded. `slot_name` is set by the seed slot that holds the kernel (for messages).
+    With `train_forward_runner` (format v2), `backward_runner` is the training backward and takes
+    `saved` (the manifest's list) first; without it, the backward recomputes the forward (format v1).
     """
 
     def __init__(
@@ -226,10 +263,14 @@ class KernelModule(nn.Module):
         target: str = "cpu",
         device: str | torch.device | None = None,
         load_seconds: float = 0.0,
+        train_forward_runner: Any = None,
+        saved: Sequence[Any] = (),
     ) -> None:
         super().__init__()
         self.forward_runner = forward_runner
         self.backward_runner = backward_runner
+        self.train_forward_runner = train_forward_runner
+        self.saved = list(saved)
         self.param_names = [n for n, _ in params]
         self.params = nn.ParameterList([nn.Parameter(t) for _, t in params])
         self.kernel_key = key
@@ -246,6 +287,7 @@ class KernelModule(nn.Module):
         self.dim_bounds = {BATCH: (1, max_batch or _UNBOUNDED), **(dim_bounds or {})}
         self._max_batch = self.dim_bounds[BATCH][1]
         n_out = len(self.output_shapes)
+        self.n_outputs = n_out
         self._in_expects = _io_specs(
             "input",
             list(input_names) or [""] * len(self.input_shapes),
@@ -272,7 +314,13 @@ class KernelModule(nn.Module):
         # The ParameterList's own dict, not `*self.params`: iterating a ParameterList costs ~2.5 µs a
         # parameter (an attribute lookup per item), more than the whole guard.
         params = self._modules["params"]._parameters.values()  # type: ignore[union-attr]
-        return _CompiledFunction.apply(self, bound, *inputs, *params)
+        if self.train_forward_runner is None:
+            return _CompiledFunction.apply(self, bound, *inputs, *params)
+        if torch.is_grad_enabled() and (
+            any(x.requires_grad for x in inputs) or any(p.requires_grad for p in params)  # type: ignore[union-attr]
+        ):
+            return _TrainingFunction.apply(self, bound, *inputs, *params)
+        return self.forward_runner(*inputs, tuple(params))
 
     # ---- the guard -------------------------------------------------------------------------------
 
@@ -428,11 +476,10 @@ def _torch_minor(version: str) -> str:
 
 
 def _check_manifest(manifest: Manifest, device: torch.device, bundle: Path) -> None:
-    from esper.artifact import DATA_FILES
     from esper.devices import check_runtime
     from esper.targets import Target
 
-    missing = [f for f in DATA_FILES if f not in manifest.files]
+    missing = [f for f in manifest.data_files if f not in manifest.files]
     if missing:
         raise KernelLoadError("IncompleteBundle", f"manifest lists no {', '.join(missing)}", bundle)
     target = Target.parse(manifest.target)
@@ -498,7 +545,15 @@ def load_kernel(
     before every file's sha256 matches a manifest whose own sha256 matches `expected_sha256`.
     """
     global _loads_in_process
-    from esper.artifact import BACKWARD, FORWARD, ArtifactError, verify_bundle
+    from esper.artifact import (
+        BACKWARD,
+        FORMAT_V1,
+        FORWARD,
+        TRAIN_BACKWARD,
+        TRAIN_FORWARD,
+        ArtifactError,
+        verify_bundle,
+    )
 
     m = metrics or default_metrics()
     bundle = Path(bundle_dir)
@@ -535,8 +590,9 @@ def load_kernel(
         params = _load_params(manifest, bundle, dev)
         from esper.aoti import load_package
 
+        v1 = manifest.format == FORMAT_V1
         runners = []
-        for name in (FORWARD, BACKWARD):
+        for name in (FORWARD, BACKWARD) if v1 else (FORWARD, TRAIN_BACKWARD, TRAIN_FORWARD):
             try:
                 index = dev.index if dev.type == "cuda" else None
                 runners.append(load_package(bundle / name, device_index=index))
@@ -552,4 +608,6 @@ def load_kernel(
     log.info(
         "loaded kernel %s in %.3fs (load %d in this process)", manifest.key[:16], seconds, _loads_in_process
     )
+    if not v1:
+        kernel_args.update(train_forward_runner=runners[2], saved=manifest.saved)
     return KernelModule(runners[0], runners[1], params, load_seconds=seconds, **kernel_args)

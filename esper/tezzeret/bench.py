@@ -3,7 +3,8 @@
 Bounded in time (about `budget_s` per kernel, plus warmups): eager and compiled are timed in
 interleaved blocks, and the median call is kept (robust to a noisy neighbour on a shared node).
 Forward is timed under `torch.inference_mode` on both sides (a serving-style call); the training
-step is eager forward + autograd backward against the forward package + the backward package.
+step is eager forward + autograd backward against the training forward package + the training
+backward package on the activations it saved.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     import torch
 
     from esper.tezzeret.compile import CompileResult
-    from esper.tezzeret.validate import ValidationResult
+    from esper.tezzeret.validate import Packages, ValidationResult
 
 WARMUP = 3
 ROUNDS = 5
@@ -100,7 +101,7 @@ def interleaved_micros(
 def benchmark(
     result: CompileResult,
     options: CompileOptions,
-    packages: tuple[Callable[..., Any], Callable[..., Any]],
+    packages: Packages,
     budget_s: float = 2.0,
     threads: int | None = 1,
 ) -> BenchResult:
@@ -124,14 +125,15 @@ def benchmark(
 def _benchmark(
     result: CompileResult,
     options: CompileOptions,
-    packages: tuple[Callable[..., Any], Callable[..., Any]],
+    packages: Packages,
     budget_s: float,
 ) -> BenchResult:
     import torch
 
     from esper.tezzeret.compile import sample_inputs
+    from esper.tezzeret.validate import train_step
 
-    fwd, bwd = packages
+    fwd = packages.forward
     module = result.module
     device = result.params[0].device if result.params else torch.device("cpu")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -155,8 +157,7 @@ def _benchmark(
             torch.autograd.backward(tuple(out) if isinstance(out, (tuple, list)) else (out,), list(gs))
 
         def compiled_train(xs: Sequence[torch.Tensor] = xs, gs: Sequence[torch.Tensor] = gs) -> None:
-            fwd(*xs, params)
-            bwd(*xs, *gs, params)
+            train_step(result, packages, xs, gs)
 
         def eager_fwd(xs: Sequence[torch.Tensor] = xs) -> None:
             module(*xs)

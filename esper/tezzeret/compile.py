@@ -1,13 +1,16 @@
-"""Compile a seed module into a kernel bundle: AOTInductor packages for forward AND backward.
+"""Compile a seed module into a kernel bundle: AOTInductor packages for inference and training.
 
 Why this road (see docs/compile-road.md): a hot-loaded seed must train without a compile stall in the
 trainer, and nothing loaded may be a pickle. AOTInductor packages are native code plus JSON, load in
 milliseconds and never trace at run time. Parameters are *inputs* of both programs, so the trainer owns
 them as ordinary nn.Parameters and the optimizer updates them in place.
 
-The backward program is traced from a joint function that recomputes the forward and calls
-`torch.autograd.grad` (like activation checkpointing): no activations cross the boundary between the two
-packages, at the cost of running the forward twice per training step.
+Training uses two more packages cut from one joint forward+backward graph (traced with only the
+batch dim symbolic) by AOTAutograd's min-cut rematerialization partitioner: the training forward
+returns its outputs and the activations the backward needs, the training backward takes them. The
+partitioner saves what is expensive to recompute (matmuls, convolutions) and recomputes what is cheap
+(pointwise ops), so a training step runs the forward once. The inference forward is a third package,
+compiled from the module alone: it neither computes nor returns anything for a backward.
 
 Limitations: stochastic/stateful ops are compiled with eval semantics (dropout is the identity, batch
 norm uses its running statistics, which are baked into the package as constants); only the batch
@@ -24,9 +27,9 @@ import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from esper.artifact import BACKWARD, FORWARD, PARAMS, ParamSpec
+from esper.artifact import FORWARD, PARAMS, TRAIN_BACKWARD, TRAIN_FORWARD, ParamSpec
 from esper.contracts.common import CompileOptions, Toolchain
 from esper.devices import check_runtime
 from esper.targets import Target
@@ -57,13 +60,41 @@ class InputSpec:
     dtype: str = "float32"
 
 
+@dataclass(frozen=True)
+class Saved:
+    """One tensor the training backward takes (see esper.artifact.SavedSpec): where it comes from,
+    its shape symbolic in "batch", its dtype."""
+
+    kind: Literal["input", "output", "activation"]
+    index: int
+    shape: tuple[int | str, ...]
+    dtype: str
+
+    def bytes_per_sample(self) -> float:
+        """Bytes this tensor holds per sample of the batch (its size at batch 1000, over 1000)."""
+        import sympy
+
+        numel = sympy.Integer(1)
+        for d in self.shape:
+            numel *= d if isinstance(d, int) else sympy.sympify(d, locals={"batch": sympy.Symbol("batch")})
+        size = numel.subs(sympy.Symbol("batch"), 1000) if not isinstance(numel, int) else numel
+        return float(size) * _itemsize(self.dtype) / 1000
+
+
+def _itemsize(dtype: str) -> int:
+    import torch
+
+    return int(getattr(torch, dtype).itemsize)
+
+
 @dataclass
 class CompileResult:
     """What `compile_module` built: the bundle's data files, the eager reference, timings."""
 
     bundle_dir: Path
     forward_path: Path
-    backward_path: Path
+    train_forward_path: Path
+    train_backward_path: Path
     params_path: Path
     module: nn.Module
     params: list[torch.Tensor]
@@ -73,6 +104,7 @@ class CompileResult:
     target: Target
     toolchain: Toolchain
     isa: str
+    saved: list[Saved] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -82,6 +114,11 @@ class CompileResult:
     @property
     def compile_seconds(self) -> float:
         return sum(self.timings.values())
+
+    @property
+    def saved_bytes_per_sample(self) -> float:
+        """What a training step keeps alive between forward and backward, per sample (params aside)."""
+        return sum(s.bytes_per_sample() for s in self.saved)
 
 
 def torch_version() -> str:
@@ -186,46 +223,177 @@ def _forward_program(module: nn.Module, names: Sequence[str], n_inputs: int) -> 
     return Forward()
 
 
-def _joint(module: nn.Module, names: Sequence[str], n_inputs: int, n_outputs: int) -> Callable[..., Any]:
-    """`(inputs..., grad_outputs..., params..., buffers...) -> (grad_inputs..., grad_params...)`.
+@dataclass
+class _Split:
+    """The joint graph cut in two: forward (primals -> outputs, saved) and backward (saved, tangents ->
+    grads), with what each saved value is."""
 
-    Recomputes the forward (the two packages share no saved activations) and differentiates it.
-    """
+    fw: Any  # torch.fx.GraphModule
+    bw: Any
+    saved: list[Saved]
+    # Per backward placeholder: ("saved", i) | ("tangent", i) | ("buffer", i) | ("sym", fn(batch) -> int)
+    bw_args: list[tuple[str, Any]]
+    # Per training-forward output kept: index into the fw graph's outputs
+    fw_keep: list[int]
+
+
+def _partition(
+    module: nn.Module,
+    names: Sequence[str],
+    xs: Sequence[torch.Tensor],
+    params: Sequence[torch.Tensor],
+    outs: Sequence[torch.Tensor],
+    dynamic: bool,
+) -> _Split:
+    """Trace forward+backward as one graph (only the batch dim symbolic) and cut it with AOTAutograd's
+    min-cut rematerialization partitioner."""
     import torch
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
     call, buffers = _unregistered(module), _Buffers(module)
-    n_params, n_head = len(names), n_inputs + n_outputs
+    n_in, n_par, n_out = len(xs), len(params), len(outs)
     state_names = [*names, *buffers.names]
 
-    def joint(*flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        xs = [x.detach().requires_grad_(True) for x in flat[:n_inputs]]
-        gs = flat[n_inputs:n_head]
-        ps = [p.detach().requires_grad_(True) for p in flat[n_head : n_head + n_params]]
-        bs = list(flat[n_head + n_params :])
+    def joint(primals: list[torch.Tensor], tangents: list[torch.Tensor]) -> list[torch.Tensor]:
+        ins = [t.requires_grad_(True) for t in primals[:n_in]]
+        ps = [t.requires_grad_(True) for t in primals[n_in : n_in + n_par]]
+        bs = list(primals[n_in + n_par :])
         with torch.enable_grad():
-            outs = _as_tuple(call(dict(zip(state_names, [*ps, *bs], strict=True)), tuple(xs)))
-            grads = torch.autograd.grad(outs, [*xs, *ps], list(gs), allow_unused=True, materialize_grads=True)
-        return tuple(grads)
+            res = _as_tuple(call(dict(zip(state_names, [*ps, *bs], strict=True)), tuple(ins)))
+            wrt = [*ins, *ps]
+            grads = torch.autograd.grad(res, wrt, list(tangents), allow_unused=True, materialize_grads=True)
+        return [*res, *grads]
 
-    return joint
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+
+    def fake(t: torch.Tensor, batched: bool) -> torch.Tensor:
+        # DUCK: every batch dim of the same size (all of them) is one symbol
+        dims = [DimDynamic.STATIC] * t.dim()
+        if batched and dynamic:
+            dims[0] = DimDynamic.DUCK
+        return mode.from_tensor(t, symbolic_context=StatelessSymbolicContext(dynamic_sizes=dims))
+
+    primals = [*(fake(x, True) for x in xs), *(fake(p, False) for p in [*params, *buffers.values])]
+    tangents = [fake(torch.ones_like(o), True) for o in outs]
+    first: Any = primals[0].shape[0] if n_in else None
+    batch_sym = first.node.expr if dynamic and isinstance(first, torch.SymInt) else None
+    gm = make_fx(joint, tracing_mode="fake")(primals, tangents)
+    for node in list(gm.graph.nodes):  # detach() of a primal would hide that a saved value is an input
+        if node.op == "call_function" and node.target is torch.ops.aten.detach.default:
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+    gm.recompile()
+    fw, bw = min_cut_rematerialization_partition(gm, None, num_fwd_outputs=n_out)
+
+    fw_out = list(next(n for n in fw.graph.nodes if n.op == "output").args[0])
+    primal_index = {n.name: i for i, n in enumerate(p for p in fw.graph.nodes if p.op == "placeholder")}
+    out_index = {n.name: i for i, n in enumerate(fw_out[:n_out]) if n is not None}
+    saved: list[Saved] = []
+    bw_args: list[tuple[str, Any]] = []
+    fw_keep: list[int] = list(range(n_out))
+    by_name = {n.name: (j, n) for j, n in enumerate(fw_out) if n is not None}
+    for ph in (n for n in bw.graph.nodes if n.op == "placeholder"):
+        val = ph.meta.get("val")
+        if ph.name.startswith("tangents_"):
+            bw_args.append(("tangent", int(ph.name.removeprefix("tangents_")) - 1))
+        elif isinstance(val, torch.SymInt | int):
+            bw_args.append(("sym", _batch_fn(val, batch_sym)))
+        elif ph.name in primal_index and primal_index[ph.name] >= n_in + n_par:
+            bw_args.append(("buffer", primal_index[ph.name] - n_in - n_par))
+        elif ph.name in primal_index and primal_index[ph.name] >= n_in:
+            bw_args.append(("param", primal_index[ph.name] - n_in))
+        else:
+            kind: Literal["input", "output", "activation"]
+            if ph.name in primal_index:
+                kind, index = "input", primal_index[ph.name]
+            elif ph.name in out_index:
+                kind, index = "output", out_index[ph.name]
+            else:
+                kind, index = "activation", len(fw_keep) - n_out
+                fw_keep.append(by_name[ph.name][0])
+            shape = tuple(_dim_name(d, batch_sym) for d in val.shape)
+            saved.append(Saved(kind, index, shape, str(val.dtype).removeprefix("torch.")))
+            bw_args.append(("saved", len(saved) - 1))
+    return _Split(fw, bw, saved, bw_args, fw_keep)
 
 
-def _backward_program(gm: nn.Module, module: nn.Module, n_inputs: int, n_outputs: int) -> nn.Module:
+def _dim_name(d: Any, batch_sym: Any) -> int | str:
+    """A saved tensor's dim for the manifest: an int, or an expression in "batch" ("batch", "16*batch")."""
+    import sympy
+
+    if isinstance(d, int):
+        return d
+    expr = d.node.expr
+    if expr.is_number:
+        return int(expr)
+    if batch_sym is None or expr.free_symbols != {batch_sym}:
+        raise RuntimeError(f"a saved activation has a dim {expr} that is not a function of the batch")
+    return str(expr.subs(batch_sym, sympy.Symbol("batch")))
+
+
+def _batch_fn(val: Any, batch_sym: Any) -> Callable[[Any], Any]:
+    """A size the backward takes as an argument, as a function of the batch (export traces it)."""
+    import sympy
+
+    expr = sympy.Integer(val) if isinstance(val, int) else val.node.expr
+    if expr.is_number:
+        value = int(expr)
+
+        def constant(_batch: Any) -> int:
+            return value
+
+        return constant
+    if batch_sym is None or expr.free_symbols != {batch_sym}:
+        raise RuntimeError(f"the backward takes a size {expr} that is not a function of the batch")
+    return sympy.lambdify([batch_sym], expr, modules=[{}])  # type: ignore[no-any-return]
+
+
+def _train_forward_program(split: _Split, module: nn.Module, n_inputs: int) -> nn.Module:
+    """`forward(*inputs, params: tuple) -> (outputs..., activations...)`."""
     from torch import nn
 
     buffers = _Buffers(module)
+    keep = split.fw_keep
 
-    class Backward(nn.Module):
+    class TrainForward(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.gm = gm
+            self.gm = split.fw
             buffers.register(self)
 
         def forward(self, *args: Any) -> tuple[torch.Tensor, ...]:
-            head, params = args[: n_inputs + n_outputs], args[n_inputs + n_outputs]
-            return tuple(self.gm(*head, *params, *buffers.of(self)))
+            inputs, params = args[:n_inputs], args[n_inputs]
+            res = self.gm(*inputs, *params, *buffers.of(self))
+            return tuple(res[j] for j in keep)
 
-    return Backward()
+    return TrainForward()
+
+
+def _train_backward_program(split: _Split, module: nn.Module, n_saved: int, n_outputs: int) -> nn.Module:
+    """`forward(*saved, *grad_outputs, params: tuple) -> (grad_inputs..., grad_params...)`."""
+    from torch import nn
+
+    buffers = _Buffers(module)
+    bw_args = split.bw_args
+
+    class TrainBackward(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gm = split.bw
+            buffers.register(self)
+
+        def forward(self, *args: Any) -> tuple[torch.Tensor, ...]:
+            saved, tangents = args[:n_saved], args[n_saved : n_saved + n_outputs]
+            params, bufs = args[n_saved + n_outputs], buffers.of(self)
+            batch = tangents[0].shape[0]
+            pick = {"saved": saved, "tangent": tangents, "param": params, "buffer": bufs}
+            flat = [v(batch) if k == "sym" else pick[k][v] for k, v in bw_args]
+            return tuple(self.gm(*flat))
+
+    return TrainBackward()
 
 
 def _check_package(path: Path) -> None:
@@ -271,7 +439,6 @@ def compile_module(
     from safetensors.torch import save_file
     from torch._inductor import aoti_compile_and_package
     from torch.export import Dim, export
-    from torch.fx.experimental.proxy_tensor import make_fx
 
     target = Target.parse(target)
     device = resolve_device(target)
@@ -307,25 +474,43 @@ def compile_module(
     timings["exportForward"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    buffers = _Buffers(module).values
-    gm = make_fx(_joint(module, names, n_in, n_out), tracing_mode="symbolic")(*xs, *gs, *params, *buffers)
-    bwd_ep = export(
-        _backward_program(gm, module, n_in, n_out),
-        (*xs, *gs, tuple(params)),
-        dynamic_shapes=((*([bdim] * (n_in + n_out)), pspec),),
-    )
-    timings["exportBackward"] = time.perf_counter() - t0
+    split = _partition(module, names, xs, params, outs, dynamic)
+    timings["partition"] = time.perf_counter() - t0
 
-    fwd_path, bwd_path = bundle / FORWARD, bundle / BACKWARD
+    t0 = time.perf_counter()
+    train_fwd_ep = export(
+        _train_forward_program(split, module, n_in),
+        (*xs, tuple(params)),
+        dynamic_shapes=((*([bdim] * n_in), pspec),),
+    )
+    timings["exportTrainForward"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        train_res = train_fwd_ep.module()(*xs, tuple(params))
+    acts = list(train_res[n_out:])
+    saved_xs = [{"input": xs, "output": outs, "activation": acts}[s.kind][s.index] for s in split.saved]
+    saved_dims = [_saved_dims(s, batch) for s in split.saved]
+    train_bwd_ep = export(
+        _train_backward_program(split, module, len(split.saved), n_out),
+        (*saved_xs, *gs, tuple(params)),
+        dynamic_shapes=((*saved_dims, *([bdim] * n_out), pspec),),
+    )
+    timings["exportTrainBackward"] = time.perf_counter() - t0
+
+    fwd_path = bundle / FORWARD
+    train_fwd_path, train_bwd_path = bundle / TRAIN_FORWARD, bundle / TRAIN_BACKWARD
     with inductor_settings(target):
-        t0 = time.perf_counter()
-        aoti_compile_and_package(fwd_ep, package_path=str(fwd_path))
-        timings["aotiForward"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        aoti_compile_and_package(bwd_ep, package_path=str(bwd_path))
-        timings["aotiBackward"] = time.perf_counter() - t0
-    _check_package(fwd_path)
-    _check_package(bwd_path)
+        for key, ep, path in [
+            ("aotiForward", fwd_ep, fwd_path),
+            ("aotiTrainForward", train_fwd_ep, train_fwd_path),
+            ("aotiTrainBackward", train_bwd_ep, train_bwd_path),
+        ]:
+            t0 = time.perf_counter()
+            aoti_compile_and_package(ep, package_path=str(path))
+            timings[key] = time.perf_counter() - t0
+    for path in (fwd_path, train_fwd_path, train_bwd_path):
+        _check_package(path)
 
     t0 = time.perf_counter()
     params_path = bundle / PARAMS
@@ -343,7 +528,8 @@ def compile_module(
     return CompileResult(
         bundle_dir=bundle,
         forward_path=fwd_path,
-        backward_path=bwd_path,
+        train_forward_path=train_fwd_path,
+        train_backward_path=train_bwd_path,
         params_path=params_path,
         module=module,
         params=params,
@@ -353,8 +539,29 @@ def compile_module(
         target=target,
         toolchain=toolchain_for(target),
         isa=CPU_ISA if target.kind == "cpu" else str(target.arch),
+        saved=split.saved,
         timings=timings,
     )
+
+
+def _saved_dims(saved: Saved, batch: Any) -> dict[int, Any] | None:
+    """export's dynamic_shapes entry of a saved tensor: each dim that depends on the batch, as the
+    batch Dim or a linear expression of it (a*batch + b, e.g. 16*batch after a reshape)."""
+    import sympy
+
+    if batch is None:
+        return None
+    b = sympy.Symbol("batch")
+    dims: dict[int, Any] = {}
+    for i, d in enumerate(saved.shape):
+        if isinstance(d, int):
+            continue
+        expr = sympy.expand(sympy.sympify(d, locals={"batch": b}))
+        a, c = expr.coeff(b, 1), expr.coeff(b, 0)
+        if expr != a * b + c or not (a.is_Integer and c.is_Integer):
+            raise RuntimeError(f"a saved activation's dim {d} is not linear in the batch")
+        dims[i] = batch if (a, c) == (1, 0) else batch * int(a) + int(c)
+    return dims or None
 
 
 def compile_graph(

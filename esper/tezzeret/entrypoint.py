@@ -240,17 +240,17 @@ def existing_result(store: Any, p: Plan, workdir: Path) -> CompileResult | None:
 
 def build_bundle(p: Plan, workdir: Path) -> tuple[Path, float, Any]:
     """Compile, validate, benchmark, write the manifest; returns (bundle dir, seconds, report)."""
-    from esper.artifact import IOSpec, Manifest, verify_bundle, write_manifest
+    from esper.artifact import IOSpec, Manifest, SavedSpec, verify_bundle, write_manifest
     from esper.blueprint import canonical_dict
     from esper.tezzeret.bench import benchmark, make_report
     from esper.tezzeret.compile import compile_graph
-    from esper.tezzeret.validate import load_packages, validate
+    from esper.tezzeret.validate import load_result_packages, validate
 
     t0 = time.perf_counter()
     log.info("compiling %s for %s (key %s)", p.ir_digest[:16], p.target.name, p.key[:16])
     result = compile_graph(p.graph, p.target, p.options, workdir)
     log.info("compiled: %s", ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items()))
-    packages = load_packages(result.forward_path, result.backward_path)
+    packages = load_result_packages(result)
     checked = validate(result, p.options, packages)
     log.info("validated at batches %s: max error %.3g, grad %.3g", checked.batches,
              checked.max_abs_error, checked.max_grad_error)  # fmt: skip
@@ -269,6 +269,7 @@ def build_bundle(p: Plan, workdir: Path) -> tuple[Path, float, Any]:
             for name, shape in zip(p.graph.outputs, result.output_shapes, strict=True)
         ],
         params=result.param_specs,
+        saved=[SavedSpec(kind=s.kind, index=s.index, shape=[*s.shape], dtype=s.dtype) for s in result.saved],
         report=report,
     )
     write_manifest(result.bundle_dir, manifest)

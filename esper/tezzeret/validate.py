@@ -1,9 +1,10 @@
 """Numerical validation: the packages, loaded back as the trainer will load them, must match eager.
 
-Both the forward outputs and every gradient (inputs and parameters) are compared at each of
-`options.validateBatches`, because a kernel that is right forward but wrong backward trains silently
-wrong. Any failure is permanent (exit 67): recompiling the same graph with the same toolchain would
-produce the same kernel.
+The inference forward's outputs, the training forward's outputs, and every gradient (inputs and
+parameters) the training backward computes from the activations the training forward saved are
+compared at each of `options.validateBatches`, because a kernel that is right forward but wrong
+backward trains silently wrong. Any failure is permanent (exit 67): recompiling the same graph with
+the same toolchain would produce the same kernel.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from esper.aoti import Package, load_pair
+from esper.aoti import gather_saved, load_package
 from esper.tezzeret.exitcodes import ValidationFailed
 
 if TYPE_CHECKING:
@@ -87,10 +88,34 @@ def compare(what: str, got: torch.Tensor, want: torch.Tensor, tol: Tolerance) ->
     return err
 
 
-def load_packages(forward: Path, backward: Path) -> tuple[Package, Package]:
-    """Load both packages the way the runtime does (native code: verify the bundle first)."""
-    fwd, bwd = load_pair(forward, backward)
-    return fwd, bwd
+class Packages(NamedTuple):
+    """A bundle's three packages: inference forward, training forward, training backward."""
+
+    forward: Callable[..., Any]
+    train_forward: Callable[..., Any]
+    train_backward: Callable[..., Any]
+
+
+def load_packages(forward: Path, train_forward: Path, train_backward: Path) -> Packages:
+    """Load the three packages the way the runtime does (native code: verify the bundle first)."""
+    return Packages(*(load_package(p) for p in (forward, train_forward, train_backward)))
+
+
+def load_result_packages(result: CompileResult) -> Packages:
+    """The packages `compile_module` wrote."""
+    return load_packages(result.forward_path, result.train_forward_path, result.train_backward_path)
+
+
+def train_step(
+    result: CompileResult, packages: Packages, xs: Sequence[torch.Tensor], gs: Sequence[torch.Tensor]
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """A compiled training step as the runtime runs it: outputs, then gradients of (inputs..., params...)."""
+    params = tuple(result.params)
+    res = packages.train_forward(*xs, params)
+    n_out = result.num_outputs
+    outs, acts = tuple(res[:n_out]), res[n_out:]
+    saved = gather_saved(result.saved, xs, outs, acts)
+    return outs, tuple(packages.train_backward(*saved, *gs, params))
 
 
 def eager_step(
@@ -113,14 +138,15 @@ def eager_step(
 def validate(
     result: CompileResult,
     options: CompileOptions,
-    packages: tuple[Callable[..., Any], Callable[..., Any]] | None = None,
+    packages: Packages | None = None,
 ) -> ValidationResult:
     """Compare loaded packages with eager at each validate batch; raise ValidationFailed (67) on any miss."""
     import torch
 
     from esper.tezzeret.compile import sample_inputs
 
-    fwd, bwd = packages or load_packages(result.forward_path, result.backward_path)
+    packages = packages or load_result_packages(result)
+    fwd = packages.forward
     device = result.params[0].device if result.params else torch.device("cpu")
     dtype = result.input_specs[0].dtype
     tol = tolerance_for(dtype)
@@ -142,7 +168,10 @@ def validate(
             err = compare(f"batch {b}: forward output {k}", g, w, tol)
             out.max_abs_error = max(out.max_abs_error, err)
         with torch.no_grad():
-            got_grads = tuple(bwd(*xs, *gs, params))
+            train_out, got_grads = train_step(result, packages, xs, gs)
+        for k, (g, w) in enumerate(zip(train_out, want_out, strict=True)):
+            err = compare(f"batch {b}: training forward output {k}", g, w, tol)
+            out.max_abs_error = max(out.max_abs_error, err)
         if len(got_grads) != len(want_grads):
             raise ValidationFailed(
                 f"batch {b}: compiled backward gives {len(got_grads)} gradients, expected {len(want_grads)}"

@@ -1,6 +1,7 @@
 """Compile -> bundle -> store -> fetch -> verify -> load -> train, against eager, for real templates.
 
-Slow: each template is one AOTInductor compile of forward and backward (~25 s on 2 cores). The
+Slow: each template is three AOTInductor compiles (inference forward, training forward, training
+backward: ~60 s on 2 cores). The
 compiles happen once per session (one fixture) and every test reads the bundles they stored.
 """
 
@@ -15,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sympy
 import torch
 
+from esper.aoti import gather_saved
 from esper.artifact import read_manifest, verify_bundle
 from esper.blueprint import Graph, build_module, validate_source
 from esper.contracts.common import CompileOptions
@@ -24,7 +27,15 @@ from esper.contracts.job import REQUEST_ENV, CompileRequest, CompileSpec
 from esper.storage import open_store
 from esper.tezzeret import entrypoint
 from esper.tezzeret.compile import InputSpec, compile_module
-from esper.tezzeret.validate import compare, load_packages, tolerance_for
+from esper.tezzeret.exitcodes import ValidationFailed
+from esper.tezzeret.validate import (
+    compare,
+    load_packages,
+    load_result_packages,
+    tolerance_for,
+    train_step,
+    validate,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -86,8 +97,10 @@ def test_bundle_round_trip_trains_like_eager(
     assert result["report"]["speedup"] > 0 and result["report"]["trainSpeedup"] > 0
     dest = open_store(str(store_dir)).fetch_bundle(result["key"], tmp_path / "b", result["manifestSha256"])
     manifest = verify_bundle(dest, result["manifestSha256"], expected_key=result["key"])
-    assert set(manifest.files) == {"forward.pt2", "backward.pt2", "params.safetensors"}
-    for pkg in ("forward.pt2", "backward.pt2"):  # native code and JSON only: nothing to unpickle
+    packages = ("forward.pt2", "train_forward.pt2", "train_backward.pt2")
+    assert set(manifest.files) == {*packages, "params.safetensors"}
+    assert manifest.format == "esper.dev/kernel-bundle/v2" and manifest.saved
+    for pkg in packages:  # native code and JSON only: nothing to unpickle
         members = zipfile.ZipFile(dest / pkg).namelist()
         assert any(m.endswith(".so") for m in members)
         assert not [m for m in members if m.endswith((".pkl", ".pt", ".pth", ".pickle"))]
@@ -101,7 +114,19 @@ def test_bundle_round_trip_trains_like_eager(
     for n, p in module.named_parameters():  # initial params are the builder's, for the same seed
         assert torch.equal(stored[n], p.detach())
 
-    fwd, bwd = load_packages(dest / "forward.pt2", dest / "backward.pt2")
+    fwd, train_fwd, train_bwd = load_packages(*(dest / p for p in packages))
+    n_out = len(manifest.outputs)
+
+    def bwd(*args: Any) -> Any:
+        """A training step's backward: the training forward saves, the training backward consumes."""
+        xs, gs, params = args[: len(manifest.inputs)], args[len(manifest.inputs) : -1], args[-1]
+        res = train_fwd(*xs, params)
+        saved = gather_saved(manifest.saved, xs, res[:n_out], res[n_out:])
+        for s, t in zip(manifest.saved, saved, strict=True):  # the manifest's shapes, batch substituted
+            want = [int(sympy.sympify(d).subs("batch", xs[0].shape[0])) for d in s.shape]
+            assert list(t.shape) == want and str(t.dtype) == f"torch.{s.dtype}"
+        return train_bwd(*saved, *gs, params)
+
     tol = tolerance_for(graph.dtype)
     for batch in (1, 5, 128):  # 5 and 128 are batches neither validation nor tracing used
         gen = torch.Generator().manual_seed(batch)
@@ -200,14 +225,32 @@ def test_compile_module_multi_io_eval_semantics(tmp_path: Path) -> None:
     assert result.output_shapes == [(24,), (1,)]
     names = [s.name for s in result.param_specs]
     assert names == [n for n, _ in module.named_parameters()]  # registration order: own params first
-    fwd, bwd = load_packages(result.forward_path, result.backward_path)
+    packages = load_result_packages(result)
     x, y = torch.randn(9, 16), torch.randn(9, 8)
     params = tuple(result.params)
-    a, b = fwd(x, y, params)
+    a, b = packages.forward(x, y, params)
     ea, eb = module.eval()(x, y)  # eval: dropout is the identity, bn uses the running stats
     compare("out a", a, ea.detach(), tolerance_for("float32"))
     compare("out b", b, eb.detach(), tolerance_for("float32"))
-    grads = bwd(x, y, torch.ones_like(a), torch.ones_like(b), params)
+    (ta, tb), grads = train_step(result, packages, [x, y], [torch.ones_like(a), torch.ones_like(b)])
+    compare("training out a", ta, ea.detach(), tolerance_for("float32"))
+    compare("training out b", tb, eb.detach(), tolerance_for("float32"))
     assert len(grads) == 2 + len(params)
     assert torch.count_nonzero(grads[2 + names.index("unused")]) == 0  # zeros, not None
+    ga, gb = torch.randn(9, 24), torch.randn(9, 1)
+    _, want = _eager(module, names, list(params), [x, y], [ga, gb])
+    _, got = train_step(result, packages, [x, y], [ga, gb])
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        compare(f"grad {i}", g, w, tolerance_for("float32"))
+    assert {s.kind for s in result.saved} >= {"activation"}  # the backward reads what the forward kept
+    assert validate(result, options, packages).max_grad_error <= 1e-4
+
+    # A training backward that is off by 1% in one gradient is caught by the compiler's validation.
+    def skewed(*args: Any) -> tuple[torch.Tensor, ...]:
+        out = list(packages.train_backward(*args))
+        out[-1] = out[-1] * 1.01 + 1e-3
+        return tuple(out)
+
+    with pytest.raises(ValidationFailed, match=r"batch 1: gradient of param gate\.bias"):
+        validate(result, options, packages._replace(train_backward=skewed))
     # Note: the package does not enforce maxBatch at run time; the loader must (see compile-road.md).

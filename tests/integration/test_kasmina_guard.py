@@ -37,14 +37,17 @@ KERNEL = f"(batch 1..{MAX_BATCH}, {F}) float32 on cpu"  # how messages spell the
 
 
 class Counting:
-    """A package runner that counts its calls."""
+    """A package runner that counts its calls (and those of the runners that share it)."""
 
-    def __init__(self, runner: Any) -> None:
+    def __init__(self, runner: Any, shared: Counting | None = None) -> None:
         self.runner = runner
+        self.shared = shared
         self.calls = 0
 
     def __call__(self, *args: Any) -> Any:
         self.calls += 1
+        if self.shared is not None:
+            self.shared.calls += 1
         return self.runner(*args)
 
 
@@ -54,9 +57,11 @@ def bundle(mlp_bundle: tuple[Path, str]) -> tuple[Path, str]:
 
 
 def load(bundle: tuple[Path, str]) -> tuple[KernelModule, Counting, Counting]:
+    """The kernel, and counters of its forward calls (inference or training package) and backward calls."""
     k = load_kernel(*bundle, metrics=KasminaMetrics(CollectorRegistry()))
     fwd, bwd = Counting(k.forward_runner), Counting(k.backward_runner)
     k.forward_runner, k.backward_runner = fwd, bwd
+    k.train_forward_runner = Counting(k.train_forward_runner, shared=fwd)
     return k, fwd, bwd
 
 

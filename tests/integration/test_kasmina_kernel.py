@@ -1,4 +1,5 @@
-"""A real compiled kernel (AOTInductor forward + backward) loaded into a seed: numerics, refusals, restore.
+"""A real compiled kernel (AOTInductor inference forward, training forward and backward) loaded into
+a seed: numerics, refusals, restore, which package runs when, and format v1 bundles.
 
 One tiny MLP (16 -> 32 -> 16) is compiled once per session by the real compiler (tests.support.kernels).
 """
@@ -9,6 +10,7 @@ import math
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -161,3 +163,82 @@ def test_a_kernel_that_does_not_fit_the_slot_is_refused_before_loading(bundle: t
     model(torch.randn(2, 8))
     assert not slot.germinate(path, expected_sha256=sha)
     assert slot.state is SeedState.DORMANT and "ShapeMismatch" in (slot.telemetry.last_error or "")
+
+
+def test_training_calls_save_the_manifest_activations_and_inference_calls_do_not(
+    bundle: tuple[Path, str],
+) -> None:
+    """Under grad the training forward runs and autograd keeps exactly the manifest's saved tensors
+    (plus the parameters); under no_grad, or with nothing requiring grad, only the inference forward."""
+    path, sha = bundle
+    k = load_kernel(path, sha, metrics=metrics())
+    manifest = artifact.read_manifest(path)
+    assert manifest.format == artifact.FORMAT and manifest.saved
+    calls: dict[str, int] = {"forward": 0, "train_forward": 0, "backward": 0}
+
+    def counted(name: str, runner: Any) -> Any:
+        def run(*args: Any) -> Any:
+            calls[name] += 1
+            return runner(*args)
+
+        return run
+
+    k.forward_runner = counted("forward", k.forward_runner)
+    k.train_forward_runner = counted("train_forward", k.train_forward_runner)
+    k.backward_runner = counted("backward", k.backward_runner)
+    ref = reference_module()
+    batch = 6
+    x = torch.randn(batch, F, requires_grad=True)
+    packed: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        y = k(x)
+    assert calls == {"forward": 0, "train_forward": 1, "backward": 0}
+    assert type(y.grad_fn).__name__ == "_TrainingFunctionBackward"
+    want_shapes = [[d if isinstance(d, int) else batch for d in s.shape] for s in manifest.saved]
+    assert all(d == "batch" or isinstance(d, int) for s in manifest.saved for d in s.shape)  # an MLP's
+    assert [list(t.shape) for t in packed] == want_shapes + [p.shape for p in manifest.params]
+    g = torch.randn(batch, F)
+    y.backward(g)
+    xr = x.detach().clone().requires_grad_()
+    ref(xr).backward(g)
+    assert calls["backward"] == 1
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-5)
+    for pk, (_, pr) in zip(k.params, ref.named_parameters(), strict=True):
+        torch.testing.assert_close(pk.grad, pr.grad, rtol=1e-5, atol=1e-4)
+
+    with torch.no_grad():
+        out = k(x)
+    assert calls["forward"] == 1 and calls["train_forward"] == 1 and out.grad_fn is None
+    torch.testing.assert_close(out, ref(x).detach(), rtol=1e-5, atol=1e-5)
+    k.requires_grad_(False)  # a frozen kernel on an input that needs no grad: nothing to save
+    k(x.detach())
+    assert calls["forward"] == 2 and calls["train_forward"] == 1
+    k.requires_grad_(True)
+    k(x.detach()).sum().backward()  # the parameters still train
+    assert calls["train_forward"] == 2 and calls["backward"] == 2
+
+
+def test_a_format_v1_bundle_still_loads_and_recomputes_in_its_backward(
+    bundle: tuple[Path, str], tmp_path: Path
+) -> None:
+    """A bundle written before the training packages: forward.pt2 + backward.pt2, manifest format v1."""
+    path, _ = bundle
+    old = tmp_path / "v1"
+    old.mkdir()
+    shutil.copy(path / artifact.FORWARD, old / artifact.FORWARD)
+    shutil.copy(path / artifact.PARAMS, old / artifact.PARAMS)
+    # Any package loads; this one stands in for the recomputing backward, which is never called here.
+    shutil.copy(path / artifact.TRAIN_BACKWARD, old / artifact.BACKWARD)
+    manifest = artifact.read_manifest(path).model_copy(update={"format": artifact.FORMAT_V1, "saved": []})
+    sha, _ = artifact.write_manifest(old, manifest)
+    k = load_kernel(old, sha, metrics=metrics())
+    assert k.train_forward_runner is None and k.backward_runner is not None
+    x = torch.randn(3, F, requires_grad=True)
+    y = k(x)
+    assert type(y.grad_fn).__name__ == "_CompiledFunctionBackward"
+    torch.testing.assert_close(y, reference_module()(x), rtol=1e-5, atol=1e-5)
+    (old / artifact.BACKWARD).unlink()
+    manifest = manifest.model_copy(update={"files": {}})
+    sha, _ = artifact.write_manifest(old, manifest)
+    with pytest.raises(KernelLoadError, match=r"IncompleteBundle: manifest lists no backward\.pt2"):
+        load_kernel(old, sha, metrics=metrics())

@@ -11,9 +11,11 @@ from esper.artifact import (
     BACKWARD,
     DATA_FILES,
     FORMAT,
+    FORMAT_V1,
     FORWARD,
     MANIFEST,
     PARAMS,
+    TRAIN_BACKWARD,
     ArtifactError,
     Manifest,
     hash_file,
@@ -165,8 +167,8 @@ def test_truncated_file(bundle: tuple[Path, str], name: str) -> None:
 
 def test_missing_file(bundle: tuple[Path, str]) -> None:
     d, sha = bundle
-    (d / BACKWARD).unlink()
-    with pytest.raises(ArtifactError, match=rf"{BACKWARD}: listed in the manifest but missing"):
+    (d / TRAIN_BACKWARD).unlink()
+    with pytest.raises(ArtifactError, match=rf"{TRAIN_BACKWARD}: listed in the manifest but missing"):
         verify_bundle(d, sha)
 
 
@@ -204,8 +206,61 @@ def test_path_traversal_names(bundle: tuple[Path, str], name: str) -> None:
 
 def test_unknown_format(bundle: tuple[Path, str]) -> None:
     d, _ = bundle
-    sha = _rewrite_manifest(d, lambda doc: doc.update(format="esper.dev/kernel-bundle/v2"))
-    with pytest.raises(ArtifactError, match=r"unknown format 'esper\.dev/kernel-bundle/v2'"):
+    sha = _rewrite_manifest(d, lambda doc: doc.update(format="esper.dev/kernel-bundle/v3"))
+    with pytest.raises(ArtifactError, match=r"unknown format 'esper\.dev/kernel-bundle/v3'"):
+        verify_bundle(d, sha)
+
+
+def test_format_v1_bundle_still_verifies(tmp_path: Path) -> None:
+    """A bundle written before the training packages (forward + a recomputing backward) loads as v1."""
+    d = tmp_path / "v1"
+    d.mkdir()
+    for name in (FORWARD, BACKWARD, PARAMS):
+        (d / name).write_bytes(name.encode())
+    toolchain = Toolchain(torch="2.13.0", capability="cpu-avx2")
+    m = Manifest(
+        format=FORMAT_V1,
+        key=kernel_key(DIGEST, "cpu", CompileOptions(), toolchain),
+        irDigest=DIGEST,
+        target="cpu",
+        toolchain=toolchain,
+        graph={},
+    )
+    sha, _ = write_manifest(d, m)
+    doc = json.loads((d / MANIFEST).read_bytes())
+    assert doc["format"] == "esper.dev/kernel-bundle/v1" and doc["saved"] == []
+    got = verify_bundle(d, sha)
+    assert got.format == FORMAT_V1
+    assert got.data_files == ("forward.pt2", "backward.pt2", "params.safetensors")
+    assert set(got.files) == set(got.data_files)
+
+
+def test_saved_tensors_round_trip(bundle: tuple[Path, str]) -> None:
+    d, _ = bundle
+    saved = [
+        {"kind": "input", "index": 0, "shape": ["batch", 4], "dtype": "float32"},
+        {"kind": "activation", "index": 0, "shape": ["16*batch", 64], "dtype": "float32"},
+        {"kind": "output", "index": 1, "shape": [0], "dtype": "float16"},
+    ]
+    sha = _rewrite_manifest(d, lambda doc: doc.update(saved=saved))
+    m = verify_bundle(d, sha)
+    assert m.format == FORMAT == "esper.dev/kernel-bundle/v2"
+    assert [s.model_dump() for s in m.saved] == saved
+    assert m.data_files == ("forward.pt2", "train_forward.pt2", "train_backward.pt2", "params.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("entry", "field"),
+    [
+        ({"kind": "buffer", "index": 0, "shape": [1]}, "saved.0.kind"),
+        ({"kind": "input", "index": -1, "shape": [1]}, "saved.0.index"),
+        ({"kind": "input", "index": 0, "shape": [1] * 9}, "saved.0.shape"),
+    ],
+)
+def test_bad_saved_entry_is_refused(bundle: tuple[Path, str], entry: dict, field: str) -> None:
+    d, _ = bundle
+    sha = _rewrite_manifest(d, lambda doc: doc.update(saved=[entry]))
+    with pytest.raises(ArtifactError, match=rf"invalid manifest: {field}"):
         verify_bundle(d, sha)
 
 
