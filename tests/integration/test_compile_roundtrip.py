@@ -221,7 +221,9 @@ def test_compile_module_multi_io_eval_semantics(tmp_path: Path) -> None:
     module.bn.running_mean.normal_()
     module.bn.running_var.uniform_(0.5, 2.0)
     options = CompileOptions(maxBatch=64, validateBatches=[1, 3])
-    result = compile_module(module, [InputSpec("x", (16,)), InputSpec("y", (8,))], "cpu", options, tmp_path)
+    specs = [InputSpec("x", (16,)), InputSpec("y", (8,))]
+    result = compile_module(module, specs, "cpu", options, tmp_path, parallel=True)  # forked compiles
+    assert result.timings["aotiOverlap"] < 0 < result.timings["aotiTrainBackward"]
     assert result.output_shapes == [(24,), (1,)]
     names = [s.name for s in result.param_specs]
     assert names == [n for n, _ in module.named_parameters()]  # registration order: own params first

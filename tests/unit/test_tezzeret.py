@@ -16,7 +16,7 @@ from esper.contracts.job import REQUEST_ENV, CompileRequest, CompileResult, Comp
 from esper.targets import Target
 from esper.tezzeret import entrypoint, exitcodes
 from esper.tezzeret.bench import BatchTiming, BenchResult, geomean, interleaved_micros, make_report
-from esper.tezzeret.compile import toolchain_for, torch_version
+from esper.tezzeret.compile import Saved, _aoti_compile, toolchain_for, torch_version
 from esper.tezzeret.exitcodes import (
     InvalidBlueprint,
     StorageUnavailable,
@@ -30,6 +30,31 @@ SPEC: dict[str, Any] = {"template": {"name": "lora-adapter", "params": {"feature
 
 
 # ---------------------------------------------------------------- exit codes
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "want"),
+    [
+        (("batch", 16, 8, 8), "float32", 16 * 8 * 8 * 4),
+        (("16*batch", 64), "float32", 16 * 64 * 4),
+        (("batch", 8), "float16", 16),
+        ((64, 8), "float32", 0),  # a fixed size (a parameter's transpose) does not grow with the batch
+        ((0,), "float32", 0),
+    ],
+)
+def test_saved_bytes_per_sample(shape: tuple[int | str, ...], dtype: str, want: int) -> None:
+    assert Saved("activation", 0, shape, dtype).bytes_per_sample() == want
+
+
+def test_parallel_compiles_report_every_failure(tmp_path: Path) -> None:
+    """A compile that fails in its forked process fails the whole compile, naming the package."""
+    jobs = [("aotiForward", object(), tmp_path / "a.pt2"), ("aotiTrainBackward", "x", tmp_path / "b.pt2")]
+    with pytest.raises(RuntimeError) as ei:
+        _aoti_compile(jobs, Target.parse("cpu"), parallel=True)
+    msg = str(ei.value)
+    assert msg.startswith("AOTInductor compile failed: aotiForward: ")
+    assert "; aotiTrainBackward: " in msg and "(exit code 0)" in msg
+    assert not list(tmp_path.iterdir())
 
 
 def test_exit_codes_are_the_contract() -> None:
