@@ -14,11 +14,12 @@ import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
 
 from esper.artifact import (
-    BACKWARD,
     DATA_FILES,
     FORWARD,
     MANIFEST,
     PARAMS,
+    TRAIN_BACKWARD,
+    TRAIN_FORWARD,
     ArtifactError,
     read_manifest,
     sha256_bytes,
@@ -110,7 +111,7 @@ def test_put_is_first_wins_unless_replace(store: Store, tmp_path: Path) -> None:
     assert (tmp_path / "d" / FORWARD).read_bytes() == b"recompiled"
 
 
-@pytest.mark.parametrize("name", [FORWARD, BACKWARD, PARAMS, MANIFEST])
+@pytest.mark.parametrize("name", [FORWARD, TRAIN_FORWARD, TRAIN_BACKWARD, PARAMS, MANIFEST])
 def test_corrupted_byte_detected_and_dest_untouched(store: Store, tmp_path: Path, name: str) -> None:
     key, sha = make_fake_bundle(tmp_path / "src")
     store.put_bundle(key, tmp_path / "src")
