@@ -92,7 +92,9 @@ def build(road: str, out: Path) -> dict[str, Any]:
         from esper.tezzeret.compile import InputSpec, compile_module
 
         r = compile_module(module, [InputSpec("x", (32,))], "cpu", CompileOptions(maxBatch=1024), out)
-        files = [r.forward_path, r.backward_path]
+        files = [r.forward_path, r.train_forward_path, r.train_backward_path]
+        saved = [{"kind": s.kind, "index": s.index} for s in r.saved]
+        (out / "saved.json").write_text(json.dumps(saved))  # what the load phase's step hands over
     elif road == "cache-artifacts":
         cm = torch.compile(module, dynamic=True)
         cm(x.requires_grad_()).sum().backward()
@@ -122,13 +124,20 @@ def load(road: str, out: Path) -> dict[str, Any]:
         p.requires_grad_(True)
     t0 = time.perf_counter()
     if road == "aoti":
+        from types import SimpleNamespace
+
+        from esper.aoti import gather_saved
         from esper.tezzeret.validate import load_packages
 
-        fwd, bwd = load_packages(out / "bundle" / "forward.pt2", out / "bundle" / "backward.pt2")
+        b = out / "bundle"
+        _, train_fwd, train_bwd = load_packages(
+            b / "forward.pt2", b / "train_forward.pt2", b / "train_backward.pt2"
+        )
+        saved = [SimpleNamespace(**s) for s in json.loads((out / "saved.json").read_text())]
 
         def step() -> None:
-            fwd(x, params)
-            bwd(x, g, params)
+            res = train_fwd(x, params)
+            train_bwd(*gather_saved(saved, [x], res[:1], res[1:]), g, params)
 
     elif road == "cache-artifacts":
         torch.compiler.load_cache_artifacts((out / "cache.bin").read_bytes())

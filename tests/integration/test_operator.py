@@ -160,9 +160,13 @@ def test_blueprint_becomes_a_ready_kernel_with_a_verified_artifact(esper: Esper,
     bundle = esper.store.fetch_bundle(
         kernel["spec"]["key"], tmp_path / "bundle", expected_sha256=artifact["sha256"]
     )
-    assert {"forward.pt2", "backward.pt2", "params.safetensors", "manifest.json"} <= {
-        p.name for p in bundle.iterdir()
-    }
+    assert {
+        "forward.pt2",
+        "train_forward.pt2",
+        "train_backward.pt2",
+        "params.safetensors",
+        "manifest.json",
+    } <= {p.name for p in bundle.iterdir()}
     # Users see it the way kubectl shows it.
     table = kubectl("get", "kernels").stdout.splitlines()
     assert table[0].split() == ["NAME", "BLUEPRINT", "TARGET", "PHASE", "SPEEDUP", "AGE"]
