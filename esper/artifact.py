@@ -16,9 +16,10 @@ A format v1 bundle has `backward.pt2` instead of the two training packages: (inp
 grad_outputs..., params) -> grads, recomputing the forward; it still loads.
 
 Security: the ``.pt2`` packages are native code (loading one dlopens a shared library) and are
-trusted-only. `verify_bundle` must pass, against a sha256 recorded by a trusted party (the Kernel's
-status), before anything in a bundle is loaded. Nothing here ever unpickles: tensors travel as
-safetensors and everything else as JSON. No torch import: the operator uses this module too.
+trusted-only. Before anything in a bundle is loaded, `verify_bundle` must pass with `trusted` keys
+(the compile Job's ed25519 signature over manifest.json, ``manifest.sig``: see esper.signing) and,
+where one is recorded, the manifest's sha256 (the Kernel's status). Nothing here ever unpickles:
+tensors travel as safetensors and everything else as JSON. No torch import: the operator uses this module too.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, BinaryIO, Final, Literal, Protocol
 
 from pydantic import Field, ValidationError, field_validator
 
@@ -45,15 +46,19 @@ TRAIN_BACKWARD = "train_backward.pt2"
 BACKWARD = "backward.pt2"  # format v1 only: the backward that recomputes the forward
 PARAMS = "params.safetensors"
 MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"  # the compile Job's signature over manifest.json (format: esper.signing)
 DATA_FILES: tuple[str, ...] = (FORWARD, TRAIN_FORWARD, TRAIN_BACKWARD, PARAMS)
 DATA_FILES_V1: tuple[str, ...] = (FORWARD, BACKWARD, PARAMS)
-FILE_NAMES: tuple[str, ...] = (*DATA_FILES, MANIFEST)
+FILE_NAMES: tuple[str, ...] = (*DATA_FILES, MANIFEST, SIGNATURE)
+META_FILES: tuple[str, ...] = (MANIFEST, SIGNATURE)
+"""Files a manifest never lists: itself and the signature over it."""
 
 KEY_PATTERN = r"^[0-9a-f]{64}$"
 _KEY_RE = re.compile(KEY_PATTERN)
 # A plain file name: no separators, no "..", no hidden files (temp files are hidden).
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+MAX_SIGNATURE_BYTES = 4096
 _CHUNK = 1024 * 1024
 
 
@@ -63,7 +68,7 @@ class ArtifactError(Exception):
 
 def is_key(value: str) -> bool:
     """Whether `value` looks like a kernel key (64 lowercase hex digits)."""
-    return isinstance(value, str) and _KEY_RE.match(value) is not None
+    return isinstance(value, str) and _KEY_RE.fullmatch(value) is not None
 
 
 def check_key(value: str) -> str:
@@ -75,7 +80,7 @@ def check_key(value: str) -> str:
 
 def is_plain_name(name: str) -> bool:
     """Whether `name` is safe as a bundle file name: no path separators, no '..', not hidden."""
-    return isinstance(name, str) and _NAME_RE.match(name) is not None and ".." not in name
+    return isinstance(name, str) and _NAME_RE.fullmatch(name) is not None and ".." not in name
 
 
 def canonical_json(value: Any) -> bytes:
@@ -168,7 +173,7 @@ class Manifest(Model):
     @classmethod
     def _names(cls, v: dict[str, FileEntry]) -> dict[str, FileEntry]:
         for name in v:
-            if not is_plain_name(name) or name == MANIFEST:
+            if not is_plain_name(name) or name in META_FILES:
                 raise ValueError(f"file name {name!r} is not a plain bundle file name")
         return v
 
@@ -204,7 +209,7 @@ def hash_file(path: Path | str) -> tuple[str, int]:
 def _data_files(bundle_dir: Path) -> list[Path]:
     out = []
     for p in sorted(bundle_dir.iterdir()):
-        if p.name == MANIFEST:
+        if p.name in META_FILES:
             continue
         if p.is_symlink() or not p.is_file():
             raise ArtifactError(f"{bundle_dir}: {p.name!r} is not a regular file (bundles are flat)")
@@ -291,12 +296,34 @@ def read_manifest(bundle_dir: Path | str) -> Manifest:
     return parse_manifest(read_manifest_bytes(bundle_dir), str(Path(bundle_dir) / MANIFEST))
 
 
+class Verifier(Protocol):
+    """What checks a manifest's signature (esper.signing.TrustedKeys); a Protocol so this module
+    needs no crypto import."""
+
+    def verify(self, manifest_bytes: bytes, signature_bytes: bytes | None, source: str = "") -> str: ...
+
+
+def read_signature_bytes(bundle_dir: Path | str) -> bytes | None:
+    """The raw manifest.sig of a bundle (size-limited), or None if the bundle is unsigned."""
+    path = Path(bundle_dir) / SIGNATURE
+    if path.is_symlink() or not path.is_file():
+        return None
+    if path.stat().st_size > MAX_SIGNATURE_BYTES:
+        raise ArtifactError(f"{path}: larger than {MAX_SIGNATURE_BYTES} bytes")
+    return path.read_bytes()
+
+
 def verify_bundle(
-    bundle_dir: Path | str, expected_sha256: str | None = None, *, expected_key: str | None = None
+    bundle_dir: Path | str,
+    expected_sha256: str | None = None,
+    *,
+    expected_key: str | None = None,
+    trusted: Verifier | None = None,
 ) -> Manifest:
     """Check a bundle completely and return its manifest; ArtifactError naming the file at fault.
 
-    In order: manifest present; its sha256 equals `expected_sha256` (if given); it parses with a
+    In order: manifest present; its signature holds for one of the `trusted` keys (if given: before
+    the manifest is even parsed); its sha256 equals `expected_sha256` (if given); it parses with a
     known format; its key equals `expected_key` (if given); every listed file exists with the recorded
     size and sha256; no unlisted files. File names are plain (checked when parsing).
     """
@@ -304,6 +331,8 @@ def verify_bundle(
     if not d.is_dir():
         raise ArtifactError(f"{d}: bundle directory does not exist")
     data = read_manifest_bytes(d)
+    if trusted is not None:
+        trusted.verify(data, read_signature_bytes(d), str(d))
     sha = sha256_bytes(data)
     if expected_sha256 is not None and sha != expected_sha256:
         raise ArtifactError(f"{d / MANIFEST}: sha256 is {sha}, expected {expected_sha256}")
@@ -314,12 +343,58 @@ def verify_bundle(
         path = d / name
         if path.is_symlink() or not path.is_file():
             raise ArtifactError(f"{path}: listed in the manifest but missing")
+        if path.stat().st_size != entry.size:  # before reading: a huge planted file is not hashed
+            raise ArtifactError(f"{path}: size is {path.stat().st_size} bytes, manifest says {entry.size}")
         actual_sha, size = hash_file(path)
         if size != entry.size:
             raise ArtifactError(f"{path}: size is {size} bytes, manifest says {entry.size}")
         if actual_sha != entry.sha256:
             raise ArtifactError(f"{path}: sha256 is {actual_sha}, manifest says {entry.sha256}")
     for p in d.iterdir():
-        if p.name != MANIFEST and p.name not in manifest.files:
+        if p.name not in META_FILES and p.name not in manifest.files:
             raise ArtifactError(f"{p}: not listed in the manifest")
+        if p.name == SIGNATURE and (p.is_symlink() or not p.is_file()):
+            raise ArtifactError(f"{p}: not a regular file")
     return manifest
+
+
+def copy_capped(fin: BinaryIO, fout: BinaryIO, max_bytes: int, source: str) -> None:
+    """Copy at most `max_bytes`; ArtifactError as soon as the source holds more."""
+    left = max_bytes
+    while chunk := fin.read(min(_CHUNK, left + 1)):
+        if len(chunk) > left:
+            raise ArtifactError(f"{source}: larger than the {max_bytes} bytes the manifest records")
+        fout.write(chunk)
+        left -= len(chunk)
+
+
+def private_copy(
+    bundle_dir: Path | str, dest: Path | str, expected_sha256: str | None = None, *, trusted: Verifier
+) -> Manifest:
+    """Copy a bundle that someone else may change (the sidecar's shared volume) into `dest`, a
+    directory only this process writes, and verify the copy; returns its manifest.
+
+    The signature (and `expected_sha256`) are checked on the manifest bytes before anything else is
+    read; only the files it lists are copied, each stopped at its recorded size. Loading from `dest`
+    afterwards cannot see a file swapped in the source between the check and the load.
+    """
+    src, out = Path(bundle_dir), Path(dest)
+    if not src.is_dir():
+        raise ArtifactError(f"{src}: bundle directory does not exist")
+    data = read_manifest_bytes(src)
+    signature = read_signature_bytes(src)
+    trusted.verify(data, signature, str(src))
+    if expected_sha256 is not None and (sha := sha256_bytes(data)) != expected_sha256:
+        raise ArtifactError(f"{src / MANIFEST}: sha256 is {sha}, expected {expected_sha256}")
+    manifest = parse_manifest(data, str(src / MANIFEST))
+    out.mkdir(mode=0o700)
+    for name, entry in manifest.files.items():
+        path = src / name
+        if path.is_symlink() or not path.is_file():
+            raise ArtifactError(f"{path}: listed in the manifest but missing")
+        with open(path, "rb") as fin, open(out / name, "wb") as fout:
+            copy_capped(fin, fout, entry.size, str(path))
+    (out / MANIFEST).write_bytes(data)
+    if signature is not None:
+        (out / SIGNATURE).write_bytes(signature)
+    return verify_bundle(out, expected_sha256, trusted=trusted)

@@ -24,6 +24,13 @@ if os.environ.get("CI"):
     _hypothesis_settings.load_profile("ci")
 
 
+# Local signing keys (esper.signing) go to a per-run directory, never the developer's ~/.config.
+if not os.environ.get("ESPER_KEY_DIR"):
+    import tempfile as _tempfile
+
+    os.environ["ESPER_KEY_DIR"] = _tempfile.mkdtemp(prefix="esper-test-keys-")
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
     """Line coverage per package, when the run measured it (`make test` passes --cov)."""
     if not getattr(config.option, "cov_source", None):

@@ -289,6 +289,55 @@ def kernels(
 
 
 @app.command()
+def verify(
+    bundle: Annotated[Path, typer.Argument(help="A kernel bundle directory.")],
+    public_key: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--public-key",
+            help="Trusted ed25519 public key (PEM), or a directory of *.pub; repeatable. Default: "
+            "$ESPER_TRUSTED_KEYS, else the local key pair's public key.",
+        ),
+    ] = None,
+) -> None:
+    """Check a bundle's signature and every file's sha256, as the runtime does before loading it.
+
+    Exit 0 when everything holds; 1 with the reason otherwise (unsigned, a foreign or broken
+    signature, an edited manifest, a changed or extra file); 2 for an unreadable key.
+    """
+    from esper.artifact import ArtifactError, verify_bundle
+    from esper.signing import KeyFileError, resolve_trusted
+
+    try:
+        trusted = resolve_trusted(public_key or None)
+    except KeyFileError as exc:
+        typer.echo(f"esper verify: {exc}", err=True)
+        raise typer.Exit(2) from None
+    try:
+        manifest = verify_bundle(bundle, trusted=trusted)
+    except ArtifactError as exc:
+        typer.echo(f"{bundle}: NOT VERIFIED: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{bundle}: verified: key {manifest.key}, {len(manifest.files)} files, signature holds")
+
+
+@app.command()
+def keygen(
+    directory: Annotated[Path, typer.Argument(help="Where to write signing.key and signing.pub.")],
+    force: Annotated[bool, typer.Option(help="Replace an existing signing.key.")] = False,
+) -> None:
+    """Create an ed25519 key pair for signing bundles (for the cluster's signing-key Secret)."""
+    from esper.signing import generate_key_pair
+
+    try:
+        private, public = generate_key_pair(directory, overwrite=force)
+    except (FileExistsError, OSError) as exc:
+        typer.echo(f"esper keygen: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"wrote {private} (secret: compile Jobs only) and {public} (trusted by the runtime)")
+
+
+@app.command()
 def templates() -> None:
     """List the Blueprint templates and their parameters."""
     table = Table(title="templates")

@@ -96,6 +96,11 @@ class CompileResult(Model):
     toolchain: Toolchain
     compileSeconds: float = Field(default=0.0, ge=0, description="Wall time of the Job's work.")
     reused: bool = Field(default=False, description="The bundle was already in the store: not recompiled.")
+    replaced: str | None = Field(
+        default=None,
+        max_length=1024,
+        description="Why a bundle found under the key was not trusted and was recompiled and replaced.",
+    )
     report: ValidationReport | None = None
 
 

@@ -97,7 +97,7 @@ def compile_kernels(
     jobs_dir = workdir / "jobs"
     jobs_dir.mkdir(parents=True, exist_ok=True)
     store = open_store(str(store_dir))
-    have = set(store.list_keys())
+    have = set(store.list_keys())  # a bundle here that the local key did not sign is recompiled
     infos: list[KernelInfo] = []
     columns = (
         SpinnerColumn(),
@@ -117,7 +117,7 @@ def compile_kernels(
             info = KernelInfo(blueprint=label, template=t["name"] if t else "graph")
             key = _planned_key(spec)
             t0 = time.perf_counter()
-            if key is not None and key in have:
+            if key is not None and key in have and _signed(store, key):
                 info.cached, info.key = True, key
                 progress.update(tid, description="[dim]in the store: not recompiled", completed=1)
             else:
@@ -143,15 +143,28 @@ def compile_kernels(
     return infos
 
 
+def _signed(store: Any, key: str) -> bool:
+    """Whether the stored bundle's signature holds for the local trusted keys (the compile process
+    signs with the local key pair); an older unsigned bundle is recompiled and replaced."""
+    from esper.signing import SignatureError, TrustedKeys
+
+    try:
+        TrustedKeys.from_env().verify(store.read_manifest_bytes(key), store.read_signature_bytes(key))
+    except SignatureError:
+        return False
+    return True
+
+
 def _fetch(store: Any, info: KernelInfo, bundles: Path) -> None:
     """Fetch the bundle, verified against the compile result's manifest sha256 (for a bundle that
     was already in the store, against the store's own manifest), and read its report."""
     from esper.artifact import read_manifest, sha256_bytes
+    from esper.signing import TrustedKeys
 
     assert info.key is not None
     try:
         sha = info.manifest_sha256 or sha256_bytes(store.read_manifest_bytes(info.key))
-        dest = store.fetch_bundle(info.key, bundles / info.key, sha)
+        dest = store.fetch_bundle(info.key, bundles / info.key, sha, trusted=TrustedKeys.from_env())
         m = read_manifest(dest)
     except Exception as e:
         info.error = f"fetch failed: {type(e).__name__}: {e}"[:300]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -40,6 +41,7 @@ from esper.kasmina.telemetry import KasminaMetrics, default_metrics
 
 if TYPE_CHECKING:
     from esper.artifact import Manifest
+    from esper.signing import TrustedKeys
 
 log = logging.getLogger("esper.kasmina")
 
@@ -536,14 +538,42 @@ def load_kernel(
     sample_shape: Sequence[int] | None = None,
     sample_dtype: str | torch.dtype | None = None,
     metrics: KasminaMetrics | None = None,
+    trusted_keys: TrustedKeys | Sequence[str | os.PathLike[str]] | None = None,
 ) -> KernelModule:
     """Verify a bundle, check it fits this device (and `sample_shape`, the per-sample activation
     shape, and `sample_dtype`, if given), then load both packages. Any failure is a KernelLoadError
     naming the reason.
 
     Verification comes first: nothing from the bundle is loaded (the .pt2 files are native code)
-    before every file's sha256 matches a manifest whose own sha256 matches `expected_sha256`.
+    before its manifest's signature holds for a trusted key (`trusted_keys`, else $ESPER_TRUSTED_KEYS,
+    else the local key pair: esper.signing), the manifest's sha256 matches `expected_sha256` and every
+    file's sha256 matches the manifest. The checks and the load run on a private copy, so a file
+    swapped in `bundle_dir` meanwhile is never loaded.
     """
+    with tempfile.TemporaryDirectory(prefix="esper-kernel-") as private:
+        return _load_kernel(
+            Path(bundle_dir),
+            Path(private) / "bundle",
+            expected_sha256,
+            torch.device(device),
+            sample_shape=sample_shape,
+            sample_dtype=sample_dtype,
+            metrics=metrics,
+            trusted_keys=trusted_keys,
+        )
+
+
+def _load_kernel(
+    bundle: Path,
+    copy: Path,
+    expected_sha256: str | None,
+    dev: torch.device,
+    *,
+    sample_shape: Sequence[int] | None,
+    sample_dtype: str | torch.dtype | None,
+    metrics: KasminaMetrics | None,
+    trusted_keys: TrustedKeys | Sequence[str | os.PathLike[str]] | None,
+) -> KernelModule:
     global _loads_in_process
     from esper.artifact import (
         BACKWARD,
@@ -552,16 +582,18 @@ def load_kernel(
         TRAIN_BACKWARD,
         TRAIN_FORWARD,
         ArtifactError,
-        verify_bundle,
+        private_copy,
     )
+    from esper.signing import KeyFileError, SignatureError, resolve_trusted
 
     m = metrics or default_metrics()
-    bundle = Path(bundle_dir)
-    dev = torch.device(device)
     t0 = time.perf_counter()
     try:
         try:
-            manifest = verify_bundle(bundle, expected_sha256)
+            trusted = resolve_trusted(trusted_keys)
+            manifest = private_copy(bundle, copy, expected_sha256, trusted=trusted)
+        except (SignatureError, KeyFileError) as e:
+            raise KernelLoadError("SignatureRefused", str(e), bundle) from e
         except ArtifactError as e:
             raise KernelLoadError("VerificationFailed", str(e), bundle) from e
         _check_manifest(manifest, dev, bundle)
@@ -587,7 +619,7 @@ def load_kernel(
             why = probe.fits(sample_shape, sample_dtype)
             if why is not None:
                 raise KernelLoadError("ShapeMismatch", why, bundle)
-        params = _load_params(manifest, bundle, dev)
+        params = _load_params(manifest, copy, dev)
         from esper.aoti import load_package
 
         v1 = manifest.format == FORMAT_V1
@@ -595,7 +627,7 @@ def load_kernel(
         for name in (FORWARD, BACKWARD) if v1 else (FORWARD, TRAIN_BACKWARD, TRAIN_FORWARD):
             try:
                 index = dev.index if dev.type == "cuda" else None
-                runners.append(load_package(bundle / name, device_index=index))
+                runners.append(load_package(copy / name, device_index=index))
             except Exception as e:
                 raise KernelLoadError("PackageLoadFailed", f"{name}: {e}", bundle) from e
     except KernelLoadError as e:

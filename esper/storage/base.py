@@ -21,8 +21,10 @@ from pathlib import Path
 
 from esper.artifact import (
     MANIFEST,
+    SIGNATURE,
     ArtifactError,
     Manifest,
+    Verifier,
     bundle_size,
     check_key,
     parse_manifest,
@@ -76,8 +78,13 @@ class Store(ABC):
         """The raw manifest.json of `key` (its sha256 is the bundle's identity); BundleNotFound if absent."""
 
     @abstractmethod
-    def _download(self, key: str, name: str, dest: Path) -> None:
-        """Copy one bundle file to `dest`; BundleNotFound if absent."""
+    def read_signature_bytes(self, key: str) -> bytes | None:
+        """The raw manifest.sig of `key`, or None if the bundle is unsigned."""
+
+    @abstractmethod
+    def _download(self, key: str, name: str, dest: Path, max_bytes: int) -> None:
+        """Copy one bundle file to `dest`, refusing (ArtifactError) one longer than `max_bytes`: a
+        swapped object is never downloaded past what the manifest promised."""
 
     def has_bundle(self, key: str) -> bool:
         """Whether a complete bundle exists under `key`."""
@@ -101,31 +108,54 @@ class Store(ABC):
             uri=self.bundle_uri(key), sha256=sha256_bytes(data), size=bundle_size(manifest, data)
         )
 
-    def fetch_bundle(self, key: str, dest_dir: Path, expected_sha256: str | None = None) -> Path:
+    def fetch_bundle(
+        self,
+        key: str,
+        dest_dir: Path,
+        expected_sha256: str | None = None,
+        *,
+        trusted: Verifier | None = None,
+        max_bundle_bytes: int | None = None,
+    ) -> Path:
         """Download, verify and atomically install the bundle at `dest_dir`; returns `dest_dir`.
 
-        If `dest_dir` already holds a bundle that verifies against `expected_sha256`, nothing is
-        downloaded. On any failure the temporary download is removed and `dest_dir` is untouched.
+        With `trusted`, the manifest's signature is checked before any data file is downloaded; each
+        download stops at the size the manifest records, and a bundle larger than `max_bundle_bytes`
+        is refused before its first data byte. If `dest_dir` already holds a bundle that verifies
+        (against `expected_sha256` and `trusted`), nothing is downloaded. On any failure the
+        temporary download is removed and `dest_dir` is untouched.
         """
         check_key(key)
         dest = Path(dest_dir)
         if expected_sha256 is not None and dest.is_dir():
             with contextlib.suppress(ArtifactError):
-                verify_bundle(dest, expected_sha256, expected_key=key)
+                verify_bundle(dest, expected_sha256, expected_key=key, trusted=trusted)
                 return dest
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:12]}"
         tmp.mkdir()
         try:
             data = self.read_manifest_bytes(key)
-            source = f"{self.bundle_uri(key)}/{MANIFEST}"
+            signature = self.read_signature_bytes(key)
+            source = f"{self.bundle_uri(key)}"
+            if trusted is not None:
+                trusted.verify(data, signature, source)
             if expected_sha256 is not None and sha256_bytes(data) != expected_sha256:
-                raise ArtifactError(f"{source}: sha256 is {sha256_bytes(data)}, expected {expected_sha256}")
-            manifest = parse_manifest(data, source)  # file names are checked plain here
-            for name in manifest.files:
-                self._download(key, name, tmp / name)
+                raise ArtifactError(
+                    f"{source}/{MANIFEST}: sha256 is {sha256_bytes(data)}, expected {expected_sha256}"
+                )
+            manifest = parse_manifest(data, f"{source}/{MANIFEST}")  # file names are checked plain here
+            total = bundle_size(manifest, data)
+            if max_bundle_bytes is not None and total > max_bundle_bytes:
+                raise ArtifactError(
+                    f"{source}: bundle is {total} bytes, more than the {max_bundle_bytes} allowed"
+                )
+            for name, entry in manifest.files.items():
+                self._download(key, name, tmp / name, entry.size)
             (tmp / MANIFEST).write_bytes(data)
-            verify_bundle(tmp, expected_sha256, expected_key=key)
+            if signature is not None:
+                (tmp / SIGNATURE).write_bytes(signature)
+            verify_bundle(tmp, expected_sha256, expected_key=key, trusted=trusted)
             _install(tmp, dest)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

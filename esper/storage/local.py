@@ -12,7 +12,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from esper.artifact import MANIFEST, ArtifactError, check_key, is_key, verify_bundle
+from esper.artifact import (
+    MANIFEST,
+    MAX_SIGNATURE_BYTES,
+    SIGNATURE,
+    ArtifactError,
+    check_key,
+    copy_capped,
+    is_key,
+    verify_bundle,
+)
 from esper.contracts.common import ArtifactRef
 from esper.storage.base import KERNELS_DIR, BundleNotFound, StorageError, Store, _install
 
@@ -90,10 +99,21 @@ class LocalStore(Store):
         except FileNotFoundError:
             raise BundleNotFound(f"no bundle {key} in {self.uri}") from None
 
-    def _download(self, key: str, name: str, dest: Path) -> None:
+    def read_signature_bytes(self, key: str) -> bytes | None:
+        path = self._dir(key) / SIGNATURE
+        try:
+            with _os_errors(f"cannot read {path}"), open(path, "rb") as f:
+                data = f.read(MAX_SIGNATURE_BYTES + 1)
+        except FileNotFoundError:
+            return None
+        if len(data) > MAX_SIGNATURE_BYTES:
+            raise ArtifactError(f"{path}: larger than {MAX_SIGNATURE_BYTES} bytes")
+        return data
+
+    def _download(self, key: str, name: str, dest: Path, max_bytes: int) -> None:
         src = self._dir(key) / name
         try:
-            with _os_errors(f"cannot copy {src}"):
-                shutil.copyfile(src, dest)
+            with _os_errors(f"cannot copy {src}"), open(src, "rb") as fin, open(dest, "wb") as fout:
+                copy_capped(fin, fout, max_bytes, str(src))
         except FileNotFoundError:
             raise ArtifactError(f"{src}: listed in the manifest but missing from the store") from None

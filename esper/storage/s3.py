@@ -20,9 +20,12 @@ from typing import Any
 from esper.artifact import (
     MANIFEST,
     MAX_MANIFEST_BYTES,
+    MAX_SIGNATURE_BYTES,
+    SIGNATURE,
     ArtifactError,
     check_key,
     is_key,
+    read_signature_bytes,
     verify_bundle,
 )
 from esper.artifact import read_manifest_bytes as local_manifest_bytes
@@ -143,6 +146,11 @@ class S3Store(Store):
                 self.client.upload_file(
                     str(local / name), self.bucket, self._object(key, name), Config=self.transfer_config
                 )
+            signature = read_signature_bytes(local)
+            if signature is not None:  # before the manifest: a visible manifest has its signature
+                self.client.put_object(Bucket=self.bucket, Key=self._object(key, SIGNATURE), Body=signature)
+            elif replace:
+                self.client.delete_object(Bucket=self.bucket, Key=self._object(key, SIGNATURE))
             self.client.put_object(
                 Bucket=self.bucket,
                 Key=self._object(key, MANIFEST),
@@ -191,17 +199,49 @@ class S3Store(Store):
                 raise ArtifactError(f"s3://{self.bucket}/{obj}: larger than {MAX_MANIFEST_BYTES} bytes")
             return resp["Body"].read()
 
-    def _download(self, key: str, name: str, dest: Path) -> None:
-        obj = self._object(key, name)
-        with self._errors(f"downloading s3://{self.bucket}/{obj}"):
+    def read_signature_bytes(self, key: str) -> bytes | None:
+        obj = self._object(key, SIGNATURE)
+        with self._errors(f"reading s3://{self.bucket}/{obj}"):
             try:
-                self.client.download_file(self.bucket, obj, str(dest), Config=self.transfer_config)
+                resp = self.client.get_object(Bucket=self.bucket, Key=obj)
+            except Exception as e:
+                if _code(e) in _NOT_FOUND:
+                    return None
+                raise
+            data: bytes = resp["Body"].read(MAX_SIGNATURE_BYTES + 1)
+            resp["Body"].close()
+        if len(data) > MAX_SIGNATURE_BYTES:
+            raise ArtifactError(f"s3://{self.bucket}/{obj}: larger than {MAX_SIGNATURE_BYTES} bytes")
+        return data
+
+    def _download(self, key: str, name: str, dest: Path, max_bytes: int) -> None:
+        """A ranged GET of at most `max_bytes` + 1 bytes: a replaced, larger object is detected
+        without downloading it."""
+        obj = self._object(key, name)
+        where = f"s3://{self.bucket}/{obj}"
+        with self._errors(f"downloading {where}"):
+            try:
+                extra = {"Range": f"bytes=0-{max_bytes}"} if max_bytes > 0 else {}
+                resp = self.client.get_object(Bucket=self.bucket, Key=obj, **extra)
             except Exception as e:
                 if _code(e) in _NOT_FOUND:
                     raise ArtifactError(
-                        f"s3://{self.bucket}/{obj}: listed in the manifest but missing from the store"
+                        f"{where}: listed in the manifest but missing from the store"
                     ) from None
                 raise
+            body = resp["Body"]
+            left = max_bytes
+            try:
+                with open(dest, "wb") as f:
+                    while chunk := body.read(min(MiB, left + 1)):
+                        if len(chunk) > left:
+                            raise ArtifactError(
+                                f"{where}: larger than the {max_bytes} bytes the manifest records"
+                            )
+                        f.write(chunk)
+                        left -= len(chunk)
+            finally:
+                body.close()
 
 
 def _code(e: Exception) -> str:

@@ -36,6 +36,7 @@ from esper.contracts.job import (
 from esper.tezzeret import exitcodes
 from esper.tezzeret.exitcodes import (
     InvalidBlueprint,
+    NoSigningKey,
     StorageUnavailable,
     TezzeretError,
     ToolchainMismatch,
@@ -208,22 +209,25 @@ def open_store_checked(uri: str) -> Any:
         raise StorageUnavailable(str(e)) from None
 
 
-def existing_result(store: Any, p: Plan, workdir: Path) -> CompileResult | None:
-    """The result of a bundle already stored under the key, if it downloads and verifies; else None."""
+def existing_result(
+    store: Any, p: Plan, workdir: Path, trusted: Any
+) -> tuple[CompileResult | None, str | None]:
+    """(the result of a bundle already stored under the key, if it downloads and its signature and
+    hashes verify with a `trusted` key; else None, why it was not reused or None if there was none)."""
     from esper.artifact import ArtifactError, bundle_size, parse_manifest, read_manifest_bytes, sha256_bytes
 
     with storage_errors(f"cannot read store {store.uri}"):
         if not store.has_bundle(p.key):
-            return None
+            return None, None
         dest = workdir / "existing"
         try:
-            store.fetch_bundle(p.key, dest)
+            store.fetch_bundle(p.key, dest, trusted=trusted)
         except ArtifactError as e:
-            log.warning("stored bundle %s does not verify (%s); recompiling", p.key[:16], e)
-            return None
+            log.warning("stored bundle %s is not trusted (%s); recompiling and replacing it", p.key[:16], e)
+            return None, f"the bundle stored under the key did not verify ({e}): recompiled and replaced"
     manifest_bytes = read_manifest_bytes(dest)
     m = parse_manifest(manifest_bytes)
-    return CompileResult(
+    result = CompileResult(
         key=p.key,
         uri=store.bundle_uri(p.key),
         manifestSha256=sha256_bytes(manifest_bytes),
@@ -233,15 +237,32 @@ def existing_result(store: Any, p: Plan, workdir: Path) -> CompileResult | None:
         reused=True,
         report=m.report,
     )
+    return result, None
+
+
+def signing_keys(args: argparse.Namespace, store: Any) -> tuple[Any, Any]:
+    """(the private key that signs, the public keys a stored bundle may be signed with to be reused:
+    this key's and $ESPER_TRUSTED_KEYS', for rotation). A shared store needs a configured key; a
+    local one falls back to the local key pair (created once)."""
+    from esper.signing import KeyFileError, TrustedKeys, parse_key_paths, signing_key_from
+    from esper.storage.local import LocalStore
+
+    try:
+        private = signing_key_from(args.signing_key, local=isinstance(store, LocalStore))
+        extra = TrustedKeys.from_paths(parse_key_paths(os.environ.get("ESPER_TRUSTED_KEYS", "")))
+    except KeyFileError as e:
+        raise NoSigningKey(str(e)) from None
+    return private, TrustedKeys([private.public_key(), *extra.public_keys()])
 
 
 # ---------------------------------------------------------------- compile
 
 
-def build_bundle(p: Plan, workdir: Path) -> tuple[Path, float, Any]:
-    """Compile, validate, benchmark, write the manifest; returns (bundle dir, seconds, report)."""
+def build_bundle(p: Plan, workdir: Path, private_key: Any) -> tuple[Path, float, Any]:
+    """Compile, validate, benchmark, write and sign the manifest; returns (bundle dir, seconds, report)."""
     from esper.artifact import IOSpec, Manifest, SavedSpec, verify_bundle, write_manifest
     from esper.blueprint import canonical_dict
+    from esper.signing import TrustedKeys, sign_bundle
     from esper.tezzeret.bench import benchmark, make_report
     from esper.tezzeret.compile import compile_graph
     from esper.tezzeret.validate import load_result_packages, validate
@@ -273,7 +294,8 @@ def build_bundle(p: Plan, workdir: Path) -> tuple[Path, float, Any]:
         report=report,
     )
     write_manifest(result.bundle_dir, manifest)
-    verify_bundle(result.bundle_dir, expected_key=p.key)
+    sign_bundle(result.bundle_dir, private_key)
+    verify_bundle(result.bundle_dir, expected_key=p.key, trusted=TrustedKeys([private_key.public_key()]))
     return result.bundle_dir, time.perf_counter() - t0, report
 
 
@@ -288,12 +310,14 @@ def run(args: argparse.Namespace, workdir: Path) -> CompileResult:
     if why is not None:
         raise UnsupportedTarget(why)
     store = open_store_checked(args.store)
-    if (done := existing_result(store, p, workdir)) is not None:
-        log.info("bundle %s already in %s and verified: not recompiling", p.key[:16], store.uri)
+    private_key, trusted = signing_keys(args, store)
+    done, replaced = existing_result(store, p, workdir, trusted)
+    if done is not None:
+        log.info("bundle %s already in %s, signed and verified: not recompiling", p.key[:16], store.uri)
         return done
-    bundle_dir, seconds, report = build_bundle(p, workdir)
+    bundle_dir, seconds, report = build_bundle(p, workdir, private_key)
     with storage_errors(f"cannot upload to {store.uri}"):
-        ref = store.put_bundle(p.key, bundle_dir)
+        ref = store.put_bundle(p.key, bundle_dir, replace=replaced is not None)
     log.info("uploaded %s (%d bytes, manifest %s)", ref.uri, ref.size, ref.sha256[:16])
     return CompileResult(
         key=p.key,
@@ -302,6 +326,7 @@ def run(args: argparse.Namespace, workdir: Path) -> CompileResult:
         size=ref.size,
         toolchain=p.toolchain,
         compileSeconds=round(seconds, 3),
+        replaced=replaced,
         report=report,
     )
 
@@ -331,6 +356,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--expect-key", help="with --blueprint: the kernel key expected; a mismatch exits 66")
     ap.add_argument("--result-path", help=f"default ${RESULT_PATH_ENV} or {DEFAULT_RESULT_PATH}")
     ap.add_argument("--workdir", help="keep the build here (default: a temporary directory)")
+    ap.add_argument(
+        "--signing-key",
+        help="ed25519 private key (PEM) that signs the bundle; default $ESPER_SIGNING_KEY, and for a "
+        "local store the local key pair (esper.signing)",
+    )
     return ap
 
 

@@ -61,6 +61,13 @@ class StorageUnavailable(TransientError):
     reason = "StorageUnavailable"
 
 
+class NoSigningKey(TransientError):
+    """No usable signing key (a Secret not mounted yet, a bad file): fixed by configuration, so
+    retried rather than failing the Kernel for good (75)."""
+
+    reason = "NoSigningKey"
+
+
 def code_for(exc: BaseException) -> ExitCode:
     """Exit code for any exception: ours carry one; out of memory is transient; the rest a crash (70)."""
     if isinstance(exc, TezzeretError):

@@ -55,8 +55,12 @@ def s3_bucket(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
     return f"s3://{bucket}/esper"
 
 
-def make_fake_bundle(bundle_dir: Path | str, *, seed: int = 0, size: int = 4096) -> tuple[str, str]:
-    """Write a small bundle of random bytes (no torch) and its manifest; returns (key, manifest sha256)."""
+def make_fake_bundle(
+    bundle_dir: Path | str, *, seed: int = 0, size: int = 4096, signed: bool = True
+) -> tuple[str, str]:
+    """Write a small bundle of random bytes (no torch) and its manifest, signed with the local key
+    (trusted by default, as a local compile's are) unless `signed` is false; returns (key, manifest
+    sha256)."""
     d = Path(bundle_dir)
     d.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -78,4 +82,8 @@ def make_fake_bundle(bundle_dir: Path | str, *, seed: int = 0, size: int = 4096)
         params=[{"name": "fc.weight", "shape": [4, 4], "dtype": "float32"}],
     )
     sha, _ = write_manifest(d, manifest)
+    if signed:
+        from esper import signing
+
+        signing.sign_bundle(d, signing.signing_key_from(local=True))
     return key, sha

@@ -8,8 +8,10 @@ from typing import Any
 
 import pytest
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from esper.artifact import Manifest, kernel_key, write_manifest
+from esper import signing
+from esper.artifact import Manifest, kernel_key, verify_bundle, write_manifest
 from esper.blueprint import digest, validate_source
 from esper.contracts.common import CompileOptions, Toolchain, ValidationReport
 from esper.contracts.job import REQUEST_ENV, CompileRequest, CompileResult, CompileSpec, ExitCode
@@ -295,8 +297,11 @@ def test_store_unreachable_is_75(tmp_path: Path) -> None:
     assert code == 75
 
 
-def _fake_stored_bundle(tmp_path: Path, spec: dict[str, Any]) -> tuple[str, str]:
-    """A bundle under the spec's real key, with fake package bytes: enough to test reuse, no compile."""
+def _fake_stored_bundle(
+    tmp_path: Path, spec: dict[str, Any], signer: Ed25519PrivateKey | bool | None = True
+) -> tuple[str, str]:
+    """A bundle under the spec's real key, with fake package bytes: enough to test reuse, no compile.
+    Signed by the local key (what a local compile signs with), by `signer`, or (False) not at all."""
     from esper.storage import open_store
 
     key = _key(spec)
@@ -311,6 +316,10 @@ def _fake_stored_bundle(tmp_path: Path, spec: dict[str, Any]) -> tuple[str, str]
         key=key, irDigest=digest(graph), target="cpu", toolchain=toolchain_for(t), graph={}, report=report
     )
     write_manifest(d, manifest)
+    if signer is True:
+        signer = signing.signing_key_from(local=True)
+    if signer:
+        signing.sign_bundle(d, signer)
     ref = open_store(str(tmp_path / "store")).put_bundle(key, d)
     return key, ref.sha256
 
@@ -331,7 +340,7 @@ def test_corrupt_stored_bundle_is_recompiled(tmp_path: Path, monkeypatch: pytest
     (tmp_path / "store" / "kernels" / key / "forward.pt2").write_bytes(b"tampered")
     calls: list[str] = []
 
-    def fake_build(p: entrypoint.Plan, workdir: Path) -> Any:
+    def fake_build(p: entrypoint.Plan, workdir: Path, private_key: Any) -> Any:
         calls.append(p.key)
         raise ValidationFailed("batch 1: forward output 0: max abs error 1 exceeds tolerance")
 
@@ -339,6 +348,51 @@ def test_corrupt_stored_bundle_is_recompiled(tmp_path: Path, monkeypatch: pytest
     code, doc = _run(tmp_path, "--blueprint", _blueprint(tmp_path, SPEC))
     assert calls == [key]
     assert code == 67 and doc["error"]["reason"] == "ValidationFailed"
+
+
+@pytest.mark.parametrize("signer", [False, Ed25519PrivateKey.generate()], ids=["unsigned", "foreign"])
+def test_untrusted_stored_bundle_is_recompiled_and_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signer: Any
+) -> None:
+    """A bundle planted under the key (unsigned, or signed by a key the Job does not trust) is not
+    reused: the Job compiles, replaces it with its own signed bundle and says why in the result."""
+    key, planted_sha = _fake_stored_bundle(tmp_path, SPEC, signer=signer)
+    own_key = signing.signing_key_from(local=True)
+
+    def fake_build(p: entrypoint.Plan, workdir: Path, private_key: Any) -> Any:
+        assert signing.key_id(private_key.public_key()) == signing.key_id(own_key.public_key())
+        d = workdir / "built"
+        d.mkdir()
+        for name in ("forward.pt2", "backward.pt2", "params.safetensors"):
+            (d / name).write_bytes(b"genuine " + name.encode())
+        toolchain = toolchain_for(Target.parse("cpu"))
+        write_manifest(
+            d, Manifest(key=p.key, irDigest=p.ir_digest, target="cpu", toolchain=toolchain, graph={})
+        )
+        signing.sign_bundle(d, private_key)
+        return d, 1.0, None
+
+    monkeypatch.setattr(entrypoint, "build_bundle", fake_build)
+    code, doc = _run(tmp_path, "--blueprint", _blueprint(tmp_path, SPEC))
+    assert code == 0, doc
+    assert doc["reused"] is False and doc["manifestSha256"] != planted_sha
+    expected = "unsigned" if signer is False else "not trusted"
+    assert "recompiled and replaced" in doc["replaced"] and expected in doc["replaced"]
+    stored = tmp_path / "store" / "kernels" / key
+    assert (stored / "forward.pt2").read_bytes() == b"genuine forward.pt2"
+    trusted = signing.TrustedKeys([own_key.public_key()])
+    assert verify_bundle(stored, doc["manifestSha256"], trusted=trusted).key == key
+
+
+def test_shared_store_without_a_signing_key_is_transient(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A compile Job for a shared store never signs with an ad-hoc key: no key configured is exit 75."""
+    monkeypatch.delenv(signing.SIGNING_KEY_ENV, raising=False)
+    store = "s3://esper-unreached/esper"  # the key is checked before the store is read
+    code, doc = _run(tmp_path, "--blueprint", _blueprint(tmp_path, SPEC), store=store)
+    assert code == ExitCode.TRANSIENT
+    assert doc["error"]["reason"] == "NoSigningKey" and "--signing-key" in doc["error"]["message"]
 
 
 def test_unexpected_crash_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
