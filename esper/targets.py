@@ -50,7 +50,7 @@ class Target:
             raise ValueError(f"a target is a string such as 'cpu' or 'cuda-sm90', not {type(value).__name__}")
         if value == "cpu":
             return cls(kind="cpu")
-        m = _CUDA_RE.match(value)
+        m = _CUDA_RE.fullmatch(value)
         if m is None:
             hint = " (targets are lowercase)" if value.lower() != value else ""
             raise ValueError(

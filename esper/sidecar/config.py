@@ -6,7 +6,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -14,6 +14,9 @@ from esper.envconfig import read_env
 from esper.sidecar.index import NAME_RE
 from esper.storage import parse_s3_uri
 from esper.targets import Target
+
+if TYPE_CHECKING:
+    from esper.signing import TrustedKeys
 
 SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
@@ -25,8 +28,10 @@ _ENV = {  # field -> environment variable
     "namespace": "ESPER_NAMESPACE", "store_uri": "ESPER_STORE_URI", "target": "ESPER_TARGET",
     "port": "ESPER_SYNC_PORT", "host": "ESPER_SYNC_HOST", "watch_timeout": "ESPER_SYNC_WATCH_TIMEOUT",
     "retry_base": "ESPER_SYNC_RETRY_BASE", "retry_max": "ESPER_SYNC_RETRY_MAX",
-    "workers": "ESPER_SYNC_WORKERS",
+    "workers": "ESPER_SYNC_WORKERS", "trusted_keys": "ESPER_TRUSTED_KEYS",
+    "max_bundle_bytes": "ESPER_MAX_BUNDLE_BYTES",
 }  # fmt: skip
+DEFAULT_MAX_BUNDLE_BYTES = 4 * 1024**3
 
 
 class SyncConfig(BaseModel):
@@ -46,6 +51,14 @@ class SyncConfig(BaseModel):
     retry_base: float = Field(default=1.0, gt=0)
     retry_max: float = Field(default=60.0, gt=0)
     workers: int = Field(default=4, ge=1, le=32)
+    trusted_keys: str = Field(
+        default="",
+        description="public keys (files or directories of *.pub; ':'-separated or a JSON list) whose "
+        "signatures are accepted; empty: the local key pair's (esper.signing)",
+    )
+    max_bundle_bytes: int = Field(
+        default=DEFAULT_MAX_BUNDLE_BYTES, ge=1, description="larger bundles are refused"
+    )
 
     @field_validator("kernels", mode="before")
     @classmethod
@@ -55,7 +68,7 @@ class SyncConfig(BaseModel):
     @field_validator("kernels")
     @classmethod
     def _names(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        bad = [n for n in v if not NAME_RE.match(n)]
+        bad = [n for n in v if not NAME_RE.fullmatch(n)]
         if bad:
             raise ValueError(f"not Kubernetes object names: {', '.join(map(repr, bad))}")
         return v
@@ -85,6 +98,25 @@ class SyncConfig(BaseModel):
         elif v is not None and "://" in v and not v.startswith("file://"):
             raise ValueError(f"unsupported store URI {v!r} (use s3://bucket/prefix, file:///path or a path)")
         return v
+
+    @field_validator("trusted_keys")
+    @classmethod
+    def _keys(cls, v: str) -> str:
+        from esper.signing import KeyFileError, TrustedKeys, parse_key_paths
+
+        try:
+            paths = parse_key_paths(v)
+            if paths and not len(TrustedKeys.from_paths(paths)):
+                raise ValueError(f"no public keys (*.pub) found in {v!r}")
+        except (KeyFileError, ValueError) as e:
+            raise ValueError(str(e)) from None
+        return v
+
+    def trusted(self) -> TrustedKeys:
+        """The keys bundle signatures must verify with (re-read when a key file changes)."""
+        from esper.signing import TRUSTED_KEYS_ENV, TrustedKeys
+
+        return TrustedKeys.from_env({**os.environ, TRUSTED_KEYS_ENV: self.trusted_keys})
 
     @model_validator(mode="after")
     def _something(self) -> SyncConfig:

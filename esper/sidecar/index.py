@@ -53,7 +53,7 @@ class IndexEntry(BaseModel):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not NAME_RE.match(v):
+        if not NAME_RE.fullmatch(v):
             raise ValueError(f"{v!r} is not a Kubernetes object name")
         return v
 
@@ -93,7 +93,7 @@ def index_path(kernel_dir: Path | str) -> Path:
 
 def bundle_path(kernel_dir: Path | str, name: str) -> Path:
     """Where Kernel `name`'s bundle lives; ValueError for a name that is not a safe directory name."""
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise ValueError(f"{name!r} is not a Kubernetes object name")
     return Path(kernel_dir) / KERNELS_SUBDIR / name
 

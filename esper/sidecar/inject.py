@@ -215,7 +215,7 @@ def inject(
     names = [n for n in names if n]
     if not names and not selector:
         raise ValueError("nothing to sync: give kernels (Kernel names) and/or a label selector")
-    if bad := [n for n in names if not NAME_RE.match(n)]:
+    if bad := [n for n in names if not NAME_RE.fullmatch(n)]:
         raise ValueError(f"not Kubernetes object names: {', '.join(map(repr, bad))}")
     if not image:
         raise ValueError("the sidecar image is required")

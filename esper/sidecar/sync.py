@@ -193,7 +193,12 @@ class KernelSync:
         self._version = index.version
         for entry in index.kernels:
             try:  # re-verify: only what matches a recorded sha256 is ever listed
-                verify_bundle(entry.bundle_dir(self.dir), entry.sha256, expected_key=entry.key)
+                verify_bundle(
+                    entry.bundle_dir(self.dir),
+                    entry.sha256,
+                    expected_key=entry.key,
+                    trusted=self.config.trusted(),
+                )
                 self._installed[entry.name] = entry
             except ArtifactError as e:
                 log.warning("dropping %s from the index: %s", entry.name, e)
@@ -401,7 +406,15 @@ class KernelSync:
         t0 = time.monotonic()
         try:
             dest = bundle_path(self.dir, name)
-            self._store(d).fetch_bundle(d.entry.key, dest, expected_sha256=d.entry.sha256)
+            if not d.entry.sha256:  # only a bundle the operator recorded is ever installed
+                raise ArtifactError(f"Kernel {name} records no manifest sha256")
+            self._store(d).fetch_bundle(
+                d.entry.key,
+                dest,
+                expected_sha256=d.entry.sha256,
+                trusted=self.config.trusted(),
+                max_bundle_bytes=self.config.max_bundle_bytes,
+            )
             result = _Result(name, d, "success")
         except StorageError as e:
             result = _Result(name, d, "storage_error", str(e))

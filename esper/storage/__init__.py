@@ -20,7 +20,7 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     bucket, _, prefix = rest.partition("/")
     if not bucket:
         raise ValueError(f"invalid store URI {uri!r}: no bucket (expected s3://bucket/prefix)")
-    if not _BUCKET_RE.match(bucket) or ".." in bucket:
+    if not _BUCKET_RE.fullmatch(bucket) or ".." in bucket:
         raise ValueError(
             f"invalid store URI {uri!r}: bucket name {bucket!r} must be 3-63 lowercase letters, "
             "digits, '.' or '-', starting and ending with a letter or digit"

@@ -17,7 +17,7 @@ import torch
 from prometheus_client import CollectorRegistry
 from torch import nn
 
-from esper import artifact
+from esper import artifact, signing
 from esper.kasmina import (
     KasminaMetrics,
     KernelLoadError,
@@ -231,6 +231,8 @@ def test_a_format_v1_bundle_still_loads_and_recomputes_in_its_backward(
     shutil.copy(path / artifact.TRAIN_BACKWARD, old / artifact.BACKWARD)
     manifest = artifact.read_manifest(path).model_copy(update={"format": artifact.FORMAT_V1, "saved": []})
     sha, _ = artifact.write_manifest(old, manifest)
+    signer = signing.signing_key_from(local=True)  # a compile signed it (the local key, as the fixture's)
+    signing.sign_bundle(old, signer)
     k = load_kernel(old, sha, metrics=metrics())
     assert k.train_forward_runner is None and k.backward_runner is not None
     x = torch.randn(3, F, requires_grad=True)
@@ -240,5 +242,61 @@ def test_a_format_v1_bundle_still_loads_and_recomputes_in_its_backward(
     (old / artifact.BACKWARD).unlink()
     manifest = manifest.model_copy(update={"files": {}})
     sha, _ = artifact.write_manifest(old, manifest)
+    signing.sign_bundle(old, signer)
     with pytest.raises(KernelLoadError, match=r"IncompleteBundle: manifest lists no backward\.pt2"):
         load_kernel(old, sha, metrics=metrics())
+
+
+@pytest.mark.parametrize("how", ["unsigned", "foreign-key", "planted-package"])
+def test_a_bundle_esper_did_not_sign_is_refused_before_any_load(
+    bundle: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """Consistent hashes are not enough: a planted package with a manifest recomputed to match it
+    (what a bucket writer can do) is refused for its signature, and no package is ever opened."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    import esper.aoti
+    from esper import signing
+
+    path, _ = bundle
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    if how == "unsigned":
+        (bad / artifact.SIGNATURE).unlink()
+    elif how == "foreign-key":
+        signing.sign_bundle(bad, Ed25519PrivateKey.generate())
+    else:
+        (bad / artifact.BACKWARD).write_bytes((bad / artifact.FORWARD).read_bytes())
+        manifest = artifact.read_manifest(bad)
+        artifact.write_manifest(bad, manifest)  # hashes consistent again; the signature is stale
+    opened: list[Path] = []
+    monkeypatch.setattr(esper.aoti, "load_package", lambda p, **_: opened.append(Path(p)))
+    sha = artifact.sha256_bytes((bad / artifact.MANIFEST).read_bytes())
+    with pytest.raises(KernelLoadError) as ei:
+        load_kernel(bad, sha)
+    assert ei.value.reason == "SignatureRefused"
+    expected = {"unsigned": "unsigned", "foreign-key": "not trusted", "planted-package": "does not match"}
+    assert expected[how] in str(ei.value)
+    assert opened == []
+
+
+def test_packages_load_from_a_private_verified_copy(
+    bundle: tuple[Path, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What is loaded is a copy made and verified by this process: a file swapped in the shared
+    directory between the check and the load is never the one loaded."""
+    import esper.aoti
+
+    path, sha = bundle
+    real = esper.aoti.load_package
+    opened: list[Path] = []
+
+    def spy(p: Path, **kw: object) -> object:
+        opened.append(Path(p))
+        return real(p, **kw)
+
+    monkeypatch.setattr(esper.aoti, "load_package", spy)
+    load_kernel(path, sha)
+    assert [p.name for p in opened] == [artifact.FORWARD, artifact.BACKWARD]
+    assert all(path.resolve() not in p.resolve().parents for p in opened)
+    assert all(not p.exists() for p in opened)  # the private copy is gone once loaded

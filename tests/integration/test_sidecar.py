@@ -22,7 +22,9 @@ from typing import Any
 
 import boto3
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from esper import signing
 from esper.artifact import FORWARD, verify_bundle
 from esper.contracts.common import ArtifactRef
 from esper.sidecar.config import default_namespace, parse_selector, selector_matches
@@ -105,10 +107,10 @@ class SwitchStore:
         self.gate.set()
         self.calls = 0
 
-    def fetch_bundle(self, key: str, dest_dir: Path, expected_sha256: str | None = None) -> Path:
+    def fetch_bundle(self, key: str, dest_dir: Path, expected_sha256: str | None = None, **kw: Any) -> Path:
         self.calls += 1
         self.gate.wait(30)
-        return self.current.fetch_bundle(key, dest_dir, expected_sha256)
+        return self.current.fetch_bundle(key, dest_dir, expected_sha256, **kw)
 
 
 Factory = Callable[..., tuple[KernelSync, int]]
@@ -235,13 +237,13 @@ class PerKeyStore(SwitchStore):
         self.blocked, self.flaky, self.failures = blocked, flaky, failures
         self.release = threading.Event()
 
-    def fetch_bundle(self, key: str, dest_dir: Path, expected_sha256: str | None = None) -> Path:
+    def fetch_bundle(self, key: str, dest_dir: Path, expected_sha256: str | None = None, **kw: Any) -> Path:
         if key == self.blocked:
             self.release.wait(30)
         elif key == self.flaky and self.failures > 0:
             self.failures -= 1
             raise StorageError("s3 is down (injected)")
-        return super().fetch_bundle(key, dest_dir, expected_sha256)
+        return super().fetch_bundle(key, dest_dir, expected_sha256, **kw)
 
 
 @pytest.mark.cluster
@@ -317,6 +319,39 @@ def test_tampered_bundle_is_refused_then_repaired(
 
     open_store(s3_bucket).put_bundle(key, tmp_path / "bundle-1", replace=True)  # repaired
     wait_for(lambda: installed(vol, "kernel-a", ref.sha256))
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("signer", ["none", "foreign"])
+def test_bundle_esper_did_not_sign_is_never_installed(
+    cluster: Cluster, sidecar: Factory, s3_bucket: str, tmp_path: Path, signer: str
+) -> None:
+    """Whoever can write the bucket (and even the Kernel's status sha256) cannot get a bundle onto
+    the training pod's volume: its signature must hold for a trusted key."""
+    d = tmp_path / "planted"
+    key, _ = make_fake_bundle(d, seed=7, signed=False)
+    if signer == "foreign":
+        signing.sign_bundle(d, Ed25519PrivateKey.generate())
+    ref = open_store(s3_bucket).put_bundle(key, d)
+    cluster.create(kernel("kernel-a", key))
+    make_ready(cluster, "kernel-a", ref)  # the sha256 matches: only the signature can refuse it
+    sync, _ = sidecar(kernels=("kernel-a",))
+    wait_for(lambda: metric(sync, "esper_sync_downloads_total", outcome="artifact_error") >= 1)
+    reason = "unsigned" if signer == "none" else "not trusted"
+    assert reason in sync.failures()["kernel-a"]
+    vol = tmp_path / "vol"
+    assert read_index(vol).get("kernel-a") is None and list((vol / "kernels").iterdir()) == []
+
+
+@pytest.mark.cluster
+def test_bundle_larger_than_the_limit_is_refused_before_download(
+    cluster: Cluster, sidecar: Factory, s3_bucket: str, tmp_path: Path
+) -> None:
+    _, ref = add_ready_kernel(cluster, s3_bucket, tmp_path, "kernel-a", 1)  # 3 x 4096 B + manifest
+    sync, _ = sidecar(kernels=("kernel-a",), max_bundle_bytes=4096)
+    wait_for(lambda: "kernel-a" in sync.failures())
+    assert f"bundle is {ref.size} bytes, more than the 4096 allowed" in sync.failures()["kernel-a"]
+    assert read_index(tmp_path / "vol").get("kernel-a") is None
 
 
 @pytest.mark.cluster

@@ -188,3 +188,24 @@ def _corrupt_signature(d: Path) -> None:
 
     doc["signature"] = base64.b64encode(other).decode()
     (d / artifact.SIGNATURE).write_text(json.dumps(doc))
+
+
+def test_store_fetch_checks_the_signature_and_caps_each_file(
+    tmp_path: Path, bundle: Path, keys: tuple[Ed25519PrivateKey, Path]
+) -> None:
+    """A file swapped in the store for a larger one is cut off at the recorded size, never installed."""
+    from esper.storage import open_store
+
+    key = json.loads((bundle / artifact.MANIFEST).read_bytes())["key"]
+    store = open_store(str(tmp_path / "store"))
+    store.put_bundle(key, bundle)
+    trusted = TrustedKeys.from_paths([keys[1]])
+    assert (store.fetch_bundle(key, tmp_path / "ok", trusted=trusted) / artifact.SIGNATURE).is_file()
+    stored = tmp_path / "store" / "kernels" / key / artifact.FORWARD
+    stored.write_bytes(b"\0" * (stored.stat().st_size + 1))
+    with pytest.raises(ArtifactError, match="larger than the 4096 bytes the manifest records"):
+        store.fetch_bundle(key, tmp_path / "swapped", trusted=trusted)
+    assert not (tmp_path / "swapped").exists()
+    (tmp_path / "store" / "kernels" / key / artifact.SIGNATURE).unlink()
+    with pytest.raises(SignatureError, match="unsigned"):
+        store.fetch_bundle(key, tmp_path / "unsigned", trusted=trusted)
