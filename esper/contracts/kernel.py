@@ -36,6 +36,12 @@ class KernelStatus(Model):
 
     phase: KernelPhase = Field(default="Pending", description="Pending, Compiling, Ready or Failed.")
     jobName: str = Field(default="", max_length=63, description="The compile Job.")
+    jobNamespace: str = Field(default="", max_length=63, description="Where the compile Job runs.")
+    jobUid: str = Field(
+        default="",
+        max_length=64,
+        description="uid of the compile Job the operator created: results are accepted from its Pods only.",
+    )
     artifact: ArtifactRef | None = Field(default=None, description="The bundle, once Ready.")
     toolchain: Toolchain | None = Field(default=None, description="What the Job reports it built with.")
     compileSeconds: float = Field(default=0.0, ge=0, description="Wall time of the compile Job's work.")

@@ -25,6 +25,14 @@ class OperatorConfig(BaseModel):
     s3_endpoint: str = Field(default="", description="S3 endpoint URL for Jobs (MinIO, moto); empty: AWS.")
     s3_secret: str = Field(default="", description="Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY.")
     s3_region: str = Field(default="us-east-1")
+    compile_namespace: str = Field(
+        default="",
+        max_length=63,
+        description="Where compile Jobs run (and their Secrets live); empty: the operator's own namespace.",
+    )
+    signing_secret: str = Field(
+        default="", description="Secret whose `signing.key` signs bundles; mounted into compile Pods only."
+    )
     compile_image: str = Field(default="ghcr.io/esper-dev/esper:0.1.0")
     compile_command: list[str] = Field(default_factory=lambda: ["python", "-m", "esper.tezzeret"])
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
@@ -53,6 +61,15 @@ class OperatorConfig(BaseModel):
     api_timeout_seconds: float = Field(
         default=30.0, gt=0, description="Each API request; a hung server fails the handler, which is retried."
     )
+
+    def job_namespace(self) -> str:
+        """The compile namespace: configured, else the operator's own (POD_NAMESPACE, the
+        ServiceAccount's namespace file), else "default"."""
+        if self.compile_namespace:
+            return self.compile_namespace
+        from esper.sidecar.config import default_namespace
+
+        return default_namespace()
 
     @field_validator("store_uri")
     @classmethod

@@ -123,6 +123,14 @@ async def observe_job(type: str, body: kopf.Body, memo: kopf.Memo, logger: loggi
             await asyncio.sleep(RETRY_SECONDS)
 
 
+@kopf.on.event("", "v1", "pods", labels={MANAGED_BY: OPERATOR_NAME}, id="observe-compile-pod")
+async def observe_compile_pod(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """A compile Pod stuck before it starts (a missing Secret) is reported on its Kernel at once."""
+    if type == "DELETED":
+        return
+    await memo.reconciler.observe_pod(plain(body, parts=("status",)))
+
+
 @kopf.on.event(*KERNELS, id="kernel-metrics")
 def kernel_metrics(type: str, name: str, namespace: str, status: kopf.Status, **_: Any) -> None:
     metrics.observe_kernel(namespace, name, None if type == "DELETED" else status.get("phase") or "Pending")

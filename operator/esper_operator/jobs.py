@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from esper.contracts import GROUP_VERSION, ArtifactRef, KernelSpec, Toolchain, ValidationReport
+from esper.contracts import ArtifactRef, KernelSpec, Toolchain, ValidationReport
 from esper.contracts.job import (
     PERMANENT_REASONS,
     REQUEST_ENV,
@@ -30,6 +30,27 @@ from esper.targets import Target
 from esper_operator.config import OperatorConfig
 
 SCRATCH = "/scratch"
+SIGNING_DIR = "/var/run/esper/signing"
+SIGNING_VOLUME = "signing-key"
+LABEL_KERNEL_NAMESPACE = "esper.dev/kernel-namespace"
+LABEL_KERNEL_UID = "esper.dev/kernel-uid"
+CONTROLLER_UID_LABELS = ("batch.kubernetes.io/controller-uid", "controller-uid")
+WAITING_REASONS = frozenset(
+    {
+        "CreateContainerConfigError",
+        "CreateContainerError",
+        "ErrImagePull",
+        "ImagePullBackOff",
+        "InvalidImageName",
+    }
+)
+"""Container states that do not heal by waiting (a missing Secret, a bad image): said on the Kernel."""
+
+
+def job_name_for(base: str, kernel_uid: str) -> str:
+    """The compile Job's name in the compile namespace: the key-derived name plus the Kernel's uid,
+    so Kernels of one key in two namespaces each get their own Job (<= 63 characters)."""
+    return f"{base}-{kernel_uid.replace('-', '')[:8]}"
 
 
 def compile_request(spec: KernelSpec, namespace: str = "") -> CompileRequest:
@@ -45,16 +66,35 @@ def compile_request(spec: KernelSpec, namespace: str = "") -> CompileRequest:
 
 
 def build_job(
-    *, name: str, namespace: str, kernel_name: str, kernel_uid: str, spec: KernelSpec, config: OperatorConfig
+    *,
+    name: str,
+    namespace: str,
+    kernel_name: str,
+    kernel_uid: str,
+    spec: KernelSpec,
+    config: OperatorConfig,
+    kernel_namespace: str | None = None,
 ) -> dict[str, Any]:
-    """The compile Job for one Kernel. Pure: the same inputs give the same manifest."""
+    """The compile Job for one Kernel, in the compile `namespace` (where the bucket's write key and
+    the signing key are; never a tenant's). Pure: the same inputs give the same manifest.
+
+    No ownerReference (those cannot cross namespaces): the labels name the Kernel's namespace, name
+    and uid, and the operator deletes the Job when the Kernel goes.
+    """
+    kernel_namespace = kernel_namespace or namespace
     target = Target.parse(spec.target)
     gpu = target.kind == "cuda"
-    labels = {MANAGED_BY: OPERATOR_NAME, LABEL_KERNEL: kernel_name, LABEL_TARGET: spec.target}
+    labels = {
+        MANAGED_BY: OPERATOR_NAME,
+        LABEL_KERNEL: kernel_name,
+        LABEL_KERNEL_NAMESPACE: kernel_namespace,
+        LABEL_KERNEL_UID: kernel_uid,
+        LABEL_TARGET: spec.target,
+    }
     if config.kueue_queue:
         labels["kueue.x-k8s.io/queue-name"] = config.kueue_queue
     env = [
-        {"name": REQUEST_ENV, "value": compile_request(spec, namespace).to_env()},
+        {"name": REQUEST_ENV, "value": compile_request(spec, kernel_namespace).to_env()},
         {"name": "AWS_REGION", "value": config.s3_region},
         {"name": "TORCHINDUCTOR_CACHE_DIR", "value": f"{SCRATCH}/inductor"},
         {"name": "HOME", "value": SCRATCH},
@@ -67,6 +107,16 @@ def build_job(
         for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
             ref = {"name": config.s3_secret, "key": var}
             env.append({"name": var, "valueFrom": {"secretKeyRef": ref}})
+    mounts = [{"name": "scratch", "mountPath": SCRATCH}]
+    volumes: list[dict[str, Any]] = [{"name": "scratch", "emptyDir": {"sizeLimit": "10Gi"}}]
+    if config.signing_secret:
+        env.append({"name": "ESPER_SIGNING_KEY", "value": f"{SIGNING_DIR}/signing.key"})
+        mounts.append({"name": SIGNING_VOLUME, "mountPath": SIGNING_DIR, "readOnly": True})
+        secret = {
+            "secretName": config.signing_secret,
+            "items": [{"key": "signing.key", "path": "signing.key"}],
+        }
+        volumes.append({"name": SIGNING_VOLUME, "secret": {**secret, "defaultMode": 0o400}})
     resources: dict[str, dict[str, str]] = {
         "requests": {"cpu": config.cpu_request, "memory": config.memory_request},
         "limits": {"memory": config.memory_limit},
@@ -88,7 +138,7 @@ def build_job(
             "runAsNonRoot": True,
             "capabilities": {"drop": ["ALL"]},
         },
-        "volumeMounts": [{"name": "scratch", "mountPath": SCRATCH}],
+        "volumeMounts": mounts,
     }
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
@@ -102,7 +152,7 @@ def build_job(
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [container],
-        "volumes": [{"name": "scratch", "emptyDir": {"sizeLimit": "10Gi"}}],
+        "volumes": volumes,
     }
     node_selector = {**config.node_selector, **(config.gpu_node_selector if gpu else {})}
     tolerations = [*config.tolerations, *(config.gpu_tolerations if gpu else [])]
@@ -121,16 +171,6 @@ def build_job(
             "name": name,
             "namespace": namespace,
             "labels": labels,
-            "ownerReferences": [
-                {
-                    "apiVersion": GROUP_VERSION,
-                    "kind": "Kernel",
-                    "name": kernel_name,
-                    "uid": kernel_uid,
-                    "controller": True,
-                    "blockOwnerDeletion": True,
-                }
-            ],
         },
         "spec": {
             "backoffLimit": config.backoff_limit,
@@ -161,13 +201,14 @@ def build_job(
 class JobOutcome:
     """What a finished (or running) Job means for its Kernel."""
 
-    state: str  # "running", "succeeded", "failed"
+    state: str  # "running", "succeeded", "failed", "rejected" (ignored: the Kernel stays as it is)
     reason: str = ""
     message: str = ""
     artifact: ArtifactRef | None = None
     toolchain: Toolchain | None = None
     report: ValidationReport | None = None
     compile_seconds: float = 0.0
+    replaced: str | None = None
 
 
 def _condition(job: dict[str, Any], type_: str) -> dict[str, Any] | None:
@@ -206,7 +247,11 @@ def parse_result(message: str, *, expected_key: str) -> JobOutcome:
         return JobOutcome("failed", "BadResult", f"a succeeded Job reported an error: {result.error.message}")
     if result.key != expected_key:
         return JobOutcome(
-            "failed", "KeyMismatch", f"Job reported key {result.key!r}, Kernel has {expected_key}"
+            "rejected", "KeyMismatch", f"Job reported key {result.key!r}, Kernel has {expected_key}"
+        )
+    if result.uri.rstrip("/").rsplit("/", 1)[-1] != expected_key:
+        return JobOutcome(
+            "rejected", "KeyMismatch", f"Job reported artifact {result.uri!r}, not under key {expected_key}"
         )
     return outcome_of(result)
 
@@ -221,6 +266,7 @@ def outcome_of(result: CompileResult) -> JobOutcome:
         toolchain=result.toolchain,
         report=result.report,
         compile_seconds=result.compileSeconds,
+        replaced=result.replaced,
     )
 
 
@@ -231,6 +277,34 @@ def _error_message(terminated: dict[str, Any]) -> str:
         return str(error.get("message") or message)
     except (json.JSONDecodeError, AttributeError):
         return message.strip()[-1000:]
+
+
+def controller_uid(pod: dict[str, Any]) -> str:
+    """The uid of the Job that created this Pod: its controller ownerReference (which only the Job
+    controller sets together with the controller-uid label); "" for a bare Pod."""
+    meta = pod.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    by_label = {labels.get(k) for k in CONTROLLER_UID_LABELS} - {None, ""}
+    for ref in meta.get("ownerReferences") or []:
+        if ref.get("kind") == "Job" and ref.get("controller") and ref.get("uid") in by_label:
+            return str(ref["uid"])
+    return ""
+
+
+def own_pods(pods: list[dict[str, Any]], job_uid: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """(the Pods the Job `job_uid` created, names of the others that merely carry its job-name)."""
+    own = [p for p in pods if job_uid and controller_uid(p) == job_uid]
+    strangers = [str((p.get("metadata") or {}).get("name")) for p in pods if p not in own]
+    return own, strangers
+
+
+def waiting(pod: dict[str, Any]) -> tuple[str, str] | None:
+    """(reason, message) of a compile container stuck in a state that waiting will not fix."""
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        state = (status.get("state") or {}).get("waiting") or {}
+        if state.get("reason") in WAITING_REASONS:
+            return str(state["reason"]), str(state.get("message") or "")
+    return None
 
 
 def interpret(job: dict[str, Any], pods: list[dict[str, Any]], *, expected_key: str) -> JobOutcome:

@@ -102,6 +102,13 @@ class Kube:
             _content_type="application/merge-patch+json",
         )
 
+    async def list_all(self, plural: str) -> list[Body]:
+        """Every object of `plural` in every namespace."""
+        listed = await self._call(
+            self.custom.list_cluster_custom_object, API_GROUP, API_VERSION, plural, _preload_content=False
+        )
+        return list(self._json(listed).get("items") or [])
+
     async def delete(self, plural: str, namespace: str, name: str) -> None:
         await self._maybe(
             self.custom.delete_namespaced_custom_object, API_GROUP, API_VERSION, namespace, plural, name

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
+from esper.artifact import ArtifactError, parse_manifest
 from esper.blueprint import BlueprintInvalid
 from esper.contracts import GROUP_VERSION, KernelSpec
 from esper.contracts.naming import (
@@ -30,7 +31,18 @@ from esper.storage import Store, open_store
 from esper_operator import metrics
 from esper_operator.config import OperatorConfig
 from esper_operator.faults import crash_point
-from esper_operator.jobs import JobOutcome, build_job, interpret
+from esper_operator.jobs import (
+    LABEL_KERNEL_NAMESPACE,
+    LABEL_KERNEL_UID,
+    WAITING_REASONS,
+    JobOutcome,
+    build_job,
+    controller_uid,
+    interpret,
+    job_name_for,
+    own_pods,
+    waiting,
+)
 from esper_operator.kube import Body, Conflict, Kube
 from esper_operator.plan import PlannedKernel, plan_blueprint
 from esper_operator.status import blueprint_status, invalid_status, kernel_status
@@ -215,76 +227,165 @@ class Reconciler:
 
     # --- Jobs ------------------------------------------------------------------------------------
 
+    @functools.cached_property
+    def compile_namespace(self) -> str:
+        return self.config.job_namespace()
+
     async def ensure_job(self, kernel: Body, job_name: str) -> Body:
-        """Make sure a Kernel that is neither Ready nor Failed has its compile Job."""
+        """Make sure a Kernel that is neither Ready nor Failed has its compile Job (in the compile
+        namespace), and that its status records that Job's uid."""
         if _phase(kernel) in FINAL:
             return kernel
         meta = kernel["metadata"]
-        namespace = meta["namespace"]
+        namespace = self.compile_namespace
+        name = job_name_for(job_name, meta["uid"])
         spec = KernelSpec.model_validate(kernel["spec"])
-        job = await self.kube.get_job(namespace, job_name)
+        job = await self.kube.get_job(namespace, name)
         if job is None:
             manifest = build_job(
-                name=job_name,
+                name=name,
                 namespace=namespace,
                 kernel_name=meta["name"],
+                kernel_namespace=meta["namespace"],
                 kernel_uid=meta["uid"],
                 spec=spec,
                 config=self.config,
             )
             crash_point("job-create")
             try:
-                await self.kube.create_job(namespace, manifest)
+                job = await self.kube.create_job(namespace, manifest)
             except Conflict:
-                pass  # created by an earlier attempt: adopt it
+                job = await self.kube.get_job(namespace, name)  # created by an earlier attempt: adopt it
             else:
                 crash_point("job-created")
                 metrics.JOBS_CREATED.labels(spec.target).inc()
-                self.emit(kernel, "Normal", "JobCreated", f"compile Job {job_name}")
-        elif _finished(job):
-            # Finished while nobody watched (operator down, event lost): carry it over now.
-            await self.observe_job(job)
-            return await self.kube.get("kernels", namespace, meta["name"]) or kernel
-        if _phase(kernel) != "Compiling":
-            status = kernel_status(
-                kernel.get("status") or {},
+                self.emit(kernel, "Normal", "JobCreated", f"compile Job {namespace}/{name}")
+        if job is None or (job["metadata"].get("labels") or {}).get(LABEL_KERNEL_UID) != meta["uid"]:
+            raise RuntimeError(f"compile Job {namespace}/{name} vanished or is not this Kernel's; will retry")
+        status = kernel.get("status") or {}
+        job_uid = job["metadata"].get("uid") or ""
+        if _phase(kernel) != "Compiling" or status.get("jobUid") != job_uid:
+            new = kernel_status(
+                status,
                 phase="Compiling",
                 reason="JobCreated",
-                message=f"compiling in Job {job_name}",
+                message=f"compiling in Job {namespace}/{name}",
                 generation=int(meta.get("generation") or 1),
-                jobName=job_name,
+                jobName=name,
+                jobNamespace=namespace,
+                jobUid=job_uid,
             )
-            kernel = await self.kube.patch_status("kernels", namespace, meta["name"], status) or kernel
+            kernel = await self.kube.patch_status("kernels", meta["namespace"], meta["name"], new) or kernel
             crash_point("kernel-compiling")
+        if _finished(job):
+            # Finished while nobody watched (operator down, event lost): carry it over now.
+            await self.observe_job(job)
+            return await self.kube.get("kernels", meta["namespace"], meta["name"]) or kernel
         return kernel
 
     async def observe_job(self, job: Body) -> None:
-        """Carry a compile Job's outcome into its Kernel (and the Kernel's Blueprints)."""
+        """Carry a compile Job's outcome into its Kernel (and the Kernel's Blueprints).
+
+        Only the Job whose uid the Kernel's status records counts, and only through the Pods that Job
+        created: a Job someone else made with the same labels, or a bare Pod with its job-name, is
+        ignored with a Warning Event on the Kernel. A Job whose Kernel is gone is deleted.
+        """
         meta = job["metadata"]
-        namespace = meta["namespace"]
-        kernel_name = (meta.get("labels") or {}).get(LABEL_KERNEL)
+        labels = meta.get("labels") or {}
+        kernel_name = labels.get(LABEL_KERNEL)
         if not kernel_name:
             return
-        kernel = await self.kube.get("kernels", namespace, kernel_name)
-        if kernel is None or kernel["metadata"].get("deletionTimestamp"):
+        kernel_ns = labels.get(LABEL_KERNEL_NAMESPACE) or meta["namespace"]
+        kernel = await self.kube.get("kernels", kernel_ns, kernel_name)
+        ours = meta["namespace"] == self.compile_namespace and LABEL_KERNEL_UID in labels
+        if kernel is None or kernel["metadata"].get("uid") != labels.get(LABEL_KERNEL_UID):
+            if ours and (kernel is None or kernel["metadata"].get("uid") != labels[LABEL_KERNEL_UID]):
+                await self.kube.delete_job(meta["namespace"], meta["name"])  # its Kernel is gone
+                log.info("deleted compile Job %s/%s: its Kernel is gone", meta["namespace"], meta["name"])
+            if kernel is None:
+                return
+        if kernel["metadata"].get("deletionTimestamp"):
             return
         status = kernel.get("status") or {}
-        if status.get("phase") in FINAL and status.get("jobName") == meta["name"]:
-            return  # already carried over
         if not _finished(job):
             return  # still running: its Pods are read once, when it ends
-        pods = await self.kube.job_pods(namespace, meta["name"])
+        if not status.get("jobUid") or meta.get("uid") != status.get("jobUid"):
+            self.emit(
+                kernel,
+                "Warning",
+                "ForeignJob",
+                f"ignored Job {meta['namespace']}/{meta['name']}: not the compile Job this Kernel recorded",
+            )
+            return
+        if status.get("phase") in FINAL and status.get("jobName") == meta["name"]:
+            return  # already carried over
+        pods = await self.kube.job_pods(meta["namespace"], meta["name"])
+        pods, strangers = own_pods(pods, meta["uid"])
+        if strangers:
+            self.emit(
+                kernel,
+                "Warning",
+                "ForeignPod",
+                f"ignored Pod(s) {', '.join(strangers[:5])}: labelled job-name={meta['name']} "
+                "but not created by that Job",
+            )
         outcome = interpret(job, pods, expected_key=kernel["spec"]["key"])
         if outcome.state == "running":
             return
         crash_point("job-observed")
         if outcome.state == "succeeded":
-            outcome = await self._verify(outcome)
+            outcome = await self._verify(outcome, kernel["spec"]["key"])
+        if outcome.state == "rejected":
+            self.emit(
+                kernel,
+                "Warning",
+                outcome.reason,
+                f"ignored the result of Job {meta['name']}: {outcome.message}",
+            )
+            return
         crash_point("kernel-finishing")
         await self._finish(kernel, job, outcome)
 
-    async def _verify(self, outcome: JobOutcome) -> JobOutcome:
-        """Check the reported manifest sha256 against the store: a Ready Kernel's bundle exists as stated."""
+    async def observe_pod(self, pod: Body) -> None:
+        """Say on the Kernel, at once, why its compile Pod cannot start (a missing Secret, a bad
+        image) rather than leaving it Compiling until the Job's deadline."""
+        meta = pod["metadata"]
+        if meta.get("namespace") != self.compile_namespace:
+            return
+        job_uid = controller_uid(pod)
+        labels = meta.get("labels") or {}
+        kernel_name, kernel_ns = labels.get(LABEL_KERNEL), labels.get(LABEL_KERNEL_NAMESPACE)
+        if not job_uid or not kernel_name or not kernel_ns:
+            return
+        kernel = await self.kube.get("kernels", kernel_ns, kernel_name)
+        status = (kernel or {}).get("status") or {}
+        if kernel is None or status.get("jobUid") != job_uid or status.get("phase") != "Compiling":
+            return
+        stuck = waiting(pod)
+        if stuck is None:
+            if status.get("reason") not in WAITING_REASONS:
+                return
+            reason, message = (
+                "JobCreated",
+                f"compiling in Job {status.get('jobNamespace')}/{status.get('jobName')}",
+            )
+        else:
+            reason, message = stuck[0], f"compile Pod {meta['name']} cannot start: {stuck[1]}"
+            if status.get("reason") == reason and status.get("message") == message:
+                return
+            self.emit(kernel, "Warning", reason, message)
+        new = kernel_status(
+            status,
+            phase="Compiling",
+            reason=reason,
+            message=message,
+            generation=int(kernel["metadata"].get("generation") or 1),
+        )
+        await self.kube.patch_status("kernels", kernel_ns, kernel_name, new)
+
+    async def _verify(self, outcome: JobOutcome, expected_key: str) -> JobOutcome:
+        """Check the reported manifest sha256 against the store, and that the stored manifest is the
+        Kernel's key: a Ready Kernel's bundle exists as stated."""
         if not self.config.verify_artifacts or outcome.artifact is None:
             return outcome
         artifact = outcome.artifact
@@ -299,6 +400,14 @@ class Reconciler:
         if hashlib.sha256(data).hexdigest() != artifact.sha256:
             return JobOutcome(
                 "failed", "ArtifactMismatch", f"manifest in the store does not match {artifact.sha256}"
+            )
+        try:
+            stored_key = parse_manifest(data).key
+        except ArtifactError as exc:
+            return JobOutcome("failed", "ArtifactMismatch", f"manifest in the store is invalid: {exc}")
+        if stored_key != expected_key:
+            return JobOutcome(
+                "rejected", "KeyMismatch", f"the stored manifest is for key {stored_key}, not {expected_key}"
             )
         return outcome
 
@@ -319,6 +428,8 @@ class Reconciler:
             status = kernel_status(
                 previous, phase="Ready", reason="Compiled", generation=generation, **fields
             )
+            if outcome.replaced:
+                self.emit(kernel, "Warning", "BundleReplaced", outcome.replaced)
             speedup = outcome.report.speedup if outcome.report else 0.0
             self.emit(
                 kernel, "Normal", "Compiled", f"Ready: {outcome.artifact.uri} ({speedup:.2f}x over eager)"
@@ -346,14 +457,26 @@ class Reconciler:
         await self._release(body, keep=set())
 
     async def kernel_deleted(self, kernel: Body) -> None:
-        """Remove the Kernel's Job, and its artifact when the retention policy says so."""
+        """Remove the Kernel's Job, and its artifact when the retention policy says so and no other
+        Kernel, in any namespace, still uses that key (bundles are shared by key)."""
         meta = kernel["metadata"]
-        job_name = (kernel.get("status") or {}).get("jobName")
-        if job_name:
-            await self.kube.delete_job(meta["namespace"], job_name)
+        status = kernel.get("status") or {}
+        if status.get("jobName"):
+            await self.kube.delete_job(status.get("jobNamespace") or meta["namespace"], status["jobName"])
             crash_point("kernel-cleanup")
         if self.config.retention == "delete":
-            await asyncio.to_thread(self.store.delete_bundle, kernel["spec"]["key"])
+            key = kernel["spec"]["key"]
+            users = [
+                f"{k['metadata'].get('namespace')}/{k['metadata'].get('name')}"
+                for k in await self.kube.list_all("kernels")
+                if (k.get("spec") or {}).get("key") == key
+                and k["metadata"].get("uid") != meta.get("uid")
+                and not k["metadata"].get("deletionTimestamp")
+            ]
+            if users:
+                log.info("kept artifact %s of Kernel %s: still used by %s", key[:16], meta["name"], users[:3])
+                return
+            await asyncio.to_thread(self.store.delete_bundle, key)
             log.info("deleted artifact of Kernel %s (retention=delete)", meta["name"])
 
 

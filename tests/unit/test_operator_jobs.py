@@ -8,7 +8,7 @@ import pytest
 
 from esper.contracts.job import REQUEST_ENV, CompileRequest
 from esper_operator.config import ConfigError, OperatorConfig
-from esper_operator.jobs import build_job, interpret, parse_result
+from esper_operator.jobs import build_job, interpret, own_pods, parse_result
 from esper_operator.plan import plan_blueprint
 
 SPEC = {
@@ -26,7 +26,7 @@ CONFIG = OperatorConfig(
 )
 
 
-def _jobs():
+def _jobs(config: OperatorConfig | None = None):
     plan = plan_blueprint("mlp", SPEC, torch_version="2.13.0")
     return {
         k.spec.target: build_job(
@@ -34,26 +34,25 @@ def _jobs():
             namespace="ns",
             kernel_name=k.name,
             kernel_uid="uid-1",
+            kernel_namespace="tenant",
             spec=k.spec,
-            config=CONFIG,
+            config=config or CONFIG,
         )
         for k in plan.kernels
     }, plan
 
 
-def test_job_is_locked_down_and_owned_by_its_kernel() -> None:
+def test_job_is_locked_down_and_names_its_kernel_by_labels() -> None:
     jobs, plan = _jobs()
     job = jobs["cpu"]
     pod = job["spec"]["template"]["spec"]
     container = pod["containers"][0]
-    assert job["metadata"]["ownerReferences"][0] == {
-        "apiVersion": "esper.dev/v1alpha1",
-        "kind": "Kernel",
-        "name": plan.kernels[0].name,
-        "uid": "uid-1",
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
+    assert "ownerReferences" not in job["metadata"]  # the Kernel may live in another namespace
+    labels = job["metadata"]["labels"]
+    assert labels["esper.dev/kernel"] == plan.kernels[0].name
+    assert labels["esper.dev/kernel-uid"] == "uid-1" and labels["esper.dev/kernel-namespace"] == "tenant"
+    assert job["metadata"]["namespace"] == "ns"
+    assert job["spec"]["template"]["metadata"]["labels"] == labels
     assert pod["automountServiceAccountToken"] is False
     assert pod["restartPolicy"] == "Never"
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
@@ -77,7 +76,7 @@ def test_job_carries_the_request_and_secrets_by_reference() -> None:
     assert container["args"] == ["--store", "s3://bucket/kernels"]
     request = CompileRequest.model_validate_json(env[REQUEST_ENV]["value"])
     kernel = plan.kernels[0].spec
-    assert (request.blueprint, request.namespace, request.target) == ("mlp", "ns", "cpu")
+    assert (request.blueprint, request.namespace, request.target) == ("mlp", "tenant", "cpu")
     assert (request.expectKey, request.expectTorch) == (kernel.key, "2.13.0")
     assert request.spec.graph == kernel.graph and request.spec.graph.nodes
     assert "ESPER_EXPECT_TORCH" not in env and "targets" not in json.loads(env[REQUEST_ENV]["value"])["spec"]
@@ -158,7 +157,6 @@ def test_success_is_read_from_the_termination_message() -> None:
     [
         ("not json", "BadResult"),
         (json.dumps({"uri": "x"}), "BadResult"),
-        (json.dumps({**RESULT, "key": "c" * 64}), "KeyMismatch"),
         (json.dumps({**RESULT, "manifestSha256": "short"}), "BadResult"),
         (json.dumps({**RESULT, "size": -1}), "BadResult"),
         (json.dumps({k: v for k, v in RESULT.items() if k != "toolchain"}), "BadResult"),
@@ -167,6 +165,44 @@ def test_success_is_read_from_the_termination_message() -> None:
 def test_a_bad_result_fails_the_kernel_instead_of_marking_it_ready(message: str, reason: str) -> None:
     outcome = parse_result(message, expected_key=KEY)
     assert (outcome.state, outcome.reason) == ("failed", reason)
+
+
+@pytest.mark.parametrize(
+    "result",
+    [{**RESULT, "key": "c" * 64}, {**RESULT, "uri": f"s3://bucket/kernels/kernels/{'c' * 64}"}],
+    ids=["result-key", "uri-key"],
+)
+def test_a_result_for_another_key_is_rejected_not_applied(result: dict) -> None:
+    outcome = parse_result(json.dumps(result), expected_key=KEY)
+    assert (outcome.state, outcome.reason) == ("rejected", "KeyMismatch") and outcome.artifact is None
+
+
+def test_signing_key_is_mounted_from_its_secret_into_compile_pods_only() -> None:
+    jobs, _ = _jobs(CONFIG.model_copy(update={"signing_secret": "esper-signing"}))
+    pod = jobs["cpu"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    volume = next(v for v in pod["volumes"] if v["name"] == "signing-key")
+    assert volume["secret"]["secretName"] == "esper-signing" and volume["secret"]["defaultMode"] == 0o400
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "signing-key")
+    assert mount["readOnly"] is True
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["ESPER_SIGNING_KEY"] == mount["mountPath"] + "/signing.key"
+
+
+def test_only_pods_the_job_created_count() -> None:
+    job_uid = "job-uid-1"
+    own = _pod("Succeeded", 0, json.dumps(RESULT))
+    own["metadata"] = {
+        "name": "own",
+        "labels": {"job-name": "j", "controller-uid": job_uid, "batch.kubernetes.io/controller-uid": job_uid},
+        "ownerReferences": [{"kind": "Job", "name": "j", "uid": job_uid, "controller": True}],
+    }
+    bare = _pod("Succeeded", 0, json.dumps({**RESULT, "uri": "s3://evil/kernels/" + KEY}))
+    bare["metadata"] = {"name": "bare", "labels": {"job-name": "j", "controller-uid": job_uid}}
+    forged = {**bare, "metadata": {**bare["metadata"], "name": "other-job-pod"}}
+    forged["metadata"]["ownerReferences"] = [{"kind": "Job", "name": "j", "uid": "other", "controller": True}]
+    assert own_pods([own, bare, forged], job_uid) == ([own], ["bare", "other-job-pod"])
+    assert own_pods([own], "") == ([], ["own"])
 
 
 @pytest.mark.parametrize(
