@@ -102,11 +102,24 @@ class Kube:
             _content_type="application/merge-patch+json",
         )
 
-    async def list_all(self, plural: str) -> list[Body]:
-        """Every object of `plural` in every namespace."""
-        listed = await self._call(
-            self.custom.list_cluster_custom_object, API_GROUP, API_VERSION, plural, _preload_content=False
-        )
+    async def list_all(self, plural: str, fallback_namespace: str) -> list[Body]:
+        """Every object of `plural` in every namespace; in a namespace-scoped install (no cluster-wide
+        list right, HTTP 403) those of `fallback_namespace`, the one namespace there is."""
+        try:
+            listed = await self._call(
+                self.custom.list_cluster_custom_object, API_GROUP, API_VERSION, plural, _preload_content=False
+            )
+        except ApiException as exc:
+            if exc.status != 403:
+                raise
+            listed = await self._call(
+                self.custom.list_namespaced_custom_object,
+                API_GROUP,
+                API_VERSION,
+                fallback_namespace,
+                plural,
+                _preload_content=False,
+            )
         return list(self._json(listed).get("items") or [])
 
     async def delete(self, plural: str, namespace: str, name: str) -> None:

@@ -468,7 +468,7 @@ class Reconciler:
             key = kernel["spec"]["key"]
             users = [
                 f"{k['metadata'].get('namespace')}/{k['metadata'].get('name')}"
-                for k in await self.kube.list_all("kernels")
+                for k in await self.kube.list_all("kernels", meta["namespace"])
                 if (k.get("spec") or {}).get("key") == key
                 and k["metadata"].get("uid") != meta.get("uid")
                 and not k["metadata"].get("deletionTimestamp")

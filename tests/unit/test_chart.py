@@ -80,15 +80,79 @@ def test_the_env_the_chart_sets_is_what_the_operator_accepts() -> None:
     assert docs["Secret"][0]["stringData"]["AWS_SECRET_ACCESS_KEY"] == "SK"
 
 
+def _verbs(rules: list[dict]) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for rule in rules:
+        for resource in rule["resources"]:
+            out.setdefault(resource, set()).update(rule["verbs"])
+    return out
+
+
 def test_rbac_lets_the_operator_do_its_work_and_sidecars_only_read() -> None:
-    roles = {r["metadata"]["name"]: r for r in _by_kind(render())["ClusterRole"]}
-    operator_rules = roles["esper-operator"]["rules"]
-    jobs = next(r for r in operator_rules if "jobs" in r["resources"])
-    assert {"create", "watch", "delete"} <= set(jobs["verbs"])
+    docs = _by_kind(render({"compileNamespace": "esper-build"}))
+    roles = {r["metadata"]["name"]: r for r in docs["ClusterRole"]}
+    verbs = _verbs(roles["esper-operator"]["rules"])
+    assert verbs["jobs"] == {"get", "list", "watch"}  # cluster-wide: read only
+    assert verbs["blueprints"] == {"get", "list", "watch", "patch"}  # never created nor deleted
+    assert verbs["kernels"] == {"get", "list", "watch", "create", "patch", "delete"}
+    assert not any("kopf.dev" in r["apiGroups"] for r in roles["esper-operator"]["rules"])  # standalone
+    (jobs_role,) = [r for r in docs["Role"] if r["metadata"]["name"] == "esper-compile-jobs"]
+    assert jobs_role["metadata"]["namespace"] == "esper-build"
+    assert _verbs(jobs_role["rules"]) == {"jobs": {"create", "delete"}}
     reader = roles["esper-kernel-reader"]["rules"]
     assert reader == [
         {"apiGroups": ["esper.dev"], "resources": ["kernels"], "verbs": ["get", "list", "watch"]}
     ]
+
+
+def test_a_namespace_scoped_install_grants_nothing_cluster_wide() -> None:
+    docs = _by_kind(render({"operator": {"watchNamespace": "ml"}, "compileNamespace": "esper-build"}))
+    roles = {r["metadata"]["name"]: r for r in docs["ClusterRole"]}
+    assert _verbs(roles["esper-operator"]["rules"]) == {"customresourcedefinitions": {"list", "watch"}}
+    namespaced = {(r["metadata"]["name"], r["metadata"]["namespace"]) for r in docs["Role"]}
+    assert namespaced == {
+        ("esper-operator", "ml"),
+        ("esper-operator", "esper-build"),
+        ("esper-compile-jobs", "esper-build"),
+    }
+    for role in docs["Role"]:
+        assert "create" not in _verbs(role["rules"]).get("jobs", set()) or role["metadata"]["namespace"] == (
+            "esper-build"
+        )
+    args = docs["Deployment"][0]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[:2] == ["--namespace=ml", "--namespace=esper-build"]
+
+
+def test_tenant_namespaces_get_read_only_credentials_and_trusted_keys_only() -> None:
+    """The bucket's write key and the signing key stay in the compile namespace; tenants get the
+    public keys and, if given, a read-only key."""
+    pem = "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEA\n-----END PUBLIC KEY-----\n"
+    private = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2Vw\n-----END PRIVATE KEY-----\n"
+    docs = _by_kind(
+        render(
+            {
+                "compileNamespace": "esper-build",
+                "s3": {"accessKeyId": "WRITE", "secretAccessKey": "W"},
+                "signing": {"privateKey": private, "publicKeys": [pem]},
+                "kasmina": {"namespaces": ["team-a"], "s3": {"accessKeyId": "READ", "secretAccessKey": "R"}},
+            }
+        )
+    )
+    secrets = {(s["metadata"]["name"], s["metadata"]["namespace"]): s["stringData"] for s in docs["Secret"]}
+    assert set(secrets) == {
+        ("esper-s3", "esper-system"),
+        ("esper-s3", "esper-build"),
+        ("esper-signing", "esper-build"),
+        ("esper-s3-readonly", "team-a"),
+    }
+    assert secrets[("esper-s3-readonly", "team-a")]["AWS_ACCESS_KEY_ID"] == "READ"
+    (trusted,) = docs["ConfigMap"]
+    assert trusted["metadata"]["namespace"] == "team-a" and trusted["data"] == {"key-0.pub": pem}
+    env = {
+        e["name"]: e.get("value")
+        for e in docs["Deployment"][0]["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert env["ESPER_COMPILE_NAMESPACE"] == "esper-build" and env["ESPER_SIGNING_SECRET"] == "esper-signing"
 
 
 def test_chart_ships_the_generated_crds() -> None:
@@ -282,6 +346,8 @@ def _merge(a: dict, b: dict) -> dict:
 
 MONITOR_ON = {"operator": {"metrics": {"serviceMonitor": {"enabled": True}}}}
 KEYS = {"s3": {"accessKeyId": "AK", "secretAccessKey": "SK"}}
+TENANTS = {"kasmina": {"namespaces": ["team-a"]}}
+READ_ONLY = {"kasmina": {"namespaces": ["team-a"], "s3": {"accessKeyId": "RO", "secretAccessKey": "RS"}}}
 # Each value of values.yaml, a different valid setting of it, and what else must be set for it to apply.
 CHANGES: dict[str, tuple[object, dict]] = {
     "image.repository": ("registry.local/esper", {}),
@@ -328,6 +394,16 @@ CHANGES: dict[str, tuple[object, dict]] = {
     "compile.verifyArtifacts": (False, {}),
     "retention": ("delete", {}),
     "kasmina.readerRole": (False, {}),
+    "compileNamespace": ("esper-build", {}),
+    "signing.existingSecret": ("esper-signing-key", {}),
+    "signing.privateKey": ("-----BEGIN PRIVATE KEY-----\nMC4C\n-----END PRIVATE KEY-----\n", {}),
+    "signing.publicKeys": (["-----BEGIN PUBLIC KEY-----\nMCow\n-----END PUBLIC KEY-----\n"], TENANTS),
+    "kasmina.namespaces": (
+        ["team-a"],
+        {"signing": {"publicKeys": ["-----BEGIN PUBLIC KEY-----\nx\n-----END PUBLIC KEY-----"]}},
+    ),
+    "kasmina.s3.accessKeyId": ("RO2", READ_ONLY),
+    "kasmina.s3.secretAccessKey": ("RS2", READ_ONLY),
 }
 
 

@@ -28,3 +28,14 @@ app.kubernetes.io/component: operator
 {{- else if and .Values.s3.accessKeyId .Values.s3.secretAccessKey -}}{{ include "esper.fullname" . }}-s3
 {{- end -}}
 {{- end -}}
+
+
+{{- define "esper.compileNamespace" -}}
+{{ .Values.compileNamespace | default .Release.Namespace }}
+{{- end -}}
+
+{{- define "esper.signingSecret" -}}
+{{- if .Values.signing.existingSecret -}}{{ .Values.signing.existingSecret }}
+{{- else if .Values.signing.privateKey -}}{{ include "esper.fullname" . }}-signing
+{{- end -}}
+{{- end -}}
