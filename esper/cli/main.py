@@ -402,6 +402,19 @@ def kasmina_inject(
         str, typer.Option(help="Where the shared volume is mounted.")
     ] = "/var/lib/esper/kernels",
     service_account: Annotated[str, typer.Option(help="ServiceAccount to run the pod as.")] = "",
+    s3_endpoint: Annotated[str, typer.Option(help="S3 endpoint URL (MinIO); empty: AWS.")] = "",
+    s3_region: Annotated[str, typer.Option(help="S3 region.")] = "",
+    credentials_secret: Annotated[
+        str,
+        typer.Option(
+            help="Secret with a READ-ONLY AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY for the sidecar "
+            "(the chart's esper-s3-readonly); empty: workload identity."
+        ),
+    ] = "",
+    trusted_keys: Annotated[
+        str, typer.Option(help="ConfigMap of trusted public keys (*.pub); '' to use the image's own.")
+    ] = "esper-trusted-keys",
+    volume_size_limit: Annotated[str, typer.Option(help="Size limit of the kernel volume.")] = "8Gi",
 ) -> None:
     """Add the Kasmina sidecar, its shared volume and env to workload manifests; print the result."""
     from esper.sidecar.inject import inject_documents
@@ -423,6 +436,11 @@ def kasmina_inject(
             store_uri=store or None,
             kernel_dir=kernel_dir,
             service_account=service_account or None,
+            s3_endpoint=s3_endpoint or None,
+            s3_region=s3_region or None,
+            credentials_secret=credentials_secret or None,
+            trusted_keys_configmap=trusted_keys or None,
+            volume_size_limit=volume_size_limit,
         )
     except (ValueError, yaml.YAMLError) as exc:
         typer.echo(f"{file}: {exc}", err=True)

@@ -15,6 +15,12 @@ Training jobs with several pod templates get the sidecar in each: every replica 
 pods (Trainer's runtime patches only patch containers the runtime already has), so its sidecar lives
 in the runtime it references: a TrainJob is injected only together with that runtime, and gets the
 kernel directory in `spec.trainer.env`.
+
+Bundles are fetched with the S3 endpoint, region and a READ-ONLY credentials Secret given here (none
+for workload identity: IRSA, GKE); the bucket's write key never enters a tenant namespace. The
+public keys that bundle signatures must verify with come from a ConfigMap (the chart's
+`esper-trusted-keys`), mounted into the sidecar and the app containers (whose `load_kernel` checks
+them again). The shared volume has a size limit, and the sidecar refuses bundles above a maximum size.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
@@ -34,6 +41,38 @@ TOKEN_VOLUME = "esper-kasmina-token"
 TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
 PORT = 9090
 DEFAULT_KERNEL_DIR = "/var/lib/esper/kernels"
+TRUSTED_KEYS_CONFIGMAP = "esper-trusted-keys"
+TRUSTED_KEYS_VOLUME = "esper-trusted-keys"
+TRUSTED_KEYS_DIR = "/etc/esper/trusted-keys"
+DEFAULT_VOLUME_LIMIT = "8Gi"
+_QUANTITY = re.compile(r"[0-9]+(\.[0-9]+)?([KMGTPE]i?)?")
+
+
+@dataclass(frozen=True)
+class StoreAccess:
+    """How the sidecar reaches the store and what it trusts: S3 endpoint and region, a read-only
+    credentials Secret (None: workload identity), the trusted public keys' ConfigMap, limits."""
+
+    s3_endpoint: str | None = None
+    s3_region: str | None = None
+    credentials_secret: str | None = None
+    trusted_keys_configmap: str | None = TRUSTED_KEYS_CONFIGMAP
+    volume_size_limit: str = DEFAULT_VOLUME_LIMIT
+    max_bundle_bytes: int | None = None
+
+    def check(self) -> None:
+        if self.credentials_secret is not None and not NAME_RE.fullmatch(self.credentials_secret):
+            raise ValueError(
+                f"credentials secret {self.credentials_secret!r} is not a Kubernetes object name"
+            )
+        if self.trusted_keys_configmap is not None and not NAME_RE.fullmatch(self.trusted_keys_configmap):
+            raise ValueError(
+                f"trusted keys ConfigMap {self.trusted_keys_configmap!r} is not a Kubernetes object name"
+            )
+        if not _QUANTITY.fullmatch(self.volume_size_limit):
+            raise ValueError(f"volume size limit {self.volume_size_limit!r} is not a quantity such as 8Gi")
+
+
 # Where the pod template sits in each workload kind.
 TEMPLATE_PATHS: dict[str, tuple[str, ...]] = {
     "Pod": (),
@@ -63,6 +102,7 @@ def sidecar_container(
     store_uri: str | None = None,
     kernel_dir: str = DEFAULT_KERNEL_DIR,
     token_volume: bool = False,
+    access: StoreAccess = StoreAccess(),
 ) -> dict[str, Any]:
     """The esper-kasmina native sidecar container."""
     env: list[dict[str, Any]] = [{"name": "ESPER_KERNEL_DIR", "value": kernel_dir}]
@@ -75,7 +115,20 @@ def sidecar_container(
         env.append({"name": "ESPER_STORE_URI", "value": store_uri})
     env.append({"name": "ESPER_SYNC_PORT", "value": str(PORT)})
     env.append({"name": "PYTHONDONTWRITEBYTECODE", "value": "1"})
+    if access.s3_endpoint:
+        env.append({"name": "ESPER_S3_ENDPOINT", "value": access.s3_endpoint})
+    if access.s3_region:
+        env.append({"name": "AWS_REGION", "value": access.s3_region})
+    if access.credentials_secret:
+        for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            ref = {"name": access.credentials_secret, "key": var}
+            env.append({"name": var, "valueFrom": {"secretKeyRef": ref}})
+    if access.max_bundle_bytes:
+        env.append({"name": "ESPER_MAX_BUNDLE_BYTES", "value": str(access.max_bundle_bytes)})
     mounts = [{"name": VOLUME, "mountPath": kernel_dir}]
+    if access.trusted_keys_configmap:
+        env.append({"name": "ESPER_TRUSTED_KEYS", "value": TRUSTED_KEYS_DIR})
+        mounts.append({"name": TRUSTED_KEYS_VOLUME, "mountPath": TRUSTED_KEYS_DIR, "readOnly": True})
     if token_volume:
         mounts.append({"name": TOKEN_VOLUME, "mountPath": TOKEN_PATH, "readOnly": True})
     return {
@@ -203,6 +256,12 @@ def inject(
     kernel_dir: str = DEFAULT_KERNEL_DIR,
     service_account: str | None = None,
     runtimes: Collection[str] = (),
+    s3_endpoint: str | None = None,
+    s3_region: str | None = None,
+    credentials_secret: str | None = None,
+    trusted_keys_configmap: str | None = TRUSTED_KEYS_CONFIGMAP,
+    volume_size_limit: str = DEFAULT_VOLUME_LIMIT,
+    max_bundle_bytes: int | None = None,
 ) -> dict[str, Any]:
     """A copy of `manifest` (one workload) with the sidecar, the volume and the mounts in each of its
     pod templates; idempotent.
@@ -210,7 +269,20 @@ def inject(
     `runtimes`: names of the (Cluster)TrainingRuntimes injected alongside (a TrainJob must reference
     one of them). ValueError: unknown kind, no containers, nothing to sync, a bad name, a conflicting
     volume, mount path or ServiceAccount, or a TrainJob whose runtime is not injected with it.
+
+    S3: `s3_endpoint`, `s3_region` and `credentials_secret` (a read-only key; None for workload
+    identity). `trusted_keys_configmap`: the public keys bundles must be signed with (None: the image's
+    own configuration). The kernel volume is an emptyDir of at most `volume_size_limit`.
     """
+    access = StoreAccess(
+        s3_endpoint,
+        s3_region,
+        credentials_secret,
+        trusted_keys_configmap,
+        volume_size_limit,
+        max_bundle_bytes,
+    )
+    access.check()
     names = [n.strip() for n in kernels.split(",")] if isinstance(kernels, str) else list(kernels or ())
     names = [n for n in names if n]
     if not names and not selector:
@@ -228,7 +300,7 @@ def inject(
     if doc.get("kind") == "TrainJob":
         _inject_trainjob(doc, where, kernel_dir, runtimes)
     for spec in _pod_specs(doc):
-        _inject_spec(spec, where, image, names, selector, store_uri, kernel_dir, service_account)
+        _inject_spec(spec, where, image, names, selector, store_uri, kernel_dir, service_account, access)
     return doc
 
 
@@ -260,6 +332,7 @@ def _inject_spec(
     store_uri: str | None,
     kernel_dir: str,
     service_account: str | None,
+    access: StoreAccess,
 ) -> None:
     """The sidecar, the shared volume, the mounts and the env in one pod template spec (in place)."""
     volumes = spec.setdefault("volumes", [])
@@ -267,7 +340,12 @@ def _inject_spec(
     if existing is not None and "emptyDir" not in existing:
         raise ValueError(f"{where}: a volume named {VOLUME!r} already exists and is not an emptyDir")
     if existing is None:
-        volumes.append({"name": VOLUME, "emptyDir": {}})
+        volumes.append({"name": VOLUME, "emptyDir": {"sizeLimit": access.volume_size_limit}})
+    elif not existing["emptyDir"] or not existing["emptyDir"].get("sizeLimit"):
+        existing["emptyDir"] = {**(existing["emptyDir"] or {}), "sizeLimit": access.volume_size_limit}
+    if access.trusted_keys_configmap:
+        cm = {"name": TRUSTED_KEYS_VOLUME, "configMap": {"name": access.trusted_keys_configmap}}
+        _upsert(volumes, cm)
 
     if service_account:
         current = spec.get("serviceAccountName") or spec.get("serviceAccount")
@@ -286,6 +364,10 @@ def _inject_spec(
                 )
         _upsert(c.setdefault("volumeMounts", []), {"name": VOLUME, "mountPath": kernel_dir, "readOnly": True})
         _upsert(c.setdefault("env", []), {"name": "ESPER_KERNEL_DIR", "value": kernel_dir})
+        if access.trusted_keys_configmap:  # the trainer's load_kernel verifies the signature again
+            mount = {"name": TRUSTED_KEYS_VOLUME, "mountPath": TRUSTED_KEYS_DIR, "readOnly": True}
+            _upsert(c["volumeMounts"], mount)
+            _upsert(c["env"], {"name": "ESPER_TRUSTED_KEYS", "value": TRUSTED_KEYS_DIR})
 
     sidecar = sidecar_container(
         image=image,
@@ -294,6 +376,7 @@ def _inject_spec(
         store_uri=store_uri,
         kernel_dir=kernel_dir,
         token_volume=token,
+        access=access,
     )
     _upsert(spec.setdefault("initContainers", []), sidecar, at=0)  # first: later init containers see kernels
 

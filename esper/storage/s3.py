@@ -7,10 +7,15 @@ us-east-1. Retries use botocore's "standard" mode; large files go multipart.
 
 S3 has no rename, so visibility rests on ordering: data files first, manifest.json last (a single
 PutObject, atomic), and delete removes the manifest first.
+
+botocore logs every request's headers at DEBUG, the access key id and the request signature among
+them; `quiet_sdk_loggers` keeps the SDK's loggers at INFO or above even when a process (the operator
+with `logLevel: debug`) turns everything else to DEBUG.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,6 +42,23 @@ _DENIED = {
     "AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled",
 }  # fmt: skip
 MiB = 1024 * 1024
+SDK_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3")
+
+
+def quiet_sdk_loggers() -> None:
+    """Raise the AWS SDK's loggers (and any child set lower) to INFO: their DEBUG output carries
+    credentials (access key ids, signatures, security tokens)."""
+    for name in SDK_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.getEffectiveLevel() < logging.INFO:
+            logger.setLevel(logging.INFO)
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        sdk = isinstance(logger, logging.Logger) and name.split(".", 1)[0] in SDK_LOGGERS
+        if sdk and logger.level and logger.level < logging.INFO:
+            logger.setLevel(logging.INFO)
+
+
+quiet_sdk_loggers()
 
 
 class S3Store(Store):
@@ -76,6 +98,7 @@ class S3Store(Store):
         )
 
     def _make_client(self, region: str | None, attempts: int, connect: float, read: float) -> Any:
+        quiet_sdk_loggers()  # again: a debug switch (kopf --debug) may have run since the import
         import boto3
         from botocore.config import Config
 

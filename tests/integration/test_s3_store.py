@@ -267,3 +267,28 @@ def test_access_denied(s3_bucket: str) -> None:  # noqa: F811
     store = S3Store(plain.bucket, plain.prefix, client=DenyingClient(plain.client))
     with pytest.raises(StorageError, match=r"access denied .*check credentials"):
         store.read_manifest("0" * 64)
+
+
+def test_debug_logging_never_shows_credentials(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With every logger at DEBUG (the operator's logLevel: debug), no access key id or request
+    signature reaches the log; the SDK still logs at INFO and above."""
+    import logging
+
+    bucket = request.getfixturevalue("s3_bucket")  # created before the loggers go to DEBUG
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAESPERTESTKEYID01")
+    for name in ("botocore", "boto3", "s3transfer", "urllib3"):
+        monkeypatch.setattr(logging.getLogger(name), "level", logging.DEBUG)  # as a --debug switch leaves it
+    caplog.set_level(logging.DEBUG)
+    store = open_store(bucket)
+    key, _ = make_fake_bundle(tmp_path / "b", size=64)
+    store.put_bundle(key, tmp_path / "b")
+    store.fetch_bundle(key, tmp_path / "d")
+    text = caplog.text
+    assert "AKIAESPERTESTKEYID01" not in text
+    assert "Signature=" not in text and "AWS4-HMAC-SHA256" not in text
+    assert logging.getLogger("botocore").getEffectiveLevel() == logging.INFO

@@ -105,7 +105,9 @@ def test_each_kind_gets_the_native_sidecar_and_validates(kind: str) -> None:
     assert sidecar["startupProbe"]["httpGet"]["path"] == "/readyz"
     sc = sidecar["securityContext"]
     assert sc["runAsNonRoot"] and sc["readOnlyRootFilesystem"] and sc["capabilities"]["drop"] == ["ALL"]
-    assert {"name": VOLUME, "emptyDir": {}} in spec["volumes"]
+    assert {"name": VOLUME, "emptyDir": {"sizeLimit": "8Gi"}} in spec["volumes"]  # a node's disk is shared
+    assert {"name": "esper-trusted-keys", "configMap": {"name": "esper-trusted-keys"}} in spec["volumes"]
+    assert env["ESPER_TRUSTED_KEYS"]["value"] == "/etc/esper/trusted-keys"
     for c in spec["containers"]:
         assert {"name": VOLUME, "mountPath": "/var/lib/esper/kernels", "readOnly": True} in c["volumeMounts"]
         assert {"name": "ESPER_KERNEL_DIR", "value": "/var/lib/esper/kernels"} in c["env"]
@@ -191,6 +193,36 @@ def test_refusals(mutate: Any, kwargs: dict[str, Any], message: str) -> None:
     args: dict[str, Any] = {"image": IMAGE, "kernels": [KERNEL], **kwargs}
     with pytest.raises(ValueError, match=message):
         inject(doc, **args)
+
+
+def test_static_s3_credentials_are_a_read_only_secret_reference() -> None:
+    """MinIO or any static-key S3: the sidecar gets the endpoint, region and a Secret reference (a
+    read-only key); with no Secret (workload identity) no credential variable is set at all."""
+    out = inject(
+        _workload("Pod"),
+        image=IMAGE,
+        kernels=[KERNEL],
+        s3_endpoint="http://minio.minio:9000",
+        s3_region="eu-west-1",
+        credentials_secret="esper-s3-readonly",
+    )
+    env = {e["name"]: e for e in _pod_spec(out)["initContainers"][0]["env"]}
+    assert env["ESPER_S3_ENDPOINT"]["value"] == "http://minio.minio:9000"
+    assert env["AWS_REGION"]["value"] == "eu-west-1"
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert env[var] == {
+            "name": var,
+            "valueFrom": {"secretKeyRef": {"name": "esper-s3-readonly", "key": var}},
+        }
+    for c in _pod_spec(out)["containers"]:  # the trainer holds no bucket credentials
+        assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & {e["name"] for e in c.get("env", [])}
+    plain = inject(_workload("Pod"), image=IMAGE, kernels=[KERNEL])
+    names = {e["name"] for e in _pod_spec(plain)["initContainers"][0]["env"]}
+    assert not names & {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "ESPER_S3_ENDPOINT"}
+    with pytest.raises(ValueError, match="not a Kubernetes object name"):
+        inject(_workload("Pod"), image=IMAGE, kernels=[KERNEL], credentials_secret="Bad_Name")
+    with pytest.raises(ValueError, match="not a quantity"):
+        inject(_workload("Pod"), image=IMAGE, kernels=[KERNEL], volume_size_limit="8Gi\n")
 
 
 def test_an_existing_empty_dir_of_that_name_is_reused() -> None:
