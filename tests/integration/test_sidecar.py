@@ -6,6 +6,7 @@ bundle uploaded to S3, as the operator would. Every wait polls (`wait_for`); not
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -423,6 +424,84 @@ def test_run_sync_entry_point_in_a_process(cluster: Cluster, s3_bucket: str, tmp
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         out = proc.communicate()[0]
+    assert "installed kernel-a" in out, out
+
+
+@pytest.mark.cluster
+def test_injected_sidecar_with_static_credentials_gets_a_kernel_in_a_tenant_namespace(
+    cluster: Cluster, s3_server: str, s3_bucket: str, tmp_path: Path
+) -> None:
+    """MinIO-style static credentials: `inject` gives the sidecar the endpoint, the region and a
+    read-only Secret in the tenant's namespace, which is not the operator's; with only what the
+    injected container spec says (no AWS variables of its own) the sidecar installs the Kernel."""
+    from esper.sidecar.inject import inject
+
+    ns = "team-a"
+    cluster.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+    creds = {"AWS_ACCESS_KEY_ID": "readonly", "AWS_SECRET_ACCESS_KEY": "readonly-secret"}
+    cluster.create(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "esper-s3-readonly", "namespace": ns},
+            "data": {k: base64.b64encode(v.encode()).decode() for k, v in creds.items()},
+        }
+    )
+    key, ref = upload(s3_bucket, tmp_path, 3)
+    obj = kernel("kernel-a", key)
+    obj["metadata"]["namespace"] = ns
+    cluster.create(obj)
+    ready = {"status": {"phase": "Ready", "artifact": ref.model_dump()}}
+    cluster.patch("kernels", "kernel-a", ready, namespace=ns, status=True)
+
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "trainer", "namespace": ns},
+           "spec": {"containers": [{"name": "train", "image": "trainer"}]}}  # fmt: skip
+    injected = inject(
+        pod,
+        image="esper",
+        kernels=["kernel-a"],
+        s3_endpoint=s3_server,
+        s3_region="us-east-1",
+        credentials_secret="esper-s3-readonly",
+    )
+    sidecar = injected["spec"]["initContainers"][0]
+    keys_dir = tmp_path / "trusted-keys"  # the esper-trusted-keys ConfigMap, as mounted
+    keys_dir.mkdir()
+    (keys_dir / "key-0.pub").write_bytes(signing.ensure_local_keys()[1].read_bytes())
+    mounts = {m["mountPath"]: m["name"] for m in sidecar["volumeMounts"]}
+    host = {"esper-kernels": str(tmp_path / "vol"), "esper-trusted-keys": str(keys_dir)}
+    env: dict[str, str] = {}
+    for var in sidecar["env"]:
+        if "value" in var:
+            value = var["value"]
+            env[var["name"]] = host[mounts[value]] if value in mounts else value
+        elif "secretKeyRef" in var["valueFrom"]:
+            ref_ = var["valueFrom"]["secretKeyRef"]
+            secret = cluster.get("secrets", ref_["name"], namespace=ns)
+            env[var["name"]] = base64.b64decode(secret["data"][ref_["key"]]).decode()
+        else:
+            env[var["name"]] = ns  # fieldRef metadata.namespace
+    port = free_port()
+    env.update(ESPER_SYNC_PORT=str(port), ESPER_SYNC_HOST="127.0.0.1")
+    base = {k: os.environ[k] for k in ("PATH", "PYTHONPATH", "HOME") if k in os.environ}
+    proc_env = {**base, **cluster.env(), **env, "AWS_EC2_METADATA_DISABLED": "true"}
+    assert not {k for k in proc_env if k.startswith("AWS_")} - {
+        *creds,
+        "AWS_REGION",
+        "AWS_EC2_METADATA_DISABLED",
+    }
+    code = "import sys; from esper.sidecar.sync import run_sync; sys.exit(run_sync())"
+    argv = [sys.executable, "-c", code]
+    proc = subprocess.Popen(
+        argv, env=proc_env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        wait_for(lambda: proc.poll() is None and http_status(port, "/readyz") == 200, timeout=60)
+        assert installed(tmp_path / "vol", "kernel-a", ref.sha256)
+        assert read_index(tmp_path / "vol").get("kernel-a").namespace == ns
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0]
     assert "installed kernel-a" in out, out
 
 
