@@ -8,7 +8,7 @@
 (b) first step after a hot load: a real compiled kernel (AOTInductor forward + backward) germinated
     into a host's slot while it trains; the first training step after it over a steady step of the
     same model. Target <= 2.
-(c) kernel load time: `load_kernel` (verify + load both packages) after `warmup()` at start-up, whose
+(c) kernel load time: `load_kernel` (signature, hashes, private copy, both packages) after `warmup()`, whose
     own time is reported apart. Target <= 0.5 s.
 (d) micro: the per-step cost of one dormant slot (forward + `step()`, default telemetry sampling) over
     the bare submodule, in µs, and the cost of one activation-statistics sample.
@@ -235,16 +235,26 @@ def find_kernel(store_dir: Path, console: Any) -> tuple[Path, str, int]:
     """(verified local bundle, manifest sha256, feature width) of a [batch, F] kernel in the store,
     compiling SMALL_BLUEPRINT into it first if it has none."""
     from esper.artifact import sha256_bytes
+    from esper.signing import SignatureError, TrustedKeys
     from esper.storage import open_store
     from esper.tezzeret.entrypoint import command
 
     store = open_store(str(store_dir))
+    trusted = TrustedKeys.from_env()
+
+    def signed(key: str) -> bool:
+        try:
+            trusted.verify(store.read_manifest_bytes(key), store.read_signature_bytes(key))
+        except SignatureError:
+            return False  # an older, unsigned bundle: recompiled (and replaced) below
+        return True
 
     def pick() -> tuple[str, int] | None:
         for key in store.list_keys():
             m = store.read_manifest(key)
             if (
-                m.inputs
+                signed(key)
+                and m.inputs
                 and len(m.inputs[0].shape) == 2
                 and m.outputs
                 and m.outputs[0].shape == m.inputs[0].shape
@@ -259,11 +269,12 @@ def find_kernel(store_dir: Path, console: Any) -> tuple[Path, str, int]:
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode:
             raise SystemExit(f"compile failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        trusted = TrustedKeys.from_env()  # the compile created the local key pair if there was none
         found = pick()
         assert found is not None
     key, width = found
     sha = sha256_bytes(store.read_manifest_bytes(key))
-    bundle = store.fetch_bundle(key, store_dir.parent / "bench-bundles" / key, sha)
+    bundle = store.fetch_bundle(key, store_dir.parent / "bench-bundles" / key, sha, trusted=trusted)
     return bundle, sha, width
 
 
@@ -271,26 +282,49 @@ def find_kernel(store_dir: Path, console: Any) -> tuple[Path, str, int]:
 
 
 def load_times(bundle: Path, sha: str, loads: int) -> dict[str, Any]:
+    """`load_kernel` as shipped (signature checked against $ESPER_TRUSTED_KEYS / the local key) and,
+    interleaved with it, the same load with the signature check replaced by a no-op: their medians'
+    difference is what checking signatures costs per load (key lookup, file stat, ed25519 verify)."""
     from prometheus_client import CollectorRegistry
 
     from esper.kasmina import KasminaMetrics, load_kernel, warmup
+    from esper.signing import TrustedKeys
+
+    class NoCheck(TrustedKeys):
+        def verify(self, manifest_bytes: bytes, signature_bytes: bytes | None, source: str = "") -> str:
+            return ""
 
     cold = "torch._inductor" not in sys.modules
     warm_s = warmup()
     metrics = KasminaMetrics(CollectorRegistry())
-    secs = []
+    secs: list[float] = []
+    unchecked: list[float] = []
+    no_check = NoCheck([])
     for _ in range(loads):
         t0 = time.perf_counter()
         load_kernel(bundle, sha, metrics=metrics)
         secs.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        load_kernel(bundle, sha, metrics=metrics, trusted_keys=no_check)
+        unchecked.append(time.perf_counter() - t0)
+    pair = _signed_pair(bundle)
+    verify_s = timed(lambda: TrustedKeys.from_env().verify(*pair), 200) / 200
     return {
         "warmupSeconds": round(warm_s, 3),
         "warmupWasCold": cold,
         "firstLoadSeconds": round(secs[0], 4),
         "medianLoadSeconds": round(statistics.median(secs), 4),
         "maxLoadSeconds": round(max(secs), 4),
+        "medianLoadSecondsWithoutSignatureCheck": round(statistics.median(unchecked[1:] or unchecked), 4),
+        "signatureCheckSeconds": round(verify_s, 6),
         "loads": loads,
     }
+
+
+def _signed_pair(bundle: Path) -> tuple[bytes, bytes | None]:
+    from esper.artifact import read_manifest_bytes, read_signature_bytes
+
+    return read_manifest_bytes(bundle), read_signature_bytes(bundle)
 
 
 # ---------------------------------------------------------------- (b)
@@ -400,6 +434,38 @@ def guard_micro(bundle: Path, sha: str, width: int, calls: int, repeats: int) ->
     return {"width": width, "calls": calls, "repeats": repeats, "byBatch": rows}
 
 
+def print_loads(console: Any, c: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"(c) kernel load, {c['loads']} interleaved pairs")
+    t.add_column("what")
+    t.add_column("value", justify="right")
+    t.add_column("target", justify="right")
+    for _, row in load_rows(c):
+        t.add_row(*row)
+    console.print(t)
+
+
+def load_rows(c: dict[str, Any]) -> list[tuple[str, tuple[str, str, str]]]:
+    """The (c) rows of both tables: load median with and without the signature check."""
+    unchecked = c["medianLoadSecondsWithoutSignatureCheck"] * 1e3
+    extra = c["medianLoadSeconds"] * 1e3 - unchecked
+    ok = "[green]ok" if extra <= 5 else "[red]over"
+    return [
+        ("load", ("load median, signature checked", f"{c['medianLoadSeconds'] * 1e3:.1f} ms", "")),
+        (
+            "unchecked",
+            (
+                "load median, no signature check",
+                f"{unchecked:.1f} ms",
+                "",
+            ),
+        ),
+        ("delta", ("signature check, added to the median", f"{extra:+.2f} ms", f"<= 5 ms {ok}")),
+        ("verify", ("ed25519 verify + key lookup alone", f"{c['signatureCheckSeconds'] * 1e6:.0f} µs", "")),
+    ]
+
+
 def print_guard(console: Any, e: dict[str, Any]) -> None:
     from rich.table import Table
 
@@ -434,6 +500,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run, not for numbers)")
     ap.add_argument("--guard-only", action="store_true", help="only (e), the kernel-call guard")
+    ap.add_argument("--load-only", action="store_true", help="only (c), kernel load times")
     args = ap.parse_args()
     console = Console(width=None if sys.stdout.isatty() else 120)
     torch.set_num_threads(args.threads)
@@ -449,6 +516,9 @@ def main() -> None:
         return
     console.print(f"(c) kernel load: {bundle.name[:16]} (width {width}) ...")
     c = load_times(bundle, sha, loads=3 if q else 10)  # first: warmup() is a start-up cost
+    if args.load_only:
+        print_loads(console, c)
+        return
     console.print("(a) dormant overhead: interleaved rounds ...")
     a = dormant_overhead(width=256, depth=16, batch=256, counts=(4, 16), rounds=8 if q else 60, k=9)
     console.print("(d) dormant-slot micro ...")
@@ -509,6 +579,8 @@ def main() -> None:
         f"{c['medianLoadSeconds'] * 1e3:.1f} / {c['maxLoadSeconds'] * 1e3:.1f} ms",
         f"<= 500 ms {ok}",
     )
+    for _, row in load_rows(c):
+        t.add_row(*row)
     t.add_row(
         f"(d) identity forward, [{d['activation'][0]}, {d['activation'][1]}]", f"{d['identityUs']:.2f} µs", ""
     )
