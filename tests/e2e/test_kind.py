@@ -20,7 +20,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
@@ -73,10 +72,13 @@ def kind_cluster() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def esper(kind_cluster: str) -> Iterator[str]:
-    """The chart installed in a fresh namespace, which is also where the Blueprint and trainer go: compile
-    Jobs run in the Blueprint's namespace and read the S3 Secret there."""
+def esper(kind_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The chart installed in a fresh namespace (also where the Blueprint and trainer go), with a new
+    signing key pair and MinIO's read-only user for the sidecar."""
+    from esper.signing import generate_key_pair
+
     namespace = f"esper-{uuid.uuid4().hex[:6]}"
+    private, public = generate_key_pair(tmp_path_factory.mktemp("signing"))
     repository, tag = IMAGE.rsplit(":", 1)
     sh("kubectl", "create", "namespace", namespace)
     sh(
@@ -89,6 +91,9 @@ def esper(kind_cluster: str) -> Iterator[str]:
         "--set", "image.pullPolicy=Never",  # the image exists only on the nodes (kind load)
         "--set", f"s3.endpoint={S3_ENDPOINT}", "--set", f"s3.existingSecret={S3_SECRET}",
         "--set", f"operator.watchNamespace={namespace}",
+        "--set-file", f"signing.privateKey={private}", "--set-file", f"signing.publicKeys[0]={public}",
+        "--set", f"kasmina.namespaces={{{namespace}}}",
+        "--set", "kasmina.s3.accessKeyId=esper-ro", "--set", "kasmina.s3.secretAccessKey=esper-ro-secret",
     )  # fmt: skip
     yield namespace
     sh("helm", "uninstall", "esper", "-n", namespace, check=False)
@@ -102,28 +107,6 @@ def _trainer_manifest() -> str:
     pod = next(d for d in docs if d and d["kind"] == "Pod")
     for container in pod["spec"]["containers"]:
         container["image"] = IMAGE
-    return yaml.safe_dump_all(docs)
-
-
-def _with_store_access(injected: str) -> str:
-    """Give the sidecar MinIO's endpoint and credentials where `inject` set none: a Kernel's status
-    names an s3:// URI, and a static-key S3 needs both to be read."""
-    docs = list(yaml.safe_load_all(injected))
-    pod = next(d for d in docs if d and d["kind"] == "Pod")
-    sidecar = next(
-        c for c in pod["spec"]["initContainers"] if c["command"][:3] == ["esper", "kasmina", "sync"]
-    )
-    env: list[dict[str, Any]] = sidecar.setdefault("env", [])
-    present = {e["name"] for e in env}
-    wanted = [
-        {"name": "ESPER_S3_ENDPOINT", "value": S3_ENDPOINT},
-        {"name": "AWS_REGION", "value": "us-east-1"},
-        *(
-            {"name": key, "valueFrom": {"secretKeyRef": {"name": S3_SECRET, "key": key}}}
-            for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
-        ),
-    ]
-    env.extend(e for e in wanted if e["name"] not in present)
     return yaml.safe_dump_all(docs)
 
 
@@ -152,9 +135,10 @@ def test_blueprint_to_ready_kernel_to_training_pod(esper: str) -> None:
     injected = sh(
         sys.executable, "-m", "esper.cli.main", "kasmina", "inject", "-",
         "--selector", f"esper.dev/blueprint={BLUEPRINT}", "--image", IMAGE,
+        "--s3-endpoint", S3_ENDPOINT, "--s3-region", "us-east-1", "--credentials-secret", "esper-s3-readonly",
         input=_trainer_manifest(),
     )  # fmt: skip
-    sh("kubectl", "-n", ns, "apply", "-f", "-", input=_with_store_access(injected))
+    sh("kubectl", "-n", ns, "apply", "-f", "-", input=injected)
     # Ready only once the sidecar's startup probe saw its first sync complete.
     sh("kubectl", "-n", ns, "wait", "--for=condition=Ready", "pod/esper-trainer", "--timeout=600s")
     index = json.loads(
