@@ -83,8 +83,9 @@ def _read_key_file(path: Path) -> bytes:
 def load_private_key(path: Path | str) -> Ed25519PrivateKey:
     """An ed25519 private key from a PKCS#8 PEM file (unencrypted: it lives in a Secret)."""
     p = Path(path)
+    data = _read_key_file(p)
     try:
-        key = serialization.load_pem_private_key(_read_key_file(p), password=None)
+        key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as e:
         raise KeyFileError(f"{p}: not a PEM private key ({e})") from None
     if not isinstance(key, Ed25519PrivateKey):
@@ -95,8 +96,9 @@ def load_private_key(path: Path | str) -> Ed25519PrivateKey:
 def load_public_key(path: Path | str) -> Ed25519PublicKey:
     """An ed25519 public key from a SubjectPublicKeyInfo PEM file."""
     p = Path(path)
+    data = _read_key_file(p)
     try:
-        key = serialization.load_pem_public_key(_read_key_file(p))
+        key = serialization.load_pem_public_key(data)
     except (ValueError, TypeError) as e:
         raise KeyFileError(f"{p}: not a PEM public key ({e})") from None
     if not isinstance(key, Ed25519PublicKey):

@@ -546,6 +546,27 @@ def test_config_from_env(tmp_path: Path) -> None:
         SyncConfig.from_env({"ESPER_KERNEL_DIR": "/k", "ESPER_KERNEL_SELECTOR": "a in x"})
 
 
+def test_trusted_keys_and_bundle_limit_from_env(tmp_path: Path) -> None:
+    private, public = signing.generate_key_pair(tmp_path / "k")
+    base = {"ESPER_KERNEL_DIR": str(tmp_path), "ESPER_KERNELS": "a"}
+    cfg = SyncConfig.from_env(
+        {**base, "ESPER_TRUSTED_KEYS": str(tmp_path / "k"), "ESPER_MAX_BUNDLE_BYTES": "1000"}
+    )
+    key_id = signing.key_id(signing.load_private_key(private).public_key())
+    assert cfg.trusted().key_ids == [key_id] and cfg.max_bundle_bytes == 1000
+    assert SyncConfig.from_env({**base, "ESPER_TRUSTED_KEYS": str(public)}).trusted().key_ids == [key_id]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"ESPER_TRUSTED_KEYS: .*no public keys"):
+        SyncConfig.from_env({**base, "ESPER_TRUSTED_KEYS": str(tmp_path / "empty")})
+    with pytest.raises(ConfigError, match=r"ESPER_TRUSTED_KEYS: cannot read key file .*missing.pub"):
+        SyncConfig.from_env({**base, "ESPER_TRUSTED_KEYS": str(tmp_path / "missing.pub")})
+    (tmp_path / "bad.pub").write_text("garbage")
+    with pytest.raises(ConfigError, match=r"ESPER_TRUSTED_KEYS: .*not a PEM public key"):
+        SyncConfig.from_env({**base, "ESPER_TRUSTED_KEYS": str(tmp_path / "bad.pub")})
+    with pytest.raises(ConfigError, match="ESPER_MAX_BUNDLE_BYTES"):
+        SyncConfig.from_env({**base, "ESPER_MAX_BUNDLE_BYTES": "0"})
+
+
 def test_default_namespace_falls_back(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from esper.sidecar import config as sync_config
 
