@@ -53,8 +53,9 @@ def test_blueprint_becomes_ready_and_kubectl_wait_sees_it(esper: Esper) -> None:
     assert [o["uid"] for o in kernel["metadata"]["ownerReferences"]] == [blueprint["metadata"]["uid"]]
     # The Job on the emulator belongs to the Kernel on the real server.
     (job,) = esper.jobs()
-    assert job["metadata"]["ownerReferences"][0]["uid"] == kernel["metadata"]["uid"]
+    assert job["metadata"]["labels"]["esper.dev/kernel-uid"] == kernel["metadata"]["uid"]
     assert kernel["status"]["jobName"] == job["metadata"]["name"]
+    assert kernel["status"]["jobUid"] == job["metadata"]["uid"]  # the status field exists on the server
 
 
 def test_invalid_blueprint_is_admitted_then_marked_invalid(esper: Esper) -> None:
