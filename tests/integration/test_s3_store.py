@@ -18,6 +18,7 @@ from esper.artifact import (
     FORWARD,
     MANIFEST,
     PARAMS,
+    SIGNATURE,
     TRAIN_BACKWARD,
     TRAIN_FORWARD,
     ArtifactError,
@@ -68,14 +69,15 @@ def test_round_trip(store: Store, tmp_path: Path) -> None:
     ref = store.put_bundle(key, tmp_path / "src")
     assert ref.uri == store.bundle_uri(key) and ref.uri.startswith(store.uri)
     assert ref.sha256 == sha
-    assert ref.size == sum(p.stat().st_size for p in (tmp_path / "src").iterdir())
+    counted = [p for p in (tmp_path / "src").iterdir() if p.name != SIGNATURE]  # the size counts no signature
+    assert ref.size == sum(p.stat().st_size for p in counted)
     assert store.list_keys() == [key] and store.has_bundle(key)
     assert store.read_manifest(key).key == key
     assert sha256_bytes(store.read_manifest_bytes(key)) == sha
     dest = tmp_path / "cache" / key
     assert store.fetch_bundle(key, dest, sha) == dest
     assert verify_bundle(dest, sha).key == key
-    for name in DATA_FILES:
+    for name in (*DATA_FILES, SIGNATURE):  # the signature travels with the bundle
         assert (dest / name).read_bytes() == (tmp_path / "src" / name).read_bytes()
     assert _siblings(dest) == [key]  # no temporary directory left behind
 
@@ -196,7 +198,8 @@ def test_partial_upload_is_invisible(s3_bucket: str, tmp_path: Path) -> None:  #
     with pytest.raises(StorageError, match="cannot reach"):
         failing.put_bundle(key, tmp_path / "src")
     stored = _raw_client(plain).list_objects_v2(Bucket=plain.bucket)["Contents"]
-    assert sorted(o["Key"].rsplit("/", 1)[1] for o in stored) == sorted(DATA_FILES)  # data did land
+    landed = sorted(o["Key"].rsplit("/", 1)[1] for o in stored)
+    assert landed == sorted((*DATA_FILES, SIGNATURE))  # data and signature did land, the manifest not
     assert plain.list_keys() == [] and not plain.has_bundle(key)
     with pytest.raises(BundleNotFound):
         plain.fetch_bundle(key, tmp_path / "d")
