@@ -102,7 +102,7 @@ def test_injected_training_jobs_are_admitted_and_keep_every_sidecar(
             assert sidecar["name"] == SIDECAR and sidecar["restartPolicy"] == "Always"
             assert sidecar["startupProbe"]["httpGet"]["path"] == "/readyz"  # nested fields survived
             assert sidecar["securityContext"]["readOnlyRootFilesystem"] is True
-            assert {"name": VOLUME, "emptyDir": {}} in spec["volumes"]
+            assert {"name": VOLUME, "emptyDir": {"sizeLimit": "8Gi"}} in spec["volumes"]
             mounts = spec["containers"][0]["volumeMounts"]
             assert {"name": VOLUME, "mountPath": "/var/lib/esper/kernels", "readOnly": True} in mounts
         if doc["kind"] == "TrainJob":

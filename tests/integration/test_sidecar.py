@@ -329,6 +329,7 @@ def test_bundle_esper_did_not_sign_is_never_installed(
 ) -> None:
     """Whoever can write the bucket (and even the Kernel's status sha256) cannot get a bundle onto
     the training pod's volume: its signature must hold for a trusted key."""
+    signing.ensure_local_keys()  # the sidecar's trusted key (the local one here) exists
     d = tmp_path / "planted"
     key, _ = make_fake_bundle(d, seed=7, signed=False)
     if signer == "foreign":

@@ -63,7 +63,7 @@ def _trainjob(runtime: str = "esper-torch") -> dict[str, Any]:
 def _assert_injected(pod_spec: dict[str, Any], app: str) -> None:
     init = pod_spec["initContainers"]
     assert [c["name"] for c in init] == [SIDECAR] and init[0]["restartPolicy"] == "Always"
-    assert {"name": VOLUME, "emptyDir": {}} in pod_spec["volumes"]
+    assert {"name": VOLUME, "emptyDir": {"sizeLimit": "8Gi"}} in pod_spec["volumes"]
     (c,) = [c for c in pod_spec["containers"] if c["name"] == app]
     assert {"name": VOLUME, "mountPath": KDIR, "readOnly": True} in c["volumeMounts"]
     assert {"name": "ESPER_KERNEL_DIR", "value": KDIR} in c["env"]
