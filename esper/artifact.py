@@ -358,14 +358,18 @@ def verify_bundle(
     return manifest
 
 
-def copy_capped(fin: BinaryIO, fout: BinaryIO, max_bytes: int, source: str) -> None:
-    """Copy at most `max_bytes`; ArtifactError as soon as the source holds more."""
+def copy_capped(fin: BinaryIO, fout: BinaryIO, max_bytes: int, source: str) -> tuple[str, int]:
+    """Copy at most `max_bytes`; ArtifactError as soon as the source holds more. Returns the copy's
+    (sha256, size), hashed while copying: one read of the source."""
     left = max_bytes
+    h = hashlib.sha256()
     while chunk := fin.read(min(_CHUNK, left + 1)):
         if len(chunk) > left:
             raise ArtifactError(f"{source}: larger than the {max_bytes} bytes the manifest records")
         fout.write(chunk)
+        h.update(chunk)
         left -= len(chunk)
+    return h.hexdigest(), max_bytes - left
 
 
 def private_copy(
@@ -393,8 +397,13 @@ def private_copy(
         if path.is_symlink() or not path.is_file():
             raise ArtifactError(f"{path}: listed in the manifest but missing")
         with open(path, "rb") as fin, open(out / name, "wb") as fout:
-            copy_capped(fin, fout, entry.size, str(path))
+            sha, size = copy_capped(fin, fout, entry.size, str(path))
+        # The copy is checked as written (this process alone writes `out`): size, then sha256.
+        if size != entry.size:
+            raise ArtifactError(f"{path}: size is {size} bytes, manifest says {entry.size}")
+        if sha != entry.sha256:
+            raise ArtifactError(f"{path}: sha256 is {sha}, manifest says {entry.sha256}")
     (out / MANIFEST).write_bytes(data)
     if signature is not None:
         (out / SIGNATURE).write_bytes(signature)
-    return verify_bundle(out, expected_sha256, trusted=trusted)
+    return manifest
