@@ -297,6 +297,6 @@ def test_packages_load_from_a_private_verified_copy(
 
     monkeypatch.setattr(esper.aoti, "load_package", spy)
     load_kernel(path, sha)
-    assert [p.name for p in opened] == [artifact.FORWARD, artifact.BACKWARD]
+    assert [p.name for p in opened] == [artifact.FORWARD, artifact.TRAIN_BACKWARD, artifact.TRAIN_FORWARD]
     assert all(path.resolve() not in p.resolve().parents for p in opened)
     assert all(not p.exists() for p in opened)  # the private copy is gone once loaded
