@@ -52,7 +52,7 @@ DOC = REPO / "docs" / "reliability.md"
 TABLE_START, TABLE_END = "<!-- results: start -->", "<!-- results: end -->"
 API_TIMEOUT = 2.0
 FINAL = ("Ready", "Failed", "Invalid")  # phases nothing more happens in until the spec changes
-WAIT = 60.0
+WAIT = 180.0  # a hang guard, not a goal: compiles run three AOTInductor builds each
 
 
 @dataclass
@@ -573,7 +573,7 @@ def test_api_errors_and_time_outs_lose_and_duplicate_nothing(rig: Rig) -> None:
     for name, seed in specs.items():
         rig.cluster.create(blueprint(name, seed=seed))
     for name in specs:
-        rig.wait_phase(name, "Ready", timeout=90)
+        rig.wait_phase(name, "Ready", timeout=400)  # three real compiles on two cores
     pending = faults.pending()
     assert not pending, f"faults never reached: {pending}"
     tally = rig.tally()
