@@ -38,6 +38,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(VENV)/bin/lint-imports
+	$(PY) -m mypy
 	$(VENV)/bin/hadolint $(DOCKERFILES)
 	$(VENV)/bin/actionlint
 

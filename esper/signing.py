@@ -254,7 +254,7 @@ class TrustedKeys:
         return [self._keys[k] for k in self.key_ids]
 
     @classmethod
-    def from_paths(cls, paths: Iterable[Path | str]) -> TrustedKeys:
+    def from_paths(cls, paths: Iterable[str | os.PathLike[str]]) -> TrustedKeys:
         """Public key files, or directories whose `*.pub` files are read; KeyFileError if none is found."""
         keys, sources = [], []
         for raw in paths:
@@ -342,7 +342,7 @@ def _from_env_cached(value: str, local_public: str) -> TrustedKeys:
 
 
 def resolve_trusted(
-    keys: TrustedKeys | Sequence[Path | str] | None, env: Mapping[str, str] | None = None
+    keys: TrustedKeys | Sequence[str | os.PathLike[str]] | None, env: Mapping[str, str] | None = None
 ) -> TrustedKeys:
     """Trusted keys given explicitly (object or paths), else from the environment."""
     if isinstance(keys, TrustedKeys):

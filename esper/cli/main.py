@@ -155,7 +155,7 @@ def compile_(
     from esper.contracts.job import CompileError, CompileFailure, CompileResult, read_result
     from esper.tezzeret.entrypoint import main as tezzeret
 
-    jobs = []
+    jobs: list[tuple[str, Any, str]] = []
     for label, spec in load_all(files):
         targets = target or (spec if isinstance(spec, dict) else {}).get("targets") or ["cpu"]
         name = label.rsplit(" (", 1)[-1].rstrip(")") if " (" in label else Path(label).stem
@@ -251,7 +251,7 @@ def kernels(
     except Exception as exc:
         typer.echo(f"{store}: {exc}", err=True)
         raise typer.Exit(2) from None
-    rows = []
+    rows: list[dict[str, Any]] = []
     for data, m in manifests:
         report = m.report
         size = bundle_size(m, data)
@@ -466,7 +466,8 @@ def _numel(shape: list[Any]) -> int:
     return n
 
 
-def _bytes(n: int) -> str:
+def _bytes(size: int) -> str:
+    n = float(size)
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

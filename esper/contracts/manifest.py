@@ -254,7 +254,7 @@ class _Builder:
                 raise self._error("'<<' merges only mappings", event, top.path)
             top.merges.extend(sources)
             return
-        top.value[top.key] = value  # type: ignore[index]
+        top.value[top.key] = value
 
     def _key(self, top: _Frame, key: Any, event: Any) -> None:
         line = event.start_mark.line + 1

@@ -125,7 +125,7 @@ def sidecar_container(
             env.append({"name": var, "valueFrom": {"secretKeyRef": ref}})
     if access.max_bundle_bytes:
         env.append({"name": "ESPER_MAX_BUNDLE_BYTES", "value": str(access.max_bundle_bytes)})
-    mounts = [{"name": VOLUME, "mountPath": kernel_dir}]
+    mounts: list[dict[str, Any]] = [{"name": VOLUME, "mountPath": kernel_dir}]
     if access.trusted_keys_configmap:
         env.append({"name": "ESPER_TRUSTED_KEYS", "value": TRUSTED_KEYS_DIR})
         mounts.append({"name": TRUSTED_KEYS_VOLUME, "mountPath": TRUSTED_KEYS_DIR, "readOnly": True})

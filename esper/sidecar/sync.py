@@ -215,7 +215,7 @@ class KernelSync:
 
     def list_kernels(self) -> str:
         """List the namespace's Kernels into `observed`; returns the list's resourceVersion."""
-        resp = self.api.list_namespaced_custom_object(
+        resp: dict[str, Any] = self.api.list_namespaced_custom_object(  # type: ignore[assignment]
             API_GROUP,
             API_VERSION,
             self.config.namespace,
@@ -235,7 +235,7 @@ class KernelSync:
         kind, obj = event.get("type"), event.get("raw_object") or event.get("object")
         if kind not in ("ADDED", "MODIFIED", "DELETED") or not isinstance(obj, dict):
             return
-        name = (obj.get("metadata") or {}).get("name")
+        name = str((obj.get("metadata") or {}).get("name") or "")
         with self._lock:
             if self._observed is None:
                 self._observed = {}
@@ -334,7 +334,7 @@ class KernelSync:
                 done = all(self._installed.get(n) == d.entry for n, d in desired.items())
                 if self._initial is not None and not self._ready:
                     self._ready = all(n in self._installed or n not in desired or
-                                      ((f := self._failures.get(n)) is not None and f.settled)
+                                      ((failure := self._failures.get(n)) is not None and failure.settled)
                                       for n in self._initial)  # fmt: skip
                 self.metrics.installed.set(len(self._installed))
             if done:

@@ -52,10 +52,10 @@ def quiet_sdk_loggers() -> None:
         logger = logging.getLogger(name)
         if logger.getEffectiveLevel() < logging.INFO:
             logger.setLevel(logging.INFO)
-    for name, logger in list(logging.root.manager.loggerDict.items()):
-        sdk = isinstance(logger, logging.Logger) and name.split(".", 1)[0] in SDK_LOGGERS
-        if sdk and logger.level and logger.level < logging.INFO:
-            logger.setLevel(logging.INFO)
+    for name, known in list(logging.root.manager.loggerDict.items()):
+        sdk = isinstance(known, logging.Logger) and name.split(".", 1)[0] in SDK_LOGGERS
+        if sdk and isinstance(known, logging.Logger) and known.level and known.level < logging.INFO:
+            known.setLevel(logging.INFO)
 
 
 quiet_sdk_loggers()

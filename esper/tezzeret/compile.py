@@ -351,7 +351,7 @@ def _batch_fn(val: Any, batch_sym: Any) -> Callable[[Any], Any]:
         return constant
     if batch_sym is None or expr.free_symbols != {batch_sym}:
         raise RuntimeError(f"the backward takes a size {expr} that is not a function of the batch")
-    return sympy.lambdify([batch_sym], expr, modules=[{}])  # type: ignore[no-any-return]
+    return sympy.lambdify([batch_sym], expr, modules=[{}])
 
 
 def _train_forward_program(split: _Split, module: nn.Module, n_inputs: int) -> nn.Module:

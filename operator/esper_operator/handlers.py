@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import kopf
 
@@ -32,10 +32,12 @@ survive_any_body()  # before kopf decodes its first body
 
 
 def _emit(body: dict[str, Any], type_: str, reason: str, message: str) -> None:
-    kopf.event(body, type=type_, reason=reason, message=message[:1024])
+    kopf.event(cast(kopf.Body, body), type=type_, reason=reason, message=message[:1024])
 
 
-@kopf.on.startup()
+# kopf's handler protocols spell out every keyword a handler may take; handlers here take what they use
+# and `**_`, which kopf supports but its stubs cannot express (hence the arg-type ignores).
+@kopf.on.startup()  # type: ignore[arg-type]
 async def configure(
     settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger, **_: Any
 ) -> None:
@@ -105,7 +107,7 @@ async def release_blueprint(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     await memo.reconciler.blueprint_deleted(_metadata_and_status(body))
 
 
-@kopf.on.event("batch", "v1", "jobs", labels={MANAGED_BY: OPERATOR_NAME}, id="observe-job")
+@kopf.on.event("batch", "v1", "jobs", labels={MANAGED_BY: OPERATOR_NAME}, id="observe-job")  # type: ignore[arg-type]
 async def observe_job(type: str, body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     """kopf never retries an event handler: a failed observation is retried here, else left to resync."""
     if type == "DELETED":
@@ -131,7 +133,7 @@ async def observe_compile_pod(type: str, body: kopf.Body, memo: kopf.Memo, **_: 
     await memo.reconciler.observe_pod(plain(body, parts=("status",)))
 
 
-@kopf.on.event(*KERNELS, id="kernel-metrics")
+@kopf.on.event(*KERNELS, id="kernel-metrics")  # type: ignore[arg-type]
 def kernel_metrics(type: str, name: str, namespace: str, status: kopf.Status, **_: Any) -> None:
     metrics.observe_kernel(namespace, name, None if type == "DELETED" else status.get("phase") or "Pending")
 

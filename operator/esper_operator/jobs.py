@@ -93,7 +93,7 @@ def build_job(
     }
     if config.kueue_queue:
         labels["kueue.x-k8s.io/queue-name"] = config.kueue_queue
-    env = [
+    env: list[dict[str, Any]] = [
         {"name": REQUEST_ENV, "value": compile_request(spec, kernel_namespace).to_env()},
         {"name": "AWS_REGION", "value": config.s3_region},
         {"name": "TORCHINDUCTOR_CACHE_DIR", "value": f"{SCRATCH}/inductor"},
@@ -107,7 +107,7 @@ def build_job(
         for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
             ref = {"name": config.s3_secret, "key": var}
             env.append({"name": var, "valueFrom": {"secretKeyRef": ref}})
-    mounts = [{"name": "scratch", "mountPath": SCRATCH}]
+    mounts: list[dict[str, Any]] = [{"name": "scratch", "mountPath": SCRATCH}]
     volumes: list[dict[str, Any]] = [{"name": "scratch", "emptyDir": {"sizeLimit": "10Gi"}}]
     if config.signing_secret:
         env.append({"name": "ESPER_SIGNING_KEY", "value": f"{SIGNING_DIR}/signing.key"})

@@ -9,14 +9,13 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
 from esper.contracts import API_GROUP, API_VERSION
 
-T = TypeVar("T")
 Body = dict[str, Any]
 
 
@@ -43,7 +42,8 @@ class Kube:
         self.batch = client.BatchV1Api(self.api_client)
         self.core = client.CoreV1Api(self.api_client)
 
-    async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    async def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run one client call off the event loop; the client's results are loosely typed JSON."""
         kwargs.setdefault("_request_timeout", self.timeout)
         try:
             return await asyncio.to_thread(fn, *args, **kwargs)
@@ -52,7 +52,7 @@ class Kube:
                 raise Conflict(exc.reason or "conflict") from exc
             raise
 
-    async def _maybe(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
+    async def _maybe(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
             return await self._call(fn, *args, **kwargs)
         except ApiException as exc:

@@ -433,9 +433,8 @@ class Reconciler:
             if outcome.replaced:
                 self.emit(kernel, "Warning", "BundleReplaced", outcome.replaced)
             speedup = outcome.report.speedup if outcome.report else 0.0
-            self.emit(
-                kernel, "Normal", "Compiled", f"Ready: {outcome.artifact.uri} ({speedup:.2f}x over eager)"
-            )
+            uri = outcome.artifact.uri if outcome.artifact else "?"
+            self.emit(kernel, "Normal", "Compiled", f"Ready: {uri} ({speedup:.2f}x over eager)")
         else:
             status = kernel_status(
                 previous,

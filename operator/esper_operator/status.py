@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from esper.contracts import Condition
 from esper.contracts.common import now_rfc3339
@@ -19,7 +19,7 @@ def set_condition(
     generation: int = 0,
 ) -> list[dict[str, Any]]:
     """Return conditions with `type_` set; lastTransitionTime moves only when the status flips."""
-    value = "True" if status else "False"
+    value: Literal["True", "False"] = "True" if status else "False"
     previous = next((c for c in conditions if c.get("type") == type_), None)
     since = previous.get("lastTransitionTime") if previous and previous.get("status") == value else None
     condition = Condition(

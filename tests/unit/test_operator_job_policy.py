@@ -65,6 +65,8 @@ def test_job_spec_and_failure_policy_are_the_documented_ones() -> None:
     assert job["metadata"]["labels"] == {
         "app.kubernetes.io/managed-by": "esper-operator",
         "esper.dev/kernel": "kernel-1",
+        "esper.dev/kernel-namespace": "ns",  # Jobs live in the compile namespace: the Kernel's is a label
+        "esper.dev/kernel-uid": "u-1",  # results count only for this Kernel (not an ownerReference)
         "esper.dev/target": "cpu",
     }
     assert (job["metadata"]["name"], job["metadata"]["namespace"]) == ("job-1", "ns")
