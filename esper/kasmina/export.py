@@ -1,0 +1,118 @@
+"""Export a grown model to plain PyTorch: seed slots out, fossils in as eager modules.
+
+`unwrap(model)` replaces every SeedSlot (in place) by what it computes now:
+
+- fossilized: `nn.Sequential(host, seed)` (the seed alone for a slot without a host), the seed as an
+  eager module with its trained weights: a compiled kernel is rebuilt from the Blueprint graph in its
+  manifest and given the kernel's parameters, then traced with `torch.fx` into a `GraphModule`, so the
+  result holds only torch classes (besides the host's own) and ships without Esper;
+- dormant, germinated, culled, training (which return the host's output exactly): the host itself, or
+  `nn.Identity()` for a slot without one;
+- blending: refused (its output is a mix the plain model cannot keep), unless `blending="drop"`.
+
+A per-token slot's seed was fed `[B*T, F]`; the exported seed is applied to `[B, T, F]` directly,
+which is the same computation for a position-wise graph (ops on the last dim only): anything else is
+refused.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from esper.kasmina.kernel import EagerKernel, KernelModule
+from esper.kasmina.lifecycle import SeedState
+from esper.kasmina.seed import SeedSlot
+
+S = SeedState
+
+
+class ExportError(ValueError):
+    """The model cannot be exported as it is (a blending seed, a seed with no eager form)."""
+
+
+def eager_seed(seed: nn.Module, *, per_token: bool = False) -> nn.Module:
+    """A plain module computing `seed` (trained weights included), in eval mode if `seed` is."""
+    if isinstance(seed, KernelModule):
+        module = _rebuild(seed)
+    elif isinstance(seed, EagerKernel):
+        module = seed.module
+    else:
+        module = seed
+    from esper.blueprint.builder import BlueprintModule
+
+    if isinstance(module, BlueprintModule):
+        if per_token:
+            _check_positionwise(module, seed)
+        traced = torch.fx.symbolic_trace(module)
+        traced.train(module.training)
+        return traced
+    return module
+
+
+def _rebuild(kernel: KernelModule) -> nn.Module:
+    from esper.blueprint import build_module
+    from esper.blueprint.ir import Graph
+
+    graph, names = kernel.meta.get("graph"), kernel.meta.get("params")
+    if graph is None or names is None:
+        raise ExportError(
+            f"kernel {kernel.kernel_key[:16]} carries no Blueprint graph (not loaded by load_kernel): "
+            "no eager form to export"
+        )
+    module = build_module(Graph.model_validate(graph))
+    values = dict(zip(names, kernel.params, strict=True))
+    own = dict(module.named_parameters())
+    if set(own) != set(values):
+        key = kernel.kernel_key[:16]
+        raise ExportError(f"kernel {key}: graph parameters {sorted(own)} != manifest {sorted(values)}")
+    with torch.no_grad():
+        for name, p in own.items():
+            p.copy_(values[name].detach().to(p.dtype))
+    return module.to(kernel.device).train(kernel.training)
+
+
+def _check_positionwise(module: nn.Module, seed: nn.Module) -> None:
+    from esper.blueprint.positions import LAST_DIM_OPS, POSITIONWISE_OPS
+
+    for node in module.graph.nodes:  # type: ignore[union-attr]
+        last_only = node.op in LAST_DIM_OPS and all(
+            int(d) == -1 for d in node.params.get("dims", [node.params.get("dim", -1)])
+        )
+        if node.op not in POSITIONWISE_OPS and not last_only:
+            raise ExportError(
+                f"per-token seed {getattr(seed, 'kernel_key', '?')}: op {node.op!r} ({node.id}) does not act "
+                "on the last dim alone, so it cannot be applied to [B, T, F] as is"
+            )
+
+
+def _replacement(slot: SeedSlot, blending: str) -> nn.Module:
+    host = slot._modules.get("host")
+    state = slot.state
+    if state is S.BLENDING and blending != "drop":
+        raise ExportError(
+            f"slot {slot.name} is blending (alpha {slot.alpha:.3f}): fossilize or cull it first, or pass "
+            "blending='drop' to export the host alone"
+        )
+    if state is not S.FOSSILIZED or slot.seed is None:
+        return host if host is not None else nn.Identity()
+    seed = eager_seed(slot.seed, per_token=slot.per_token)
+    return seed if host is None else nn.Sequential(host, seed)
+
+
+def unwrap(model: nn.Module, *, blending: Literal["error", "drop"] = "error") -> nn.Module:
+    """Replace every seed slot of `model` by plain modules (in place; returns `model`).
+
+    All slots are checked before any is replaced: on an ExportError the model is unchanged.
+    """
+    if isinstance(model, SeedSlot):
+        raise ExportError("unwrap the model that holds the slot, not the slot itself")
+    found = [(path, m) for path, m in model.named_modules() if isinstance(m, SeedSlot)]
+    plans = [(path, _replacement(slot, blending)) for path, slot in found]
+    for name, new in plans:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, new)
+    return model
