@@ -10,9 +10,8 @@
   `nn.Identity()` for a slot without one;
 - blending: refused (its output is a mix the plain model cannot keep), unless `blending="drop"`.
 
-A per-token slot's seed was fed `[B*T, F]`; the exported seed is applied to `[B, T, F]` directly,
-which is the same computation for a position-wise graph (ops on the last dim only): anything else is
-refused.
+A per-token slot's seed was fed `[B*T, F]`: its export is an fx `GraphModule` that flattens, calls
+the seed (a leaf) and reshapes back, the slot's own computation.
 """
 
 from __future__ import annotations
@@ -44,12 +43,36 @@ def eager_seed(seed: nn.Module, *, per_token: bool = False) -> nn.Module:
     from esper.blueprint.builder import BlueprintModule
 
     if isinstance(module, BlueprintModule):
-        if per_token:
-            _check_positionwise(module, seed)
         traced = torch.fx.symbolic_trace(module)
         traced.train(module.training)
-        return traced
-    return module
+        module = traced
+    return _per_token(module) if per_token else module
+
+
+class _Flatten(nn.Module):
+    """Traced once into a GraphModule (`seed` a leaf); the class itself is not part of the export."""
+
+    def __init__(self, seed: nn.Module) -> None:
+        super().__init__()
+        self.seed = seed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.seed(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+
+
+class _SeedLeaf(torch.fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return qualname == "seed" or super().is_leaf_module(m, qualname)
+
+
+def _per_token(seed: nn.Module) -> nn.Module:
+    """`seed` applied to every position of `[B, T, F]` as the per-token slot did: flatten, call,
+    reshape (a seed's output has its input's shape)."""
+    root = _Flatten(seed)
+    graph = _SeedLeaf().trace(root)
+    gm = torch.fx.GraphModule(root, graph, class_name="PerToken")
+    gm.train(seed.training)
+    return gm
 
 
 def _rebuild(kernel: KernelModule) -> nn.Module:
@@ -72,20 +95,6 @@ def _rebuild(kernel: KernelModule) -> nn.Module:
         for name, p in own.items():
             p.copy_(values[name].detach().to(p.dtype))
     return module.to(kernel.device).train(kernel.training)
-
-
-def _check_positionwise(module: nn.Module, seed: nn.Module) -> None:
-    from esper.blueprint.positions import LAST_DIM_OPS, POSITIONWISE_OPS
-
-    for node in module.graph.nodes:  # type: ignore[union-attr]
-        last_only = node.op in LAST_DIM_OPS and all(
-            int(d) == -1 for d in node.params.get("dims", [node.params.get("dim", -1)])
-        )
-        if node.op not in POSITIONWISE_OPS and not last_only:
-            raise ExportError(
-                f"per-token seed {getattr(seed, 'kernel_key', '?')}: op {node.op!r} ({node.id}) does not act "
-                "on the last dim alone, so it cannot be applied to [B, T, F] as is"
-            )
 
 
 def _replacement(slot: SeedSlot, blending: str) -> nn.Module:
