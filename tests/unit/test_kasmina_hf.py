@@ -18,8 +18,8 @@ from torch import nn
 
 pytest.importorskip("transformers")
 
-from esper.blueprint import build_module, validate_source  # noqa: E402
-from esper.kasmina import (  # noqa: E402
+from esper.blueprint import build_module, validate_source
+from esper.kasmina import (
     EagerKernel,
     KernelRestoreError,
     KernelShapeError,
@@ -29,10 +29,10 @@ from esper.kasmina import (  # noqa: E402
     slots,
     wrap,
 )
-from esper.kasmina.export import ExportError, unwrap  # noqa: E402
-from esper.kasmina.hf import checkpoint_tensors, from_pretrained  # noqa: E402
-from esper.kasmina.optim import load_optimizer_state  # noqa: E402
-from tests.support.gpt2 import EMBED, SLOTS, batch, gpt2, splits  # noqa: E402
+from esper.kasmina.export import ExportError, unwrap
+from esper.kasmina.hf import checkpoint_tensors, from_pretrained
+from esper.kasmina.optim import load_optimizer_state
+from tests.support.gpt2 import EMBED, SLOTS, batch, gpt2, splits
 
 S = SeedState
 FOSSIL, BLENDING = SLOTS
