@@ -147,6 +147,8 @@ def validate(
 def _quiet_torch() -> Any:
     """torch's deprecation warnings and log lines from inside export and inductor are about torch,
     not about the Blueprint: the table and the error lines say what the user needs."""
+    import torch  # noqa: F401  (its import configures the "torch" logger: take the level after it)
+
     torch_log = logging.getLogger("torch")
     level = torch_log.level
     torch_log.setLevel(logging.ERROR)

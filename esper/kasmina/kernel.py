@@ -312,6 +312,21 @@ class KernelModule(nn.Module):
 
         self.op_handle = register(self)  # names the kernel inside torch.compile graphs
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> KernelModule:
+        """A copy with its own parameters that shares the loaded packages (native code: stateless
+        between calls, and not copyable), e.g. for an EMA copy of a grown model or an export."""
+        import copy
+
+        from esper.kasmina.custom_op import register
+
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            shared = k in ("forward_runner", "backward_runner")
+            new.__dict__[k] = v if shared else copy.deepcopy(v, memo)
+        new.op_handle = register(new)
+        return new
+
     def forward(self, *inputs: torch.Tensor) -> Any:
         if torch.compiler.is_compiling():  # traced by torch.compile: one custom op, no graph break
             from esper.kasmina.custom_op import compiled_call
