@@ -111,8 +111,8 @@ def restore_slots(
         if isinstance(sub, SeedSlot):
             made[path] = sub
             continue
-        opts = {"per_token": bool(state.get("perToken", False)), "causal": bool(state.get("causal", False))}
-        made.update(wrap(model, [path], **opts))
+        per_token, causal = bool(state.get("perToken", False)), bool(state.get("causal", False))
+        made.update(wrap(model, [path], per_token=per_token, causal=causal))
         made[path].name = str(state.get("name", path))
     for s in made.values():
         s.kernel_resolver = kernel_resolver

@@ -41,6 +41,7 @@ def gpt2(seed: int) -> nn.Module:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     torch.manual_seed(seed)
     cfg = GPT2Config(
         n_layer=4, n_embd=64, n_head=4, n_positions=128, vocab_size=256, bos_token_id=0, eos_token_id=0,
@@ -78,6 +79,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path(".esper/gpt2"))
+    ap.add_argument("--compare", action="store_true", help="also train the bare model with the same data")
     args = ap.parse_args()
 
     data = torch.tensor(list(CORPUS.read_bytes()), dtype=torch.long)
@@ -93,20 +95,32 @@ def main() -> None:
     val = windows(held[:half], 32, torch.Generator().manual_seed(1))  # the plateau watches this
     judge = windows(held[half:], 32, torch.Generator().manual_seed(2))  # seeds are judged on this
 
+    def loss_of(m: nn.Module, x: torch.Tensor) -> float:
+        was = m.training
+        m.eval()
+        with torch.no_grad():
+            out = float(m(x, labels=x).loss)
+        m.train(was)
+        return out
+
+    if args.compare:
+        bare = gpt2(args.seed).train()
+        bare_opt = torch.optim.AdamW(bare.parameters(), lr=3e-3)
+        bare_gen = torch.Generator().manual_seed(args.seed)
+        for _ in range(args.steps):
+            x = windows(train, 8, bare_gen)
+            bare(x, labels=x).loss.backward()
+            bare_opt.step()
+            bare_opt.zero_grad()
+        print(f"bare GPT-2 after {args.steps} steps: validation loss {loss_of(bare, val):.4f}, "
+              f"held-out {loss_of(bare, judge):.4f}")  # fmt: skip
+
     model = gpt2(args.seed)
     wrap(model, SLOTS, per_token=True, causal=True)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
 
     def loss_on(x: torch.Tensor) -> Callable[[], float]:
-        def f() -> float:
-            was = model.training
-            model.eval()
-            with torch.no_grad():
-                out = float(model(x, labels=x).loss)
-            model.train(was)
-            return out
-
-        return f
+        return lambda: loss_of(model, x)
 
     cat = catalog(args.store)
     train_steps = blend_steps = max(20, args.steps // 6)
@@ -125,7 +139,8 @@ def main() -> None:
         if step % 25 == 0:
             policy.on_eval(loss_on(val)(), step)
     seconds = time.perf_counter() - t0
-    print(f"trained {args.steps} steps in {seconds:.1f}s; validation loss {loss_on(val)():.4f}")
+    print(f"grown GPT-2 after {args.steps} steps ({seconds:.1f}s): validation loss {loss_on(val)():.4f}, "
+          f"held-out {loss_on(judge)():.4f}")  # fmt: skip
     for e in policy.events:
         print("  ", e)
     print("slots:", {n: s.state.value for n, s in slots(model).items()})
