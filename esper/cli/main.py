@@ -280,7 +280,7 @@ def kernels(
     except Exception as exc:
         typer.echo(f"{store}: {exc}", err=True)
         raise typer.Exit(2) from None
-    rows = []
+    rows: list[dict[str, Any]] = []
     for data, m in manifests:
         if causal is not None and m.causal is not causal:
             continue

@@ -292,6 +292,7 @@ def build_bundle(p: Plan, workdir: Path, private_key: Any) -> tuple[Path, float,
              checked.max_abs_error, checked.max_grad_error)  # fmt: skip
     report = make_report(checked, benchmark(result, p.options, packages))
     log.info("benchmark: forward x%.2f, train step x%.2f", report.speedup, report.trainSpeedup)
+    pos = positions(p.graph)
     manifest = Manifest(
         key=p.key,
         irDigest=p.ir_digest,
@@ -308,7 +309,8 @@ def build_bundle(p: Plan, workdir: Path, private_key: Any) -> tuple[Path, float,
         saved=[SavedSpec(kind=s.kind, index=s.index, shape=[*s.shape], dtype=s.dtype) for s in result.saved],
         report=report,
         blueprint=p.blueprint,
-        **positions(p.graph).to_json(),
+        mixesPositions=pos.mixesPositions,
+        causal=pos.causal,
     )
     write_manifest(result.bundle_dir, manifest)
     sign_bundle(result.bundle_dir, private_key)
