@@ -314,3 +314,29 @@ def test_a_per_token_causal_slot_takes_any_position_wise_kernel() -> None:
     slot = wrap(model, [FOSSIL], causal=True, per_token=True)[FOSSIL]
     model(batch(splits()[0], 2, 16, torch.Generator().manual_seed(0)))
     assert slot.germinate(resolver("eager:rowwise-1"))
+
+
+def test_checkpoints_with_host_keys_still_load(sample: torch.Tensor) -> None:
+    model, _, _ = grown(steps=1)
+    old_style = {}
+    for k, v in model.state_dict().items():
+        slot = next((s for s in SLOTS if k.startswith(s + ".")), None)
+        rest = k[len(slot) + 1 :] if slot else ""
+        legacy = slot and not rest.startswith(("seed.", "_extra_state"))
+        old_style[f"{slot}.host.{rest}" if legacy else k] = v
+    assert f"{FOSSIL}.host.c_fc.weight" in old_style
+    fresh = gpt2(seed=7)
+    wrap(fresh, SLOTS)
+    for s in slots(fresh).values():
+        s.kernel_resolver = resolver
+    fresh.load_state_dict(old_style)  # strict
+    assert torch.equal(logits(fresh.eval(), sample), logits(model, sample))
+
+
+def test_a_host_whose_names_clash_with_the_slot_is_refused() -> None:
+    host = nn.Module()
+    host.seed = nn.Linear(4, 4)
+    model = nn.Sequential(host)
+    with pytest.raises(ValueError, match=r"cannot wrap 0: top-level state_dict names \['seed'\]"):
+        wrap(model, ["0"])
+    assert model[0] is host
