@@ -137,7 +137,11 @@ def main() -> None:
         policy.step()
         opt.zero_grad()
         if step % 25 == 0:
-            policy.on_eval(loss_on(val)(), step)
+            v = loss_on(val)()
+            policy.on_eval(v, step)
+            if step % 100 == 0:
+                states = ", ".join(s.state.value for s in slots(model).values())
+                print(f"step {step}: validation loss {v:.4f}; slots {states}", flush=True)
     seconds = time.perf_counter() - t0
     print(f"grown GPT-2 after {args.steps} steps ({seconds:.1f}s): validation loss {loss_on(val)():.4f}, "
           f"held-out {loss_on(judge)():.4f}")  # fmt: skip
