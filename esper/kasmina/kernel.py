@@ -322,7 +322,7 @@ class KernelModule(nn.Module):
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         for k, v in self.__dict__.items():
-            shared = k in ("forward_runner", "backward_runner")
+            shared = k.endswith("_runner")  # forward, backward and (format v2) training forward
             new.__dict__[k] = v if shared else copy.deepcopy(v, memo)
         new.op_handle = register(new)
         return new
