@@ -163,6 +163,15 @@ class Manifest(Model):
     files: dict[str, FileEntry] = Field(default_factory=dict)
     report: ValidationReport | None = None
     createdAt: str = Field(default_factory=now_rfc3339)
+    blueprint: str | None = Field(
+        default=None, max_length=253, description="The Blueprint that first asked for it (not in the key)."
+    )
+    mixesPositions: bool | None = Field(
+        default=None, description="Some output position depends on another input position."
+    )
+    causal: bool | None = Field(
+        default=None, description="No output position depends on a later one (None: not recorded)."
+    )
 
     @field_validator("target")
     @classmethod
@@ -181,6 +190,9 @@ class Manifest(Model):
     def data_files(self) -> tuple[str, ...]:
         """The data files a bundle of this manifest's format must hold."""
         return DATA_FILES_V1 if self.format == FORMAT_V1 else DATA_FILES
+
+    def param_names(self) -> list[str]:
+        return [p.name for p in self.params]
 
     def expected_key(self) -> str:
         """The key this manifest's inputs derive (to check `key` against)."""

@@ -132,7 +132,11 @@ class AttentionBlockParams(Params):
     embed: Size = 64
     heads: Heads = 4
     seq: Seq = 16
-    causal: bool = False
+    causal: bool = Field(
+        default=False,
+        description="false: every position attends to every other, later ones included; a language "
+        "model needs true (manifests record it; `wrap(..., causal=True)` refuses a non-causal kernel).",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> AttentionBlockParams:
@@ -266,7 +270,12 @@ TEMPLATES: dict[str, TemplateDef] = {
         _t("residual-mlp", ResidualMlpParams, residual_mlp, "Blocks of x + fc2(act(fc1(norm(x))))."),
         _t("bottleneck", BottleneckParams, bottleneck, "x + up(act(down(x))), a narrow middle."),
         _t("lora-adapter", LoraParams, lora_adapter, "x + B(A x) * alpha / rank (low-rank)."),
-        _t("attention-block", AttentionBlockParams, attention_block, "x + attention(layer_norm(x))."),
+        _t(
+            "attention-block",
+            AttentionBlockParams,
+            attention_block,
+            "x + attention(layer_norm(x)); not causal unless causal: true.",
+        ),
         _t("transformer-mlp", TransformerMlpParams, transformer_mlp, "Pre-norm MLP block with residual."),
         _t("transformer-block", TransformerBlockParams, transformer_block, "Pre-norm attention + MLP."),
         _t("conv-block", ConvBlockParams, conv_block, "ResNet basic block over [batch, C, H, W]."),

@@ -8,11 +8,13 @@ validation, 75 transient).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -141,6 +143,24 @@ def validate(
         raise typer.Exit(1)
 
 
+@contextlib.contextmanager
+def _quiet_torch() -> Any:
+    """torch's deprecation warnings and log lines from inside export and inductor are about torch,
+    not about the Blueprint: the table and the error lines say what the user needs."""
+    import torch  # noqa: F401  (its import configures the "torch" logger: take the level after it)
+
+    torch_log = logging.getLogger("torch")
+    level = torch_log.level
+    torch_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            for category in (DeprecationWarning, FutureWarning, UserWarning):
+                warnings.filterwarnings("ignore", category=category, module=r"(torch|copyreg)(\.|$)")
+            yield
+    finally:
+        torch_log.setLevel(level)
+
+
 @app.command("compile")
 def compile_(
     files: Annotated[list[Path], typer.Argument(help="Blueprint manifests (YAML or JSON).")],
@@ -169,9 +189,10 @@ def compile_(
             for i, (label, spec, t) in enumerate(jobs):
                 task = progress.add_task(f"compiling {label} for {t}", total=None)
                 spec_file, result_file = Path(tmp) / f"{i}.json", Path(tmp) / f"{i}.result"
-                spec_file.write_text(json.dumps(spec))
+                # The name travels as the manifest's metadata: the bundle's manifest records it.
+                spec_file.write_text(json.dumps({"metadata": {"name": label}, "spec": spec}))
                 argv = ["--blueprint", str(spec_file), "--target", t, "--store", store]
-                with contextlib.redirect_stdout(io.StringIO()):  # the Job's result line; we show a table
+                with contextlib.redirect_stdout(io.StringIO()), _quiet_torch():
                     code = tezzeret([*argv, "--result-path", str(result_file)])
                 progress.remove_task(task)
                 result = read_result(result_file, code)
@@ -238,8 +259,16 @@ def demo(
 def kernels(
     store: Annotated[str, typer.Option(help="Store URI: a directory or s3://bucket/prefix.")] = DEFAULT_STORE,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    causal: Annotated[
+        bool | None,
+        typer.Option(
+            "--causal/--non-causal",
+            help="Only kernels that are (or are not) causal: safe in a language model. Default: all.",
+        ),
+    ] = None,
 ) -> None:
-    """List the kernel bundles in a store, with their validation figures."""
+    """List the kernel bundles in a store: Blueprint, shapes, causality, validation figures and the
+    manifest sha256 that `load_kernel(..., expected_sha256=...)` takes."""
     if "://" not in store and not Path(store).is_dir():
         typer.echo(f"{store}: no such store directory", err=True)
         raise typer.Exit(2)
@@ -253,12 +282,20 @@ def kernels(
         raise typer.Exit(2) from None
     rows: list[dict[str, Any]] = []
     for data, m in manifests:
+        if causal is not None and m.causal is not causal:
+            continue
         report = m.report
         size = bundle_size(m, data)
         rows.append(
             {
                 "key": m.key,
+                "blueprint": m.blueprint,
                 "target": m.target,
+                "inputs": [i.shape for i in m.inputs],
+                "outputs": [o.shape for o in m.outputs],
+                "mixesPositions": m.mixesPositions,
+                "causal": m.causal,
+                "manifestSha256": hashlib.sha256(data).hexdigest(),
                 "irDigest": m.irDigest,
                 "params": sum(_numel(p.shape) for p in m.params),
                 "size": size,
@@ -271,21 +308,30 @@ def kernels(
     if as_json:
         console.print_json(json.dumps(rows))
         return
+    # The table keeps what a user picks a kernel by; --json has every field (size, speedup, dates).
     table = Table(title=f"kernels in {store}")
-    for column in ("key", "target", "params", "size", "max error", "speedup", "train speedup", "created"):
-        table.add_column(column, justify="right" if column not in ("key", "target", "created") else "left")
+    for column in ("key", "blueprint", "target", "input -> output", "causal", "params", "max error"):
+        table.add_column(column, justify="right" if column in ("params", "max error") else "left")
+    table.add_column("train speedup", justify="right")
+    table.add_column("manifest sha256", overflow="fold", min_width=16)
     for r in rows:
         table.add_row(
             r["key"][:16],
+            r["blueprint"] or "-",
             r["target"],
+            f"{_shapes(r['inputs'])} -> {_shapes(r['outputs'])}",
+            {True: "yes", False: "no", None: "-"}[r["causal"]],
             f"{r['params']:,}",
-            _bytes(r["size"]),
             f"{r['maxAbsError']:.1e}" if r["maxAbsError"] is not None else "-",
-            f"{r['speedup']:.2f}x" if r["speedup"] else "-",
             f"{r['trainSpeedup']:.2f}x" if r["trainSpeedup"] else "-",
-            str(r["createdAt"])[:19],
+            r["manifestSha256"],
         )
     console.print(table)
+
+
+def _shapes(shapes: list[list[int | str]]) -> str:
+    """`(batch, 64)`: parentheses, since rich reads `[...]` as markup."""
+    return ", ".join("(" + ", ".join(map(str, s)) + ")" for s in shapes)
 
 
 @app.command()

@@ -267,8 +267,12 @@ class KernelModule(nn.Module):
         load_seconds: float = 0.0,
         train_forward_runner: Any = None,
         saved: Sequence[Any] = (),
+        meta: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        # Manifest facts the runtime does not need per call: graph, blueprint, mixesPositions, causal
+        # (read by esper.kasmina.causality and esper.kasmina.export).
+        self.meta: dict[str, Any] = dict(meta or {})
         self.forward_runner = forward_runner
         self.backward_runner = backward_runner
         self.train_forward_runner = train_forward_runner
@@ -304,8 +308,30 @@ class KernelModule(nn.Module):
         )
         self._param_meta = [(tuple(t.shape), t.dtype) for _, t in params]
         self._params_checked = True  # as loaded; `_apply` and `_load_from_state_dict` clear it
+        from esper.kasmina.custom_op import register
+
+        self.op_handle = register(self)  # names the kernel inside torch.compile graphs
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> KernelModule:
+        """A copy with its own parameters that shares the loaded packages (native code: stateless
+        between calls, and not copyable), e.g. for an EMA copy of a grown model or an export."""
+        import copy
+
+        from esper.kasmina.custom_op import register
+
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            shared = k.endswith("_runner")  # forward, backward and (format v2) training forward
+            new.__dict__[k] = v if shared else copy.deepcopy(v, memo)
+        new.op_handle = register(new)
+        return new
 
     def forward(self, *inputs: torch.Tensor) -> Any:
+        if torch.compiler.is_compiling():  # traced by torch.compile: one custom op, no graph break
+            from esper.kasmina.custom_op import compiled_call
+
+            return compiled_call(self, inputs)
         if len(inputs) != self.n_inputs:
             raise self._error(f"takes {self.n_inputs} input(s), got {len(inputs)}", "InputCount")
         bound: dict[str, int] = {}
@@ -613,7 +639,9 @@ def _load_kernel(
             max_batch=manifest.options.maxBatch,
             target=manifest.target,
             device=dev,
-        )
+            meta={"graph": manifest.graph, "blueprint": manifest.blueprint, "params": manifest.param_names(),
+                  "mixesPositions": manifest.mixesPositions, "causal": manifest.causal},
+        )  # fmt: skip
         if sample_shape is not None:
             probe = KernelModule(None, None, [], **kernel_args)
             why = probe.fits(sample_shape, sample_dtype)

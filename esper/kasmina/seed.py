@@ -50,6 +50,7 @@ subsample of at most 1024 elements (see telemetry.py).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import warnings
@@ -143,15 +144,29 @@ class SeedSlot(nn.Module):
         metrics: KasminaMetrics | None = None,
         kernel_resolver: KernelResolver | None = None,
         shape: Sequence[int] | None = None,
+        per_token: bool = False,
+        causal: bool = False,
     ) -> None:
         """`shape`: the per-sample activation shape (batch excluded) the slot will see, if known: lets
-        germination refuse a kernel that cannot fit before the slot's first forward."""
+        germination refuse a kernel that cannot fit before the slot's first forward.
+
+        `per_token`: the seed sees every position on its own: an activation `[B, T, ..., F]` is
+        flattened to `[B*T*..., F]` for the kernel and its output reshaped back, so a position-wise
+        kernel compiled for `[batch, F]` serves any sequence length (generation with a KV cache
+        included); its `maxBatch` then bounds `B*T`. Such a seed cannot mix positions.
+        `causal`: the host is causal (a language model): germination refuses a kernel that does not
+        declare itself causal (see `esper.kasmina.causality`); a per-token slot accepts any kernel.
+        """
         super().__init__()
         if blend_steps < 1:
             raise ValueError("blend_steps must be >= 1")
         if shape is not None and not all(isinstance(d, int) and d >= 1 for d in shape):
             raise ValueError(f"shape must be positive ints (the per-sample shape, no batch), got {shape!r}")
         self.declared_shape = None if shape is None else tuple(shape)
+        self.per_token = bool(per_token)
+        self.causal = bool(causal)
+        if module is not None:
+            _check_host_names(name, module)
         global _generation
         _generation += 1
         self._c = _Counters()
@@ -173,6 +188,8 @@ class SeedSlot(nn.Module):
         self._warned_skip = False  # one warning per installed kernel for calls it is left out of
         self._passthrough = False
         self.metrics.set_state(name, S.DORMANT)
+        self._register_state_dict_hook(self._host_keys_out)
+        self._register_load_state_dict_pre_hook(self._host_keys_in, with_module=True)
 
     # ---- counters (plain attributes of self._c; properties for readers and restore) -------------
 
@@ -257,7 +274,12 @@ class SeedSlot(nn.Module):
         """Run the seed on `x`; None means "leave it out, return y": a mismatch handled by
         `_mismatch`, or any other failure of a live seed (culled). A fossil's failures propagate."""
         try:
-            s = seed(x)
+            if self.per_token and x.dim() > 2:
+                s = seed(x.reshape(-1, x.shape[-1]))
+                if isinstance(s, torch.Tensor) and s.dim() == 2 and s.shape[0] == y.shape[:-1].numel():
+                    s = s.reshape(*y.shape[:-1], s.shape[-1])
+            else:
+                s = seed(x)
         except KernelShapeError as e:
             self._mismatch(e, state)
             return None
@@ -364,6 +386,7 @@ class SeedSlot(nn.Module):
             raise IllegalTransition(self.state, S.GERMINATED, self.name)
         try:
             module = self._materialize(kernel, key, expected_sha256)
+            self._check_causal(module)
             shape, dtype = self._expected_activation()
             self._check_fits(module, shape, dtype, self.telemetry.activation_device)
         except KernelLoadError as e:
@@ -381,10 +404,27 @@ class SeedSlot(nn.Module):
             self._install(module, step, reason)
         return True
 
+    def _check_causal(self, module: nn.Module) -> None:
+        """A causal slot (not per-token) takes only a kernel that declares it is causal."""
+        if not self.causal or self.per_token:
+            return
+        from esper.kasmina.causality import kernel_causality
+
+        c = kernel_causality(module)
+        if c.causal is not True:
+            what = "lets positions see later ones" if c.causal is False else "does not say if it is causal"
+            raise KernelLoadError(
+                "NotCausal",
+                f"slot {self.name} is causal; kernel {kernel_key_of(module)} {what} (compile it with a "
+                "causal Blueprint, or use a per-token slot for a position-wise kernel)",
+            )
+
     def _materialize(self, kernel: KernelSource, key: str | None, sha: str | None) -> nn.Module:
         try:
             if isinstance(kernel, str | os.PathLike):
                 shape, dtype = self._expected_activation()
+                if self.per_token and shape is not None:
+                    shape = shape[-1:]
                 return load_kernel(
                     kernel, sha, self._device(), sample_shape=shape, sample_dtype=dtype, metrics=self.metrics
                 )
@@ -417,9 +457,12 @@ class SeedSlot(nn.Module):
     ) -> None:
         """Refuse a kernel that cannot take this activation: a compiled kernel's manifest shapes, dtype
         and device; then (dtype known) a probe with one zero sample, which must come back unchanged in
-        shape. Nothing known: the check waits for the first forward (`_verify`)."""
+        shape. Nothing known: the check waits for the first forward (`_verify`). A per-token slot
+        checks the kernel against one position (`shape[-1:]`)."""
         if shape is None:
             return
+        if self.per_token:
+            shape = shape[-1:]
         if isinstance(module, KernelModule) and (why := module.fits(shape, dtype, device)) is not None:
             raise KernelShapeError(why, key=module.kernel_key, slot=self.name)
         if dtype is None:
@@ -548,8 +591,15 @@ class SeedSlot(nn.Module):
                  seedParams=sum(p.numel() for p in self.seed_parameters()))  # fmt: skip
         return d
 
-    def get_extra_state(self) -> dict[str, Any]:
-        """Plain JSON-able slot state; the seed's tensors are saved as ordinary state_dict entries."""
+    def get_extra_state(self) -> torch.Tensor:
+        """The slot state (`slot_state()`) as UTF-8 JSON in a uint8 tensor: every state_dict value is
+        then a tensor, which safetensors and Hugging Face's `save_pretrained` require; the seed's
+        tensors are saved as ordinary state_dict entries."""
+        data = json.dumps(self.slot_state(), sort_keys=True).encode()
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+    def slot_state(self) -> dict[str, Any]:
+        """Plain JSON-able slot state: lifecycle, counters and the kernel key."""
         return {
             "version": EXTRA_STATE_VERSION,
             "name": self.name,
@@ -561,18 +611,28 @@ class SeedSlot(nn.Module):
             "stepsInState": self.steps_in_state,
             "kernelKey": self.kernel_key,
             "history": [t.to_json() for t in self.lifecycle.history],
+            "perToken": self.per_token,
+            "causal": self.causal,
         }
 
     def set_extra_state(self, state: Any) -> None:
         """Restore the slot; rebuild its kernel with `kernel_resolver` first if the checkpoint has one.
 
         Runs before the slot's children are loaded, so the rebuilt seed's parameters are then filled
-        from the same state_dict.
+        from the same state_dict. Takes the tensor `get_extra_state` writes or the dict older
+        checkpoints hold.
         """
+        if isinstance(state, torch.Tensor) and state.dtype == torch.uint8 and state.dim() == 1:
+            try:
+                state = json.loads(bytes(state.cpu().tolist()).decode())
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise KernelRestoreError(f"slot {self.name}: unreadable slot state: {e}") from e
         if not isinstance(state, dict) or state.get("version") != EXTRA_STATE_VERSION:
             raise KernelRestoreError(f"slot {self.name}: unknown slot state {state!r:.200}")
         to = S(state["state"])
         key = state.get("kernelKey")
+        self.per_token = bool(state.get("perToken", self.per_token))  # before the seed is rebuilt
+        self.causal = bool(state.get("causal", self.causal))
         if to in KERNEL_STATES:
             if self.seed is None or self.kernel_key != key:
                 self.seed = self._resolve(str(key))
@@ -618,6 +678,53 @@ class SeedSlot(nn.Module):
     def extra_repr(self) -> str:
         return f"name={self.name!r}, state={self.state.value}, alpha={self.alpha:.3f}"
 
+    def __getattr__(self, name: str) -> Any:
+        """Attributes the slot does not have come from the host (`slot.c_fc`, `slot.config`), so code
+        that reaches into the wrapped submodule keeps working. Only called when normal lookup fails."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            host = self._modules.get("host")
+            if host is None:
+                raise
+            try:
+                return getattr(host, name)
+            except AttributeError:
+                raise AttributeError(
+                    f"'SeedSlot' object (slot {self.__dict__.get('name')!r}) and its host "
+                    f"'{type(host).__name__}' have no attribute {name!r}"
+                ) from None
+
+    # ---- state_dict keys: the host's keys stay where they were before wrapping -----------------
+
+    def _host_keys_out(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+        """state_dict hook: `<slot>.host.<rest>` -> `<slot>.<rest>` (the bare model's keys)."""
+        lead = prefix + "host."
+        mine = [k for k in state_dict if k.startswith(prefix)]  # the slot's keys, last in the dict
+        for k in mine:
+            v = state_dict.pop(k)
+            state_dict[prefix + k[len(lead) :] if k.startswith(lead) else k] = v
+
+    def _host_keys_in(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+        """load_state_dict pre-hook: a key under this slot that is neither the slot's own (`seed.`,
+        `_extra_state`) nor already `host.` belongs to the host."""
+        if self._modules.get("host") is None:
+            return
+        own = (prefix + "seed.", prefix + "host.", prefix + "_extra_state")
+        for k in [k for k in state_dict if k.startswith(prefix) and not k.startswith(own)]:
+            state_dict[prefix + "host." + k[len(prefix) :]] = state_dict.pop(k)
+
+
+_SLOT_NAMES = frozenset({"seed", "host", "_extra_state"})
+
+
+def _check_host_names(slot: str, module: nn.Module) -> None:
+    """The host's state_dict keys appear under the slot without a `host.` level: none may be one of
+    the slot's own names."""
+    clash = sorted({k.split(".", 1)[0] for k in module.state_dict(keep_vars=True)} & _SLOT_NAMES)
+    if clash:
+        raise ValueError(f"cannot wrap {slot}: top-level state_dict names {clash} are the slot's own")
+
 
 def wrap(
     model: nn.Module,
@@ -631,8 +738,13 @@ def wrap(
     `shapes`: per-sample activation shapes (batch excluded) by slot name, for slots whose shape is
     known before their first forward (germination then refuses a kernel that cannot fit at once).
 
-    State_dict keys of a wrapped submodule gain a `.host` level (`blocks.0.weight` ->
-    `blocks.0.host.weight`): wrap before loading an Esper checkpoint, after loading a host-only one.
+    `slot_options` go to every SeedSlot: `per_token=True` for position-wise kernels on `[B, T, F]`
+    activations, `causal=True` in a language model (see SeedSlot).
+
+    State_dict keys stay those of the bare model (`blocks.0.weight`, not `blocks.0.host.weight`;
+    parameter names do keep the `host` level); a slot adds `blocks.0._extra_state` and, with a seed,
+    `blocks.0.seed.*`. So a host-only checkpoint loads into a wrapped model with `strict=False` (or
+    `esper.kasmina.hf.load_host`), and checkpoints written with `host.` keys still load.
     """
     names = list(at)
     shapes = dict(shapes or {})

@@ -27,6 +27,11 @@ SAMPLE_ELEMENTS = 1024  # at most this many activation elements per statistics s
 class KasminaMetrics:
     """The Prometheus metrics of seeds and kernel loads, registered in one registry."""
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> KasminaMetrics:
+        """Shared, not copied: a deep copy of a wrapped model (an EMA copy, `copy.deepcopy` before
+        export) reports into the same registry (a registry holds locks and cannot be copied)."""
+        return self
+
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         reg = REGISTRY if registry is None else registry
         self.registry = reg

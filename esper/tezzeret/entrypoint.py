@@ -57,6 +57,7 @@ class Work:
     target: str
     expect_key: str | None = None
     expect_torch: str | None = None
+    blueprint: str | None = None  # the requesting Blueprint's name, if known (recorded in the manifest)
 
 
 @dataclass
@@ -69,6 +70,7 @@ class Plan:
     ir_digest: str
     key: str
     toolchain: Any
+    blueprint: str | None = None  # recorded in the manifest, not part of the key
 
 
 # ---------------------------------------------------------------- result line
@@ -101,7 +103,8 @@ def write_result(result: CompileResult | CompileFailure, path: str | None) -> st
 def load_work(args: argparse.Namespace, env: dict[str, str] | os._Environ[str] = os.environ) -> Work:
     """What to compile: --blueprint FILE with --target (local use), else the Job's $ESPER_COMPILE_REQUEST."""
     if args.blueprint:
-        return Work(load_spec(args.blueprint), args.target, args.expect_key)
+        spec, name = load_blueprint(args.blueprint)
+        return Work(spec, args.target, args.expect_key, blueprint=name)
     text = env.get(REQUEST_ENV)
     if not text:
         raise InvalidBlueprint(f"no blueprint: give --blueprint FILE or set ${REQUEST_ENV}")
@@ -109,11 +112,18 @@ def load_work(args: argparse.Namespace, env: dict[str, str] | os._Environ[str] =
         request = CompileRequest.model_validate_json(text)
     except ValidationError as e:
         raise InvalidBlueprint(f"${REQUEST_ENV} is not a valid compile request: {e}") from None
-    return Work(request.spec.model_dump(mode="json"), request.target, request.expectKey, request.expectTorch)
+    spec = request.spec.model_dump(mode="json")
+    return Work(spec, request.target, request.expectKey, request.expectTorch, request.blueprint)
 
 
 def load_spec(path: str) -> dict[str, Any]:
-    """The Blueprint spec from a YAML/JSON file; a whole manifest is unwrapped.
+    """The Blueprint spec from a YAML/JSON file; a whole manifest is unwrapped."""
+    return load_blueprint(path)[0]
+
+
+def load_blueprint(path: str) -> tuple[dict[str, Any], str | None]:
+    """(spec, name): the spec as `load_spec` reads it, and the manifest's `metadata.name` (None for a
+    bare spec).
 
     Read with the hardened manifest reader: bad bytes, duplicate keys, alias bombs and deep nesting are
     an InvalidBlueprint (65) with a short message, never a crash.
@@ -131,13 +141,17 @@ def load_spec(path: str) -> dict[str, Any]:
         doc = load_one(data)
     except ManifestError as e:
         raise InvalidBlueprint(f"{source}: {e}") from None
+    name = None
     if isinstance(doc, dict) and ("kind" in doc or "apiVersion" in doc or "spec" in doc):
+        meta = doc.get("metadata")
+        if isinstance(meta, dict) and isinstance(meta.get("name"), str):
+            name = meta["name"][:253]
         if doc.get("kind", "Blueprint") != "Blueprint":
             raise InvalidBlueprint(f"{source}: kind is '{cut(doc.get('kind'))}', expected Blueprint")
         doc = doc.get("spec")
     if not isinstance(doc, dict):
         raise InvalidBlueprint(f"{source}: expected a Blueprint or its spec (a mapping), got {cut(doc)}")
-    return doc
+    return doc, name
 
 
 def plan(
@@ -262,6 +276,7 @@ def build_bundle(p: Plan, workdir: Path, private_key: Any) -> tuple[Path, float,
     """Compile, validate, benchmark, write and sign the manifest; returns (bundle dir, seconds, report)."""
     from esper.artifact import IOSpec, Manifest, SavedSpec, verify_bundle, write_manifest
     from esper.blueprint import canonical_dict
+    from esper.blueprint.positions import positions
     from esper.signing import TrustedKeys, sign_bundle
     from esper.tezzeret.bench import benchmark, make_report
     from esper.tezzeret.compile import compile_graph
@@ -277,6 +292,7 @@ def build_bundle(p: Plan, workdir: Path, private_key: Any) -> tuple[Path, float,
              checked.max_abs_error, checked.max_grad_error)  # fmt: skip
     report = make_report(checked, benchmark(result, p.options, packages))
     log.info("benchmark: forward x%.2f, train step x%.2f", report.speedup, report.trainSpeedup)
+    pos = positions(p.graph)
     manifest = Manifest(
         key=p.key,
         irDigest=p.ir_digest,
@@ -292,6 +308,9 @@ def build_bundle(p: Plan, workdir: Path, private_key: Any) -> tuple[Path, float,
         params=result.param_specs,
         saved=[SavedSpec(kind=s.kind, index=s.index, shape=[*s.shape], dtype=s.dtype) for s in result.saved],
         report=report,
+        blueprint=p.blueprint,
+        mixesPositions=pos.mixesPositions,
+        causal=pos.causal,
     )
     write_manifest(result.bundle_dir, manifest)
     sign_bundle(result.bundle_dir, private_key)
@@ -305,6 +324,7 @@ def run(args: argparse.Namespace, workdir: Path) -> CompileResult:
 
     work = load_work(args)
     p = plan(work.spec, work.target, work.expect_key, work.expect_torch)
+    p.blueprint = work.blueprint
     log.info("blueprint ok: irDigest %s, key %s", p.ir_digest, p.key)
     why = check_runtime(p.target)
     if why is not None:

@@ -137,3 +137,53 @@ def test_kernels_reports_the_same_bundle_size_as_the_store(tmp_path: Path) -> No
     assert result.exit_code == 0, result.output
     [row] = json.loads(result.output)
     assert row["key"] == key and row["size"] == ref.size == on_disk > 3000
+
+
+def _fake_bundle(store: Path, key: str, causal: bool | None, blueprint: str | None) -> str:
+    """A bundle directory holding only its manifest (enough for `esper kernels`); returns its sha256."""
+    import hashlib
+
+    from esper.artifact import IOSpec, Manifest
+    from esper.contracts.common import Toolchain
+
+    m = Manifest(
+        key=key, irDigest="d" * 64, target="cpu", toolchain=Toolchain(torch="2.13.0", capability="cpu-avx2"),
+        graph={}, inputs=[IOSpec(name="x", shape=["batch", 16, 64])],
+        outputs=[IOSpec(name="add", shape=["batch", 16, 64])], blueprint=blueprint,
+        mixesPositions=None if causal is None else True, causal=causal,
+    )  # fmt: skip
+    d = store / "kernels" / key
+    d.mkdir(parents=True)
+    data = m.to_bytes()
+    (d / "manifest.json").write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_kernels_shows_blueprint_shapes_causality_and_manifest_sha(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from rich.console import Console
+
+    import esper.cli.main
+
+    shas = {
+        "a" * 64: _fake_bundle(tmp_path, "a" * 64, True, "causal-attn"),
+        "b" * 64: _fake_bundle(tmp_path, "b" * 64, False, "attn"),
+        "c" * 64: _fake_bundle(tmp_path, "c" * 64, None, None),
+    }
+    rows = json.loads(run("kernels", "--store", str(tmp_path), "--json").output)
+    assert [(r["key"][0], r["blueprint"], r["causal"]) for r in rows] == [
+        ("a", "causal-attn", True), ("b", "attn", False), ("c", None, None),
+    ]  # fmt: skip
+    assert all(r["manifestSha256"] == shas[r["key"]] for r in rows)
+    assert rows[0]["inputs"] == [["batch", 16, 64]] and rows[0]["outputs"] == [["batch", 16, 64]]
+    causal = json.loads(run("kernels", "--store", str(tmp_path), "--json", "--causal").output)
+    assert [r["key"][0] for r in causal] == ["a"]
+    non_causal = json.loads(run("kernels", "--store", str(tmp_path), "--json", "--non-causal").output)
+    assert [r["key"][0] for r in non_causal] == ["b"]
+    monkeypatch.setattr(esper.cli.main, "console", Console(width=220))
+    table = run("kernels", "--store", str(tmp_path)).output
+    assert "causal-attn" in table and "(batch, 16, 64) -> (batch, 16, 64)" in table
+    assert shas["a" * 64][:16] in table
