@@ -1,0 +1,117 @@
+"""A compile Pod's termination message read back to the letter, and which Pod is read when several ran."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from esper.contracts import ArtifactRef, Toolchain, ValidationReport
+from esper_operator.jobs import JobOutcome, interpret, parse_result
+
+KEY = "a" * 64
+TOOLCHAIN = {"torch": "2.13.0", "capability": "cpu-avx2", "python": "3.11"}
+REPORT = {
+    "tolerance": 1e-4,
+    "maxAbsError": 1e-7,
+    "eagerMicros": 100.0,
+    "compiledMicros": 50.0,
+    "speedup": 2.0,
+}
+RESULT = {
+    "key": KEY,
+    "uri": "s3://bucket/kernels/" + KEY,
+    "manifestSha256": "b" * 64,
+    "size": 1234,
+    "toolchain": TOOLCHAIN,
+    "compileSeconds": 12.5,
+    "report": REPORT,
+}
+
+
+def test_a_result_becomes_the_whole_outcome() -> None:
+    assert parse_result(json.dumps(RESULT), expected_key=KEY) == JobOutcome(
+        "succeeded",
+        "Compiled",
+        "",
+        artifact=ArtifactRef(uri="s3://bucket/kernels/" + KEY, sha256="b" * 64, size=1234),
+        toolchain=Toolchain(**TOOLCHAIN),
+        report=ValidationReport(**REPORT),
+        compile_seconds=12.5,
+    )
+
+
+@pytest.mark.parametrize(
+    ("message", "reason", "text"),
+    [
+        ("y" * 300, "BadResult", "termination message is not JSON: " + repr("y" * 200)),
+        (
+            json.dumps({**RESULT, "toolchain": {"capability": "cpu-avx2", "python": "3.11"}}),
+            "BadResult",
+            "termination message is not a compile result: toolchain.torch: Field required",
+        ),
+        (
+            "[1]",  # no field to name: the result as a whole
+            "BadResult",
+            "termination message is not a compile result: result: "
+            "Input should be a valid dictionary or instance of CompileResult",
+        ),
+        (
+            json.dumps({**RESULT, "key": "c" * 64}),
+            "KeyMismatch",
+            f"Job reported key {'c' * 64!r}, Kernel has {KEY}",
+        ),
+        (
+            json.dumps({"error": {"code": 65, "reason": "InvalidBlueprint", "message": "spec.x: y"}}),
+            "BadResult",
+            "a succeeded Job reported an error: spec.x: y",
+        ),
+    ],
+)
+def test_a_bad_result_says_what_is_wrong(message: str, reason: str, text: str) -> None:
+    assert parse_result(message, expected_key=KEY) == JobOutcome("failed", reason, text)
+
+
+def _failed(name: str, code: int, finished: str | None) -> dict[str, Any]:
+    terminated: dict[str, Any] = {"exitCode": code, "message": f"from {name}"}
+    if finished is not None:
+        terminated["finishedAt"] = finished
+    return {
+        "metadata": {"name": name},
+        "status": {
+            "phase": "Failed",
+            "containerStatuses": [{"name": "tezzeret", "state": {"terminated": terminated}}],
+        },
+    }
+
+
+JOB = {
+    "metadata": {"name": "j"},
+    "status": {
+        "failed": 2,
+        "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}],
+    },
+}
+
+
+@pytest.mark.parametrize("order", [1, -1])
+def test_pods_finished_at_the_same_second_are_ordered_by_name(order: int) -> None:
+    """Timestamps have one-second resolution; the later name (attempt-b) is read."""
+    pods = [
+        _failed("attempt-a", 65, "2026-01-01T10:00:00Z"),
+        _failed("attempt-b", 66, "2026-01-01T10:00:00Z"),
+    ]
+    outcome = interpret(JOB, pods[::order], expected_key=KEY)
+    assert (outcome.reason, outcome.message) == (
+        "UnsupportedTarget",
+        "compile Job failed (BackoffLimitExceeded) after 2 attempt(s); exit code 66; from attempt-b",
+    )
+
+
+@pytest.mark.parametrize("order", [1, -1])
+def test_a_pod_without_a_finish_time_counts_as_the_earliest(order: int) -> None:
+    """A termination without finishedAt sorts before any with one: the timed Pod is read."""
+    pods = [_failed("z-untimed", 65, None), _failed("a-timed", 67, "2026-01-01T10:00:00Z")]
+    outcome = interpret(JOB, pods[::order], expected_key=KEY)
+    assert outcome.reason == "ValidationFailed" and outcome.message.endswith("exit code 67; from a-timed")
