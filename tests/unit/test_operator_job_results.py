@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 from esper.contracts import ArtifactRef, Toolchain, ValidationReport
-from esper_operator.jobs import JobOutcome, interpret, parse_result
+from esper_operator.jobs import JobOutcome, compile_request, interpret, parse_result
+from esper_operator.plan import plan_blueprint
 
 KEY = "a" * 64
 TOOLCHAIN = {"torch": "2.13.0", "capability": "cpu-avx2", "python": "3.11"}
@@ -115,3 +116,44 @@ def test_a_pod_without_a_finish_time_counts_as_the_earliest(order: int) -> None:
     pods = [_failed("z-untimed", 65, None), _failed("a-timed", 67, "2026-01-01T10:00:00Z")]
     outcome = interpret(JOB, pods[::order], expected_key=KEY)
     assert outcome.reason == "ValidationFailed" and outcome.message.endswith("exit code 67; from a-timed")
+
+
+def test_the_request_carries_the_kernels_own_compile_options() -> None:
+    """Options unlike the defaults: a request built with the defaults instead would differ."""
+    spec = {
+        "template": {"name": "residual-mlp", "params": {"features": 16, "hidden": 32}},
+        "targets": ["cpu"],
+        "compile": {"maxBatch": 64, "initSeed": 7, "validateBatches": [2, 3], "benchmarkBatches": [4]},
+    }
+    kernel = plan_blueprint("mlp", spec, torch_version="2.13.0").kernels[0].spec
+    request = compile_request(kernel)
+    assert request.namespace == ""  # no namespace given
+    assert request.spec.compile.model_dump(mode="json") == {
+        "maxBatch": 64,
+        "initSeed": 7,
+        "validateBatches": [2, 3],
+        "benchmarkBatches": [4],
+    }
+
+
+def test_a_deadline_outranks_the_exit_code_and_an_eviction() -> None:
+    """The Job ran out of time: retrying the same Kernel would too, whatever its last Pod said."""
+    pod = _failed("p", 65, "2026-01-01T10:00:00Z")
+    pod["status"]["reason"] = "Evicted"
+    job = {"metadata": {"name": "j"}, "status": {"failed": 1, "conditions": [
+        {"type": "Failed", "status": "True", "reason": "DeadlineExceeded"}]}}  # fmt: skip
+    outcome = interpret(job, [pod], expected_key=KEY)
+    assert (outcome.reason, outcome.message) == (
+        "DeadlineExceeded",
+        "compile Job failed (DeadlineExceeded) after 1 attempt(s); exit code 65; from p",
+    )
+
+
+def test_a_succeeded_pod_without_a_message_is_a_bad_result() -> None:
+    pod = _failed("p", 0, "2026-01-01T10:00:00Z")
+    pod["status"]["phase"] = "Succeeded"
+    del pod["status"]["containerStatuses"][0]["state"]["terminated"]["message"]
+    job = {"metadata": {"name": "j"}, "status": {"conditions": [{"type": "Complete", "status": "True"}]}}
+    assert interpret(job, [pod], expected_key=KEY) == JobOutcome(
+        "failed", "BadResult", "termination message is not JSON: ''"
+    )
