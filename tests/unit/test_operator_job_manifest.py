@@ -92,16 +92,6 @@ def _expected(
             "name": "job-1",
             "namespace": "ns",
             "labels": labels,
-            "ownerReferences": [
-                {
-                    "apiVersion": "esper.dev/v1alpha1",
-                    "kind": "Kernel",
-                    "name": "kernel-1",
-                    "uid": "u-1",
-                    "controller": True,
-                    "blockOwnerDeletion": True,
-                }
-            ],
         },
         "spec": {
             **spec,
@@ -163,6 +153,8 @@ def test_a_gpu_job_with_every_setting_is_the_documented_manifest() -> None:
     labels = {
         "app.kubernetes.io/managed-by": "esper-operator",
         "esper.dev/kernel": "kernel-1",
+        "esper.dev/kernel-namespace": "ns",
+        "esper.dev/kernel-uid": "u-1",
         "esper.dev/target": "cuda-sm90",
         "kueue.x-k8s.io/queue-name": "compile",
     }
@@ -214,6 +206,8 @@ def test_a_cpu_job_with_the_defaults_is_the_documented_manifest() -> None:
     labels = {
         "app.kubernetes.io/managed-by": "esper-operator",
         "esper.dev/kernel": "kernel-1",
+        "esper.dev/kernel-namespace": "ns",
+        "esper.dev/kernel-uid": "u-1",
         "esper.dev/target": "cpu",
     }
     assert job == _expected(

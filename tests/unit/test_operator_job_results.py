@@ -44,34 +44,38 @@ def test_a_result_becomes_the_whole_outcome() -> None:
 
 
 @pytest.mark.parametrize(
-    ("message", "reason", "text"),
+    ("message", "state", "reason", "text"),
     [
-        ("y" * 300, "BadResult", "termination message is not JSON: " + repr("y" * 200)),
+        ("y" * 300, "failed", "BadResult", "termination message is not JSON: " + repr("y" * 200)),
         (
             json.dumps({**RESULT, "toolchain": {"capability": "cpu-avx2", "python": "3.11"}}),
+            "failed",
             "BadResult",
             "termination message is not a compile result: toolchain.torch: Field required",
         ),
         (
             "[1]",  # no field to name: the result as a whole
+            "failed",
             "BadResult",
             "termination message is not a compile result: result: "
             "Input should be a valid dictionary or instance of CompileResult",
         ),
         (
             json.dumps({**RESULT, "key": "c" * 64}),
+            "rejected",  # ignored: the Kernel stays as it is
             "KeyMismatch",
             f"Job reported key {'c' * 64!r}, Kernel has {KEY}",
         ),
         (
             json.dumps({"error": {"code": 65, "reason": "InvalidBlueprint", "message": "spec.x: y"}}),
+            "failed",
             "BadResult",
             "a succeeded Job reported an error: spec.x: y",
         ),
     ],
 )
-def test_a_bad_result_says_what_is_wrong(message: str, reason: str, text: str) -> None:
-    assert parse_result(message, expected_key=KEY) == JobOutcome("failed", reason, text)
+def test_a_bad_result_says_what_is_wrong(message: str, state: str, reason: str, text: str) -> None:
+    assert parse_result(message, expected_key=KEY) == JobOutcome(state, reason, text)
 
 
 def _failed(name: str, code: int, finished: str | None) -> dict[str, Any]:
