@@ -203,7 +203,7 @@ class PlateauPolicy:
             ex = state.get("exhausted")
             exhausted = None if ex is None else (tuple(str(n) for n in ex[0]), int(ex[1]), int(ex[2]))
             events = [dict(e) for e in state.get("events", [])]
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, IndexError, TypeError, ValueError) as e:
             raise ValueError(f"not a PlateauPolicy state: {type(e).__name__}: {e}") from None
         self.best, self.bad_evals, self.step_count = best, bad, count
         self.tried, self._exhausted, self.events = tried, exhausted, events
