@@ -124,6 +124,9 @@ class SeedCoordinator:
         self._seeds = seed_group if seed_group is not None else dist.new_group(timeout=timeout)
         self._local_evaluate = policy.evaluate
         policy.evaluate = self.evaluate
+        if policy.contribution is not None:  # a held-out split: judged on the mean over ranks too
+            local_contribution = policy.contribution
+            policy.contribution = lambda: self.mean(float(local_contribution()))
         policy.agreement = self
         self._tracked: dict[str, list[nn.Parameter]] = {}
         self.common_keys: dict[str, str] = {}  # kernels every rank holds, as of the last evaluation

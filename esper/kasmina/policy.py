@@ -142,7 +142,9 @@ class PlateauPolicy:
         if not 0.0 <= rel_delta < 1.0:
             raise ValueError(f"rel_delta must be in [0, 1), got {rel_delta}")
         self.rel_delta, self.spread_kernels = rel_delta, spread_kernels
-        self.contribution = contribution if contribution is not None else evaluate
+        # None: judge seeds with `evaluate`, looked up at each use (a data-parallel coordinator
+        # replaces `evaluate` with its mean over ranks after construction).
+        self.contribution: Callable[[], float] | None = contribution
         self.patience, self.min_delta = patience, min_delta
         self.train_steps, self.blend_steps = train_steps, blend_steps
         self.cull_threshold = cull_threshold
@@ -215,7 +217,9 @@ class PlateauPolicy:
         """Feed one validation loss; on a plateau (and no seed growing) germinate a seed."""
         if step is not None:
             self.step_count = step
-        threshold = max(self.min_delta, self.rel_delta * abs(self.best)) if math.isfinite(self.best) else 0.0
+        threshold = self.min_delta  # as given, even negative, when no relative threshold is set
+        if self.rel_delta and math.isfinite(self.best):
+            threshold = max(self.min_delta, self.rel_delta * abs(self.best))
         if val_loss < self.best - threshold:
             self.best, self.bad_evals = val_loss, 0
         else:
@@ -291,9 +295,10 @@ class PlateauPolicy:
 
     def _decide(self, slot: SeedSlot) -> None:
         # alpha is 1 here: `current` is the model with the seed's output replacing y, `base` without it.
+        judge = self.contribution or self.evaluate
         with slot.alpha_override(0.0):
-            base = float(self.contribution())
-        current = float(self.contribution())
+            base = float(judge())
+        current = float(judge())
         contribution = base - current
         slot.telemetry.contribution = contribution
         keep = contribution > self.cull_threshold and slot.state is not S.CULLED  # failed while measured
@@ -312,7 +317,7 @@ class PlateauPolicy:
             self._event("cull", slot=slot.name, kernel=key, contribution=contribution, valLoss=base)
         # Both numbers are on the plateau's split only when `contribution` is `evaluate`; otherwise
         # the next evaluation sets a new best.
-        self.best = min(base, current) if self.contribution is self.evaluate else math.inf
+        self.best = min(base, current) if self.contribution is None else math.inf
         self.bad_evals = 0
 
     def _drop_group(self, slot: SeedSlot) -> None:

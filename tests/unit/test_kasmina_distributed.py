@@ -72,9 +72,9 @@ def test_state_digest_is_the_sha256_of_names_shapes_and_bytes() -> None:
     a, b = _model(), _model()
     assert state_digest(a) == state_digest(b)
     h = hashlib.sha256()  # computed here independently, over the same sorted entries
-    for name, t in sorted(a.state_dict(keep_vars=True).items()):
-        if isinstance(t, torch.Tensor):
-            h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode() + t.detach().numpy().tobytes())
+    # parameters and buffers by their module names (a slot's state_dict keys hide its `host.` level)
+    for name, t in sorted([*a.named_parameters(), *a.named_buffers()], key=lambda kv: kv[0]):
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode() + t.detach().numpy().tobytes())
     assert state_digest(a) == h.hexdigest()
     with torch.no_grad():
         b[2].bias[1] += 1e-7  # one element, one ulp-sized change

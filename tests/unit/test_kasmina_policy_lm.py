@@ -107,6 +107,7 @@ def test_language_model_defaults_and_overrides() -> None:
     model, _ = two_slots()
     p = PlateauPolicy.for_language_model(catalog=catalog(), evaluate=lambda: 0.0, model=model)
     assert (p.patience, p.min_delta, p.rel_delta, p.train_steps, p.blend_steps) == (3, 0.0, 0.005, 200, 200)
-    assert (p.cull_threshold, p.spread_kernels, p.contribution is p.evaluate) == (0.002, True, True)
+    # contribution None: seeds are judged by `evaluate`, looked up when used
+    assert (p.cull_threshold, p.spread_kernels, p.contribution) == (0.002, True, None)
     q = PlateauPolicy.for_language_model(catalog=catalog(), evaluate=lambda: 0.0, model=model, patience=5)
     assert q.patience == 5
