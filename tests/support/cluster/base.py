@@ -78,7 +78,7 @@ def human_age(ts: str | None) -> str:
 
 def wait_for(
     predicate: Callable[[], T],
-    timeout: float = 10.0,
+    timeout: float = 30.0,  # a hang guard: generous, so a loaded machine is not a failure
     interval: float = 0.05,
     message: str | Callable[[], str] = "",
 ) -> T:
@@ -103,7 +103,7 @@ def wait_for(
 
 
 async def async_wait_for(
-    predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.05, message: str = ""
+    predicate: Callable[[], T], timeout: float = 30.0, interval: float = 0.05, message: str = ""
 ) -> T:
     """`wait_for` for async tests: polls in a thread so the test's loop keeps running."""
     return await asyncio.to_thread(wait_for, predicate, timeout, interval, message)
