@@ -115,9 +115,15 @@ def test_params_are_closed_and_defaults_filled() -> None:
 
 
 def test_reserved_ids_cover_module_attributes() -> None:
-    """Node ids are submodule names; an id equal to a Module attribute would shadow it."""
-    names = {n for n in dir(torch.nn.Module()) if re.fullmatch(r"[a-z][a-z0-9_]{0,62}", n)}
-    assert names <= RESERVED_IDS
+    """Node ids are submodule names; an id equal to a Module attribute would shadow it.
+
+    torch's own attributes, read in a fresh interpreter: libraries imported by other tests add their
+    own to nn.Module (transformers adds `smart_apply`).
+    """
+    code = "import torch; print(' '.join(dir(torch.nn.Module())))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    names = {n for n in out.split() if re.fullmatch(r"[a-z][a-z0-9_]{0,62}", n)}
+    assert names and names <= RESERVED_IDS
 
 
 def test_package_imports_and_validates_without_torch() -> None:
