@@ -15,8 +15,9 @@ import logging
 import sys
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 import yaml
@@ -99,12 +100,15 @@ def load_documents(path: Path) -> list[tuple[str, Any]]:
     return out
 
 
-def load_all(files: list[Path]) -> list[tuple[str, Any]]:
-    """The Blueprints of every file; exit 2 on an unreadable file or when there is none at all."""
-    docs = []
+T = TypeVar("T")
+
+
+def _read_every(files: list[Path], read: Callable[[Path], list[T]]) -> list[T]:
+    """`read` of every file, concatenated; exit 2 on an unreadable file or when there is none at all."""
+    docs: list[T] = []
     for path in files:
         try:
-            docs.extend(load_documents(path))
+            docs.extend(read(path))
         except InputError as exc:
             typer.echo(str(exc), err=True)
             raise typer.Exit(2) from None
@@ -114,21 +118,17 @@ def load_all(files: list[Path]) -> list[tuple[str, Any]]:
     return docs
 
 
+def load_all(files: list[Path]) -> list[tuple[str, Any]]:
+    """The Blueprints of every file; exit 2 on an unreadable file or when there is none at all."""
+    return _read_every(files, load_documents)
+
+
 @app.command()
 def validate(
     files: Annotated[list[Path], typer.Argument(help="Blueprint manifests (YAML or JSON).")],
 ) -> None:
     """Check Blueprints as the operator would; print one line per problem."""
-    docs = []
-    for path in files:
-        try:
-            docs.extend(read_manifests(path))
-        except InputError as exc:
-            typer.echo(str(exc), err=True)
-            raise typer.Exit(2) from None
-    if not docs:
-        typer.echo("no Blueprint in the given files", err=True)
-        raise typer.Exit(2)
+    docs = _read_every(files, read_manifests)
     bad = False
     for label, doc, what in docs:
         try:

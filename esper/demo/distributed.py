@@ -82,7 +82,7 @@ def _worker(spec_path: Path, out_path: Path) -> int:
     from prometheus_client import CollectorRegistry
     from torch.nn.parallel import DistributedDataParallel
 
-    from esper.demo.train import _evaluate, _n_params, build_host, make_task
+    from esper.demo.train import _evaluate, _n_params, build_host, make_task, record_events
     from esper.kasmina import CatalogEntry, KasminaMetrics, KernelCatalog, warmup, wrap
     from esper.kasmina.distributed import SeedCoordinator, ignore_seed_parameters
 
@@ -138,17 +138,7 @@ def _worker(spec_path: Path, out_path: Path) -> int:
         check_s += time.perf_counter() - t
         if step % cfg.eval_every == 0 or step == cfg.steps:
             curve.append((step, coord.on_eval(local_eval(), step)))
-        for ev in policy.events[seen:]:  # the same bookkeeping as the single-process grown run
-            if ev.get("kernel"):
-                ev["blueprint"] = names.get(ev["kernel"])
-            if ev["event"] == "germinate":
-                slot = policy.slots[ev["slot"]]
-                ev["loadSeconds"] = slot.telemetry.load_seconds
-                ev["seedParams"] = sum(p.numel() for p in slot.seed_parameters())
-                ev["compiled"] = type(slot.seed).__name__ == "KernelModule"
-                used.add(ev["kernel"])
-                policy.catalog = KernelCatalog(e for e in entries if e.key not in used)
-        seen = len(policy.events)
+        seen = record_events(policy, seen, names, entries, used)  # as the single-process grown run
     wall = time.perf_counter() - t0
     n_fit = min(len(task.x_train), cfg.n_val) // world
     lo = rank * n_fit

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -179,6 +179,26 @@ def train(
     )
 
 
+def record_events(
+    policy: PlateauPolicy, seen: int, names: Mapping[Any, str], entries: Sequence[Any], used: set[str]
+) -> int:
+    """Annotate the policy's events since `seen` for the report (Blueprint name, load time, seed size,
+    compiled or not) and drop each germinated kernel from the catalog; returns the new `seen`."""
+    from esper.kasmina import KernelCatalog
+
+    for ev in policy.events[seen:]:
+        if ev.get("kernel"):
+            ev["blueprint"] = names.get(ev["kernel"])
+        if ev["event"] == "germinate":
+            slot = policy.slots[ev["slot"]]
+            ev["loadSeconds"] = slot.telemetry.load_seconds
+            ev["seedParams"] = sum(p.numel() for p in slot.seed_parameters())
+            ev["compiled"] = type(slot.seed).__name__ == "KernelModule"
+            used.add(ev["kernel"])
+            policy.catalog = KernelCatalog(e for e in entries if e.key not in used)
+    return len(policy.events)
+
+
 def grow(
     cfg: DemoConfig, kernels: Sequence[KernelInfo], task: Task, progress: Progress, tid: TaskID
 ) -> tuple[RunResult, list[dict[str, Any]]]:
@@ -216,17 +236,7 @@ def grow(
 
     def on_step(policy: PlateauPolicy) -> None:
         nonlocal seen
-        for ev in policy.events[seen:]:
-            if ev.get("kernel"):
-                ev["blueprint"] = names.get(ev["kernel"])
-            if ev["event"] == "germinate":
-                slot = policy.slots[ev["slot"]]
-                ev["loadSeconds"] = slot.telemetry.load_seconds
-                ev["seedParams"] = sum(p.numel() for p in slot.seed_parameters())
-                ev["compiled"] = type(slot.seed).__name__ == "KernelModule"
-                used.add(ev["kernel"])
-                policy.catalog = KernelCatalog(e for e in entries if e.key not in used)
-        seen = len(policy.events)
+        seen = record_events(policy, seen, names, entries, used)
 
     result = train("grown", model, task, cfg, progress, tid, make_policy, on_step)
     on_step(made[0])
