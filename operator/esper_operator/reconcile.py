@@ -18,13 +18,14 @@ from typing import Any
 from esper.blueprint import BlueprintInvalid
 from esper.contracts import GROUP_VERSION, KernelSpec
 from esper.contracts.naming import (
-    LABEL_BLUEPRINT,
     LABEL_IR_DIGEST,
     LABEL_KERNEL,
     LABEL_TARGET,
+    LABEL_TEMPLATE,
     MANAGED_BY,
     OPERATOR_NAME,
     label_value,
+    requester_label,
 )
 from esper.storage import Store, open_store
 from esper_operator import metrics
@@ -33,6 +34,8 @@ from esper_operator.faults import crash_point
 from esper_operator.jobs import JobOutcome, build_job, interpret
 from esper_operator.kube import Body, Conflict, Kube
 from esper_operator.plan import PlannedKernel, plan_blueprint
+from esper_operator.requesters import set_role
+from esper_operator.rollout import CANDIDATE, CARRIED, SERVING, advance, held
 from esper_operator.status import blueprint_status, invalid_status, kernel_status
 
 log = logging.getLogger("esper.operator")
@@ -76,17 +79,57 @@ class Reconciler:
         try:
             plan = plan_blueprint(name, body.get("spec") or {}, torch_version=self.config.torch_version)
         except BlueprintInvalid as exc:
-            return await self.refuse_blueprint(body, str(exc))
+            return await self.keep_last_good(body, str(exc))
         crash_point("plan")
         refs = []
         for planned in plan.kernels:
             kernel = await self.ensure_kernel(body, planned)
             kernel = await self.ensure_job(kernel, planned.job_name)
             refs.append({"target": planned.spec.target, "name": planned.name, "phase": _phase(kernel)})
-        await self._release(body, keep={k.name for k in plan.kernels})
         metrics.RECONCILES.labels("blueprint", "ok").inc()
         crash_point("blueprint-status")
-        return blueprint_status(previous=previous, digest=plan.digest, kernels=refs, generation=generation)
+        status = blueprint_status(previous=previous, digest=plan.digest, kernels=refs, generation=generation)
+        return await self._roll(body, status, history_limit=plan.history_limit)
+
+    async def _roll(self, blueprint: Body, status: Body, *, history_limit: int) -> Body:
+        """Advance the keep-last-good rollout; label the Kernels by role; release what it no longer holds.
+
+        Kernels that start serving are labelled before the ones they replace stop, so a sidecar
+        selecting `=serving` sees the new Kernel before the old one leaves.
+        """
+        meta = blueprint["metadata"]
+        namespace = meta["namespace"]
+        previous = blueprint.get("status") or {}
+        before = held(previous)
+        phases = {}
+        for name in before:
+            kernel = await self.kube.get("kernels", namespace, name)
+            if kernel is not None and not kernel["metadata"].get("deletionTimestamp"):
+                phases[name] = _phase(kernel)
+        phases.update({k["name"]: k["phase"] for k in status["kernels"]})
+        rollout = advance(
+            previous, digest=status["digest"], current=status["kernels"], phases=phases,
+            history_limit=history_limit,
+        )  # fmt: skip
+        owner = _owner_ref(blueprint)
+        order = sorted(rollout.roles.items(), key=lambda item: item[1] != SERVING)
+        for name, role in order:
+            await set_role(self.kube, namespace, name, owner, role)
+        for name in sorted(before - set(rollout.roles)):
+            await set_role(self.kube, namespace, name, owner, None)
+        return {**status, **rollout.status_fields(len(status["kernels"]))}
+
+    async def keep_last_good(self, body: Body, message: str) -> Body:
+        """Status of a Blueprint whose new spec is invalid: Invalid with `message`, and nothing released:
+        the last valid revision's Kernels (and what they serve) stay."""
+        previous = body.get("status") or {}
+        generation = int(body["metadata"].get("generation") or 1)
+        if previous.get("phase") != "Invalid" or previous.get("message") != message:
+            self.emit(body, "Warning", "Invalid", message)
+        metrics.RECONCILES.labels("blueprint", "invalid").inc()
+        status = invalid_status(previous=previous, message=message, generation=generation)
+        kept = ("kernels", "kernelsReady", "kernelsTotal", "kernelsSummary", "digest", *CARRIED)
+        return {**status, **{k: previous[k] for k in kept if k in previous}}
 
     async def refuse_blueprint(self, body: Body, message: str) -> Body:
         """Status of a Blueprint that cannot be processed: Invalid with `message`; its Kernels released."""
@@ -94,7 +137,7 @@ class Reconciler:
         generation = int(body["metadata"].get("generation") or 1)
         if previous.get("phase") != "Invalid" or previous.get("message") != message:
             self.emit(body, "Warning", "Invalid", message)
-        await self._release(body, keep=set())
+        await self._release(body)
         metrics.RECONCILES.labels("blueprint", "invalid").inc()
         return invalid_status(previous=previous, message=message, generation=generation)
 
@@ -111,8 +154,9 @@ class Reconciler:
                 "labels": {
                     MANAGED_BY: OPERATOR_NAME,
                     LABEL_TARGET: planned.spec.target,
-                    LABEL_BLUEPRINT: label_value(planned.spec.blueprint),
                     LABEL_IR_DIGEST: planned.spec.irDigest[:32],
+                    requester_label(blueprint["metadata"]["name"]): CANDIDATE,
+                    **({LABEL_TEMPLATE: label_value(planned.spec.template)} if planned.spec.template else {}),
                 },
                 "ownerReferences": [owner],
             },
@@ -151,40 +195,11 @@ class Reconciler:
                 return patched
         raise RuntimeError(f"could not add owner to Kernel {name}: too many conflicts; will retry")
 
-    async def _release(self, blueprint: Body, keep: set[str]) -> None:
-        """Drop this Blueprint from Kernels it no longer asks for; delete those left with no owner."""
+    async def _release(self, blueprint: Body) -> None:
+        """Drop this Blueprint from every Kernel it holds; delete those left with no owner."""
         meta = blueprint["metadata"]
-        listed = [k["name"] for k in (blueprint.get("status") or {}).get("kernels") or []]
-        for name in listed:
-            if name not in keep:
-                await self.release_kernel(meta["namespace"], name, meta["uid"])
-
-    async def release_kernel(self, namespace: str, name: str, owner_uid: str) -> None:
-        for _ in range(OWNER_RETRIES):
-            kernel = await self.kube.get("kernels", namespace, name)
-            if kernel is None:
-                return
-            owners = kernel["metadata"].get("ownerReferences") or []
-            remaining = [o for o in owners if o.get("uid") != owner_uid]
-            if len(remaining) < len(owners):
-                crash_point("kernel-release")
-            if not remaining:
-                await self.kube.delete("kernels", namespace, name)
-                return
-            if len(remaining) == len(owners):
-                return
-            patch = {
-                "metadata": {
-                    "resourceVersion": kernel["metadata"]["resourceVersion"],
-                    "ownerReferences": remaining,
-                }
-            }
-            try:
-                await self.kube.patch("kernels", namespace, name, patch)
-                return
-            except Conflict:
-                continue
-        raise RuntimeError(f"could not release Kernel {name}: too many conflicts; will retry")
+        for name in sorted(held(blueprint.get("status") or {})):
+            await set_role(self.kube, meta["namespace"], name, _owner_ref(blueprint), None)
 
     async def refresh_blueprints(self, kernel: Body) -> None:
         """Recompute the status of every Blueprint that owns this Kernel."""
@@ -206,7 +221,9 @@ class Reconciler:
             new = blueprint_status(
                 previous=status, digest=status.get("digest", ""), kernels=refs, generation=generation
             )
-            if new["phase"] != status.get("phase") or new["kernels"] != status.get("kernels"):
+            limit = int((blueprint.get("spec") or {}).get("historyLimit", 3))
+            new = await self._roll(blueprint, new, history_limit=limit)
+            if any(new.get(k) != status.get(k) for k in ("phase", "kernels", "serving", "history")):
                 crash_point("blueprint-refresh")
                 await self.kube.patch_status("blueprints", namespace, owner["name"], new)
                 if new["phase"] in ("Ready", "Failed"):
@@ -343,7 +360,7 @@ class Reconciler:
 
     async def blueprint_deleted(self, body: Body) -> None:
         """Release every Kernel of a deleted Blueprint; the last owner takes the Kernel with it."""
-        await self._release(body, keep=set())
+        await self._release(body)
 
     async def kernel_deleted(self, kernel: Body) -> None:
         """Remove the Kernel's Job, and its artifact when the retention policy says so."""
