@@ -73,6 +73,7 @@ class KernelStatus(Model):
     )
     attempts: int = Field(default=0, ge=0, description="Compile Jobs run for this Kernel so far.")
     retryAt: str = Field(default="", max_length=64, description="When a transient failure is retried.")
+    retryBase: int = Field(default=0, ge=0, description="attempts when the user last asked for a retry.")
     retryToken: str = Field(
         default="", max_length=253, description="The last esper.dev/retry annotation acted on."
     )

@@ -350,7 +350,9 @@ class KernelSync:
         with self._lock:
             arriving = any(
                 self._installed.get(n) != d.entry
-                and not ((f := self._failures.get(n)) is not None and f.settled and f.sha256 == d.entry.sha256)
+                and not (
+                    (f := self._failures.get(n)) is not None and f.settled and f.sha256 == d.entry.sha256
+                )
                 for n, d in desired.items()
             )
             for name, entry in list(self._installed.items()):

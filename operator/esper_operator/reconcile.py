@@ -8,6 +8,7 @@ already exists (HTTP 409 on create) is the one we wanted.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import functools
 import hashlib
 import logging
@@ -18,17 +19,19 @@ from typing import Any
 from esper.blueprint import BlueprintInvalid
 from esper.contracts import GROUP_VERSION, KernelSpec
 from esper.contracts.naming import (
+    ANNOTATION_RETRY,
     LABEL_IR_DIGEST,
     LABEL_KERNEL,
     LABEL_TARGET,
     LABEL_TEMPLATE,
     MANAGED_BY,
     OPERATOR_NAME,
+    job_name,
     label_value,
     requester_label,
 )
 from esper.storage import Store, open_store
-from esper_operator import metrics
+from esper_operator import metrics, queue
 from esper_operator.config import OperatorConfig
 from esper_operator.faults import crash_point
 from esper_operator.jobs import JobOutcome, build_job, interpret
@@ -62,6 +65,7 @@ class Reconciler:
         self.kube = kube
         self.config = config
         self.emit = emit
+        self._job_slots = asyncio.Lock()  # counting running Jobs and creating one is a single step
 
     @functools.cached_property
     def store(self) -> Store:
@@ -233,31 +237,52 @@ class Reconciler:
     # --- Jobs ------------------------------------------------------------------------------------
 
     async def ensure_job(self, kernel: Body, job_name: str) -> Body:
-        """Make sure a Kernel that is neither Ready nor Failed has its compile Job."""
+        """Make sure a Kernel that is neither Ready nor Failed has its compile Job.
+
+        `job_name` is the first attempt's; a Kernel waiting to retry (back-off) gets nothing before its
+        time, and with a cap on concurrent Jobs one that finds no free slot waits Pending/Queued.
+        """
         if _phase(kernel) in FINAL:
             return kernel
         meta = kernel["metadata"]
         namespace = meta["namespace"]
+        previous = kernel.get("status") or {}
+        waiting = _phase(kernel) == "Pending" and previous.get("reason") in queue.WAITING
+        if waiting and not queue.due(previous, dt.datetime.now(dt.UTC)):
+            return kernel
+        attempts = int(previous.get("attempts") or 0)
+        base = job_name
+        if _phase(kernel) == "Compiling" and previous.get("jobName"):
+            job_name = previous["jobName"]
+        else:
+            job_name = queue.attempt_job_name(job_name, attempts + 1)
         spec = KernelSpec.model_validate(kernel["spec"])
         job = await self.kube.get_job(namespace, job_name)
         if job is None:
-            manifest = build_job(
-                name=job_name,
-                namespace=namespace,
-                kernel_name=meta["name"],
-                kernel_uid=meta["uid"],
-                spec=spec,
-                config=self.config,
-            )
-            crash_point("job-create")
-            try:
-                await self.kube.create_job(namespace, manifest)
-            except Conflict:
-                pass  # created by an earlier attempt: adopt it
-            else:
-                crash_point("job-created")
-                metrics.JOBS_CREATED.labels(spec.target).inc()
-                self.emit(kernel, "Normal", "JobCreated", f"compile Job {job_name}")
+            async with self._job_slots:
+                if self.config.max_concurrent_jobs:
+                    running = await self.kube.active_jobs(f"{MANAGED_BY}={OPERATOR_NAME}")
+                    if running >= self.config.max_concurrent_jobs:
+                        return await self._queued(kernel, running)
+                manifest = build_job(
+                    name=job_name,
+                    namespace=namespace,
+                    kernel_name=meta["name"],
+                    kernel_uid=meta["uid"],
+                    spec=spec,
+                    config=self.config,
+                )
+                crash_point("job-create")
+                try:
+                    await self.kube.create_job(namespace, manifest)
+                except Conflict:
+                    pass  # created by an earlier attempt: adopt it
+                else:
+                    crash_point("job-created")
+                    metrics.JOBS_CREATED.labels(spec.target).inc()
+                    self.emit(kernel, "Normal", "JobCreated", f"compile Job {job_name}")
+            if attempts and waiting:  # the failed attempt's Job (and Pods) go
+                await self.kube.delete_job(namespace, queue.attempt_job_name(base, attempts))
         elif _finished(job):
             # Finished while nobody watched (operator down, event lost): carry it over now.
             await self.observe_job(job)
@@ -270,6 +295,8 @@ class Reconciler:
                 message=f"compiling in Job {job_name}",
                 generation=int(meta.get("generation") or 1),
                 jobName=job_name,
+                attempts=attempts + 1,
+                retryAt="",
             )
             kernel = await self.kube.patch_status("kernels", namespace, meta["name"], status) or kernel
             crash_point("kernel-compiling")
@@ -288,6 +315,10 @@ class Reconciler:
         status = kernel.get("status") or {}
         if status.get("phase") in FINAL and status.get("jobName") == meta["name"]:
             return  # already carried over
+        if status.get("jobName") and status.get("jobName") != meta["name"]:
+            return  # an earlier attempt's Job
+        if status.get("phase") == "Pending" and status.get("reason") in queue.WAITING:
+            return  # its failure is carried over already; the next attempt waits
         if not _finished(job):
             return  # still running: its Pods are read once, when it ends
         pods = await self.kube.job_pods(namespace, meta["name"])
@@ -340,6 +371,23 @@ class Reconciler:
             self.emit(
                 kernel, "Normal", "Compiled", f"Ready: {outcome.artifact.uri} ({speedup:.2f}x over eager)"
             )
+        elif queue.should_retry(outcome.reason, previous, self.config.retry_limit):
+            attempts = int(previous.get("attempts") or 1)
+            delay = queue.backoff_seconds(
+                attempts, self.config.retry_base_seconds, self.config.retry_max_seconds
+            )
+            at = queue.rfc3339(dt.datetime.now(dt.UTC) + dt.timedelta(seconds=delay))
+            message = f"attempt {attempts} failed ({outcome.reason}: {outcome.message}); retry at {at}"
+            status = kernel_status(
+                previous,
+                phase="Pending",
+                reason=queue.RETRY_BACKOFF,
+                message=message,
+                generation=generation,
+                jobName=job_name,
+                retryAt=at,
+            )
+            self.emit(kernel, "Warning", outcome.reason, message)
         else:
             status = kernel_status(
                 previous,
@@ -355,6 +403,53 @@ class Reconciler:
         if patched is not None:
             crash_point("kernel-finished")
             await self.refresh_blueprints(patched)
+
+    async def _queued(self, kernel: Body, running: int) -> Body:
+        meta = kernel["metadata"]
+        previous = kernel.get("status") or {}
+        message = f"waiting for a compile slot: {running} of {self.config.max_concurrent_jobs} in use"
+        if previous.get("reason") == queue.QUEUED and _phase(kernel) == "Pending":
+            return kernel
+        status = kernel_status(
+            previous,
+            phase="Pending",
+            reason=queue.QUEUED,
+            message=message,
+            generation=int(meta.get("generation") or 1),
+            retryAt="",
+        )
+        self.emit(kernel, "Normal", queue.QUEUED, message)
+        return await self.kube.patch_status("kernels", meta["namespace"], meta["name"], status) or kernel
+
+    async def kernel_tick(self, kernel: Body) -> None:
+        """Periodic, per Kernel: start a waiting Kernel's next Job when due; act on a user retry."""
+        meta = kernel["metadata"]
+        if meta.get("deletionTimestamp"):
+            return
+        status = kernel.get("status") or {}
+        base = job_name(kernel["spec"]["target"], kernel["spec"]["key"])
+        token = (meta.get("annotations") or {}).get(ANNOTATION_RETRY, "")
+        if token and token != status.get("retryToken", "") and _phase(kernel) == "Failed":
+            attempts = int(status.get("attempts") or 1)
+            message = f"retry requested after {attempts} attempt(s): {status.get('reason', '')}"
+            patch = kernel_status(
+                status,
+                phase="Pending",
+                reason=queue.RETRY_REQUESTED,
+                message=message,
+                generation=int(meta.get("generation") or 1),
+                retryToken=token,
+                retryBase=attempts,
+                retryAt="",
+            )
+            self.emit(kernel, "Normal", queue.RETRY_REQUESTED, message)
+            kernel = await self.kube.patch_status("kernels", meta["namespace"], meta["name"], patch) or kernel
+            await self.refresh_blueprints(kernel)
+        elif not (_phase(kernel) == "Pending" and status.get("reason") in queue.WAITING):
+            return
+        kernel = await self.ensure_job(kernel, base)
+        if _phase(kernel) == "Compiling":
+            await self.refresh_blueprints(kernel)
 
     # --- deletion --------------------------------------------------------------------------------
 

@@ -570,4 +570,6 @@ def test_a_served_kernel_stays_installed_until_its_replacement_is(
     assert read_index(vol).get("kernel-new") is None
     store.gate.set()
     wait_for(lambda: installed(vol, "kernel-new", ref_new.sha256))
-    wait_for(lambda: read_index(vol).get("kernel-old") is None and not (vol / "kernels" / "kernel-old").exists())
+    wait_for(
+        lambda: read_index(vol).get("kernel-old") is None and not (vol / "kernels" / "kernel-old").exists()
+    )

@@ -118,7 +118,8 @@ def test_history_is_bounded_and_never_records_a_revision_that_never_served() -> 
 
 def test_going_back_to_a_recorded_revision_reuses_its_ready_kernels() -> None:
     prev = {
-        "revision": 2, "digest": "d2", "kernels": [k("cpu", "b", "Ready")], "serving": [k("cpu", "b", "Ready")],
+        "revision": 2, "digest": "d2",
+        "kernels": [k("cpu", "b", "Ready")], "serving": [k("cpu", "b", "Ready")],
         "history": [{"revision": 1, "digest": "d1", "kernels": [{"target": "cpu", "name": "a"}]}],
     }  # fmt: skip
     r = advance(
