@@ -491,6 +491,9 @@ def kasmina_inject(
     file: Annotated[Path, typer.Argument(help="Manifest (Pod, Job, PyTorchJob, ...); '-': stdin.")],
     kernels: Annotated[str, typer.Option(help="Comma-separated Kernel names to sync.")] = "",
     selector: Annotated[str, typer.Option(help="Label selector of the Kernels to sync.")] = "",
+    blueprint: Annotated[
+        str, typer.Option(help="Sync the Kernels this Blueprint serves (follows its rollouts).")
+    ] = "",
     image: Annotated[str, typer.Option(help="Sidecar image (carries the esper CLI).")] = DEFAULT_IMAGE,
     store: Annotated[str, typer.Option(help="Store URI; default: taken from each Kernel's status.")] = "",
     kernel_dir: Annotated[
@@ -499,10 +502,17 @@ def kasmina_inject(
     service_account: Annotated[str, typer.Option(help="ServiceAccount to run the pod as.")] = "",
 ) -> None:
     """Add the Kasmina sidecar, its shared volume and env to workload manifests; print the result."""
+    from esper.contracts.naming import serving_selector
     from esper.sidecar.inject import inject_documents
 
+    if blueprint and selector:
+        typer.echo("give --blueprint or --selector, not both", err=True)
+        raise typer.Exit(2)
+    selector = serving_selector(blueprint) if blueprint else selector
     if not kernels and not selector:
-        typer.echo("give --kernels or --selector: which Kernels should the pod receive?", err=True)
+        typer.echo(
+            "give --kernels, --blueprint or --selector: which Kernels should the pod receive?", err=True
+        )
         raise typer.Exit(2)
     try:
         text = sys.stdin.read() if str(file) == "-" else file.read_text()

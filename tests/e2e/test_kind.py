@@ -151,7 +151,7 @@ def test_blueprint_to_ready_kernel_to_training_pod(esper: str) -> None:
 
     injected = sh(
         sys.executable, "-m", "esper.cli.main", "kasmina", "inject", "-",
-        "--selector", f"esper.dev/blueprint={BLUEPRINT}", "--image", IMAGE,
+        "--blueprint", BLUEPRINT, "--image", IMAGE,
         input=_trainer_manifest(),
     )  # fmt: skip
     sh("kubectl", "-n", ns, "apply", "-f", "-", input=_with_store_access(injected))
@@ -168,4 +168,4 @@ def test_blueprint_to_ready_kernel_to_training_pod(esper: str) -> None:
     sh("kubectl", "-n", ns, "delete", "pod", "esper-trainer", "--timeout=120s")
     sh("kubectl", "-n", ns, "delete", "-f", "examples/blueprint.yaml", "--timeout=120s")
     # The Kernel goes by garbage collection once its last owner is gone: asynchronous.
-    assert _wait_until_gone(ns, "kernels", f"esper.dev/blueprint={BLUEPRINT}", timeout=180) == []
+    assert _wait_until_gone(ns, "kernels", f"blueprint.esper.dev/{BLUEPRINT}", timeout=180) == []

@@ -55,7 +55,9 @@ def s3_bucket(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
     return f"s3://{bucket}/esper"
 
 
-def make_fake_bundle(bundle_dir: Path | str, *, seed: int = 0, size: int = 4096) -> tuple[str, str]:
+def make_fake_bundle(
+    bundle_dir: Path | str, *, seed: int = 0, size: int = 4096, created_at: str | None = None
+) -> tuple[str, str]:
     """Write a small bundle of random bytes (no torch) and its manifest; returns (key, manifest sha256)."""
     d = Path(bundle_dir)
     d.mkdir(parents=True, exist_ok=True)
@@ -76,6 +78,7 @@ def make_fake_bundle(bundle_dir: Path | str, *, seed: int = 0, size: int = 4096)
         inputs=[{"name": "x", "shape": ["batch", 4]}],
         outputs=[{"name": "x", "shape": ["batch", 4]}],
         params=[{"name": "fc.weight", "shape": [4, 4], "dtype": "float32"}],
+        **({"createdAt": created_at} if created_at else {}),
     )
     sha, _ = write_manifest(d, manifest)
     return key, sha
