@@ -260,7 +260,8 @@ class Reconciler:
         job = await self.kube.get_job(namespace, job_name)
         if job is None:
             async with self._job_slots:
-                if self.config.max_concurrent_jobs:
+                created_meanwhile = await self.kube.get_job(namespace, job_name) is not None
+                if self.config.max_concurrent_jobs and not created_meanwhile:
                     running = await self.kube.active_jobs(f"{MANAGED_BY}={OPERATOR_NAME}")
                     if running >= self.config.max_concurrent_jobs:
                         return await self._queued(kernel, running)
@@ -317,8 +318,13 @@ class Reconciler:
             return  # already carried over
         if status.get("jobName") and status.get("jobName") != meta["name"]:
             return  # an earlier attempt's Job
-        if status.get("phase") == "Pending" and status.get("reason") in queue.WAITING:
-            return  # its failure is carried over already; the next attempt waits
+        retrying = (queue.RETRY_BACKOFF, queue.RETRY_REQUESTED)
+        if (
+            status.get("phase") == "Pending"
+            and status.get("reason") in retrying
+            and status.get("jobName") == meta["name"]
+        ):
+            return  # this attempt's failure is carried over already; the next attempt waits
         if not _finished(job):
             return  # still running: its Pods are read once, when it ends
         pods = await self.kube.job_pods(namespace, meta["name"])

@@ -158,17 +158,20 @@ def test_concurrent_compile_jobs_are_capped_and_the_rest_queued(
     assert all(k["status"]["phase"] == "Pending" for k in queued)
     assert "1 of 1 in use" in queued[0]["status"]["message"]
     assert len(esper.jobs()) == 1  # still: the queue does not leak while the slot is taken
+    # The Jobs fail at once (a permanent reason, so no retries): each frees its slot for the next.
+    esper.kubelet.fail_next("tezzeret-cpu-", exit_code=67, reason="Error", message="max error 3", times=3)
     esper.kubelet.max_parallel = 3  # the node could run them all: only the cap holds them back
     esper.kubelet.paused = False
     most = [0]
 
-    def all_ready() -> bool:
+    def all_failed() -> bool:
         running = [j for j in esper.jobs() if not (j.get("status") or {}).get("conditions")]
         most[0] = max(most[0], len(running))
-        return all(esper.phase("blueprints", f"q-{i}") == "Ready" for i in range(3))
+        return all(esper.phase("blueprints", f"q-{i}") == "Failed" for i in range(3))
 
-    wait_for(all_ready, 240, 0.05)
+    wait_for(all_failed, 120, 0.05)
     assert most[0] == 1 and len(esper.kubelet.seen_jobs()) == 3
+    assert {k["status"]["reason"] for k in esper.kernels()} == {"ValidationFailed"}
 
 
 def test_kernel_queries_and_gc_safe_under_a_concurrent_compile(
@@ -177,7 +180,7 @@ def test_kernel_queries_and_gc_safe_under_a_concurrent_compile(
 ) -> None:
     esper = start_esper()
     esper.cluster.create(small_blueprint("query-a", seed=101))
-    esper.cluster.create(small_blueprint("query-b", seed=102, features=8))
+    esper.cluster.create(small_blueprint("query-b", seed=102))
     a = esper.wait_phase("blueprints", "query-a", "Ready")["status"]["kernels"][0]["name"]
     b = esper.wait_phase("blueprints", "query-b", "Ready")["status"]["kernels"][0]["name"]
 
@@ -197,7 +200,9 @@ def test_kernel_queries_and_gc_safe_under_a_concurrent_compile(
         for r in json.loads(esper_cli(esper, "kernels", "--cluster", "-o", "json").output)
     }
     best = max(speedups, key=speedups.__getitem__)
-    assert names("--min-speedup", str(speedups[best])) == [best]
+    assert names("--min-speedup", str(speedups[best])) == sorted(
+        n for n, v in speedups.items() if v >= speedups[best]
+    )
     table = esper_cli(esper, "kernels", "--cluster", "--blueprint", "query-a")
     assert table.exit_code == 0 and a in table.output and b not in table.output
     store_only = esper_cli(esper, "kernels", "--store", esper.store.uri, "--phase", "Ready")
