@@ -275,11 +275,12 @@ def kernels(
             console.print_json(json.dumps(rows))
             return
         table = Table(title="kernels" + ("" if all_namespaces else f" in {namespace}"))
-        for column in ("namespace", "name", "blueprints", "template", "target", "phase", "speedup", "size"):
-            table.add_column(column)
+        columns = ("name", "blueprints", "template", "target", "phase", "speedup", "size")
+        for column in ("namespace", *columns) if all_namespaces else columns:
+            table.add_column(column, no_wrap=column in ("namespace", "name"))
         for r in rows:
             table.add_row(
-                r["namespace"], r["name"], ",".join(r["blueprints"]), r["template"], r["target"],
+                *([r["namespace"]] if all_namespaces else []), r["name"], ",".join(r["blueprints"]), r["template"], r["target"],
                 r["phase"] + (f" ({r['reason']})" if r["phase"] != "Ready" and r["reason"] else ""),
                 f"{r['speedup']:.2f}x" if r["speedup"] else "-", _bytes(r["size"]) if r["size"] else "-",
             )  # fmt: skip
