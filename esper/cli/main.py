@@ -280,7 +280,8 @@ def kernels(
             table.add_column(column, no_wrap=column in ("namespace", "name"))
         for r in rows:
             table.add_row(
-                *([r["namespace"]] if all_namespaces else []), r["name"], ",".join(r["blueprints"]), r["template"], r["target"],
+                *([r["namespace"]] if all_namespaces else []), r["name"], ",".join(r["blueprints"]),
+                r["template"], r["target"],
                 r["phase"] + (f" ({r['reason']})" if r["phase"] != "Ready" and r["reason"] else ""),
                 f"{r['speedup']:.2f}x" if r["speedup"] else "-", _bytes(r["size"]) if r["size"] else "-",
             )  # fmt: skip

@@ -1,6 +1,7 @@
-"""The catalogue on the cluster: requesters on shared Kernels, keep-last-good rollouts and rollback,
-retries and the compile queue, `esper kernels` queries and `esper gc` (a real `kopf run` operator, the
-fake kubelet running the real compile command, a moto S3)."""
+"""The catalogue on the hybrid cluster (Blueprints and Kernels on the real API server, Jobs and Pods on
+the emulator): requesters on shared Kernels, keep-last-good rollouts and rollback, retries and the
+compile queue, `esper kernels` queries and `esper gc` (a real `kopf run` operator, the fake kubelet
+running the real compile command, a moto S3)."""
 
 from __future__ import annotations
 
@@ -19,11 +20,17 @@ from esper.cli import catalogue
 from esper.cli.main import app
 from esper.contracts.naming import requester_label, serving_selector
 from tests.integration.test_operator import Esper, small_blueprint, start_esper  # noqa: F401
-from tests.support.cluster import wait_for
+from tests.support.cluster import Cluster, wait_for
 from tests.support.s3 import make_fake_bundle
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.real_api, pytest.mark.cluster]
 LONG = "catalogue-" + "x" * 180 + "-long"
+
+
+@pytest.fixture
+def cluster(real_cluster: Cluster) -> Cluster:
+    """Blueprints and Kernels on the real API server (admission, selectors, conflicts all real)."""
+    return real_cluster
 
 
 def esper_cli(esper: Esper, *args: str) -> Any:
