@@ -27,9 +27,9 @@ RESYNC_SECONDS: float = OperatorConfig.setting_from_env("resync_seconds")
 RETRY_SECONDS: float = OperatorConfig.setting_from_env("retry_seconds")
 API_TIMEOUT_SECONDS: float = OperatorConfig.setting_from_env("api_timeout_seconds")
 OBSERVE_ATTEMPTS = 6  # then the periodic resync carries a finished Job over
+QUEUE_SECONDS: float = OperatorConfig.setting_from_env("queue_seconds")
 
 survive_any_body()  # before kopf decodes its first body
-QUEUE_SECONDS: float = OperatorConfig.setting_from_env("queue_seconds")
 
 
 def _emit(body: dict[str, Any], type_: str, reason: str, message: str) -> None:
