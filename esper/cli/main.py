@@ -258,7 +258,17 @@ def demo(
 @app.command()
 def kernels(
     store: Annotated[str, typer.Option(help="Store URI: a directory or s3://bucket/prefix.")] = DEFAULT_STORE,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    cluster: Annotated[bool, typer.Option("--cluster", help="List Kernel objects from the cluster.")] = False,
+    namespace: Annotated[str, typer.Option("--namespace", "-n", help="Namespace (--cluster).")] = "default",
+    all_namespaces: Annotated[bool, typer.Option("--all-namespaces", "-A", help="Every namespace.")] = False,
+    blueprint: Annotated[str | None, typer.Option(help="Used by this Blueprint (--cluster).")] = None,
+    template: Annotated[str | None, typer.Option(help="Expanded from this template (--cluster).")] = None,
+    target: Annotated[str | None, typer.Option(help="For this target.")] = None,
+    phase: Annotated[str | None, typer.Option(help="In this phase (--cluster).")] = None,
+    min_speedup: Annotated[float | None, typer.Option(help="At least this speed-up over eager.")] = None,
+    selector: Annotated[str | None, typer.Option("--selector", "-l", help="Label selector.")] = None,
+    output: Annotated[str, typer.Option("--output", "-o", help="table or json.")] = "table",
+    as_json: Annotated[bool, typer.Option("--json", help="Same as -o json.")] = False,
     causal: Annotated[
         bool | None,
         typer.Option(
@@ -266,9 +276,31 @@ def kernels(
             help="Only kernels that are (or are not) causal: safe in a language model. Default: all.",
         ),
     ] = None,
+    kubeconfig: Annotated[str | None, typer.Option(help="Kubeconfig (default $KUBECONFIG).")] = None,
 ) -> None:
-    """List the kernel bundles in a store: Blueprint, shapes, causality, validation figures and the
-    manifest sha256 that `load_kernel(..., expected_sha256=...)` takes."""
+    """List Kernels: the bundles in a store (Blueprint, shapes, causality, validation figures and the
+    manifest sha256 that `load_kernel(..., expected_sha256=...)` takes), or (--cluster) the Kernel
+    objects, filtered."""
+    from esper.cli import catalogue
+
+    if output not in ("table", "json"):
+        typer.echo(f"-o must be table or json, got {output!r}", err=True)
+        raise typer.Exit(2)
+    try:
+        query = catalogue.KernelQuery(blueprint, template, target, phase, min_speedup, selector)
+        if not cluster:
+            query.store_only()
+    except catalogue.CatalogueError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    if cluster:
+        if causal is not None:
+            typer.echo("--causal/--non-causal read bundle manifests: give --store, not --cluster", err=True)
+            raise typer.Exit(2)
+        _cluster_kernels(
+            query, kubeconfig, None if all_namespaces else namespace, as_json or output == "json"
+        )
+        return
     if "://" not in store and not Path(store).is_dir():
         typer.echo(f"{store}: no such store directory", err=True)
         raise typer.Exit(2)
@@ -286,6 +318,10 @@ def kernels(
             continue
         report = m.report
         size = bundle_size(m, data)
+        if target is not None and m.target != target:
+            continue
+        if not query.keeps_speedup(report.speedup if report else None):
+            continue
         rows.append(
             {
                 "key": m.key,
@@ -305,7 +341,7 @@ def kernels(
                 "createdAt": m.createdAt,
             }
         )
-    if as_json:
+    if as_json or output == "json":
         console.print_json(json.dumps(rows))
         return
     # The table keeps what a user picks a kernel by; --json has every field (size, speedup, dates).
@@ -326,6 +362,32 @@ def kernels(
             f"{r['trainSpeedup']:.2f}x" if r["trainSpeedup"] else "-",
             r["manifestSha256"],
         )
+    console.print(table)
+
+
+def _cluster_kernels(query: Any, kubeconfig: str | None, namespace: str | None, as_json: bool) -> None:
+    """`esper kernels --cluster`: the Kernel objects matching `query` (every namespace when None)."""
+    from esper.cli import catalogue
+
+    try:
+        rows = catalogue.list_cluster_kernels(_custom_api(kubeconfig), query, namespace)
+    except Exception as exc:
+        typer.echo(f"cluster: {_api_error(exc)}", err=True)
+        raise typer.Exit(2) from None
+    if as_json:
+        console.print_json(json.dumps(rows))
+        return
+    table = Table(title="kernels" + (f" in {namespace}" if namespace else ""))
+    columns = ("name", "blueprints", "template", "target", "phase", "speedup", "size")
+    for column in columns if namespace else ("namespace", *columns):
+        table.add_column(column, no_wrap=column in ("namespace", "name"))
+    for r in rows:
+        table.add_row(
+            *([] if namespace else [r["namespace"]]), r["name"], ",".join(r["blueprints"]),
+            r["template"], r["target"],
+            r["phase"] + (f" ({r['reason']})" if r["phase"] != "Ready" and r["reason"] else ""),
+            f"{r['speedup']:.2f}x" if r["speedup"] else "-", _bytes(r["size"]) if r["size"] else "-",
+        )  # fmt: skip
     console.print(table)
 
 
@@ -381,6 +443,101 @@ def keygen(
         typer.echo(f"esper keygen: {exc}", err=True)
         raise typer.Exit(2) from None
     typer.echo(f"wrote {private} (secret: compile Jobs only) and {public} (trusted by the runtime)")
+
+
+def _custom_api(kubeconfig: str | None) -> Any:
+    """CustomObjectsApi for the kubeconfig given, else $KUBECONFIG or ~/.kube/config, else in-cluster."""
+    from kubernetes import client, config
+
+    from esper.sidecar.sync import make_api_client
+
+    if kubeconfig:
+        return client.CustomObjectsApi(config.new_client_from_config(config_file=kubeconfig))
+    return client.CustomObjectsApi(make_api_client())
+
+
+def _api_error(exc: Exception) -> str:
+    status, reason = getattr(exc, "status", None), getattr(exc, "reason", None)
+    if status is not None:
+        body = getattr(exc, "body", "") or ""
+        with contextlib.suppress(ValueError, TypeError):
+            body = json.loads(body).get("message", body)
+        return f"HTTP {status} {reason}: {body}".strip()
+    return str(exc)
+
+
+@app.command()
+def retry(
+    names: Annotated[list[str], typer.Argument(help="Failed Kernels to compile again.")],
+    namespace: Annotated[str, typer.Option("--namespace", "-n")] = "default",
+    kubeconfig: Annotated[str | None, typer.Option(help="Kubeconfig (default $KUBECONFIG).")] = None,
+) -> None:
+    """Compile Failed Kernels again (sets the esper.dev/retry annotation the operator acts on)."""
+    from esper.cli import catalogue
+
+    try:
+        done = catalogue.retry_kernels(_custom_api(kubeconfig), namespace, names)
+    except catalogue.CatalogueError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from None
+    except Exception as exc:
+        typer.echo(f"cluster: {_api_error(exc)}", err=True)
+        raise typer.Exit(2) from None
+    for name in done:
+        typer.echo(f"kernel/{name}: retry requested")
+
+
+@app.command()
+def rollback(
+    name: Annotated[str, typer.Argument(help="The Blueprint.")],
+    to_revision: Annotated[int | None, typer.Option(help="A revision in status.history.")] = None,
+    namespace: Annotated[str, typer.Option("--namespace", "-n")] = "default",
+    kubeconfig: Annotated[str | None, typer.Option(help="Kubeconfig (default $KUBECONFIG).")] = None,
+) -> None:
+    """Point a Blueprint back at a previous revision; its kept Kernels serve again at once."""
+    from esper.cli import catalogue
+
+    try:
+        revision = catalogue.rollback(_custom_api(kubeconfig), namespace, name, to_revision)
+    except catalogue.CatalogueError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from None
+    except Exception as exc:
+        typer.echo(f"cluster: {_api_error(exc)}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"blueprint/{name}: rolled back to the Kernels of revision {revision}")
+
+
+@app.command()
+def gc(
+    store: Annotated[str, typer.Option(help="Store URI: a directory or s3://bucket/prefix.")] = DEFAULT_STORE,
+    delete: Annotated[bool, typer.Option("--delete", help="Delete them (default: only list).")] = False,
+    min_age: Annotated[str, typer.Option(help="Only bundles at least this old: 90s, 30m, 6h, 7d.")] = "1h",
+    kubeconfig: Annotated[str | None, typer.Option(help="Kubeconfig (default $KUBECONFIG).")] = None,
+) -> None:
+    """List (or --delete) bundles in the store that no Kernel in any namespace references."""
+    from esper.cli import catalogue
+
+    try:
+        age = catalogue.parse_age(min_age)
+    except catalogue.CatalogueError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    try:
+        api = _custom_api(kubeconfig)
+        backend = open_store(store)
+        orphans = catalogue.find_orphans(backend, lambda: catalogue.referenced_keys(api), age)
+        deleted = set(catalogue.delete_orphans(backend, orphans, lambda: catalogue.referenced_keys(api))
+                      if delete else [])  # fmt: skip
+    except Exception as exc:
+        typer.echo(f"gc: {_api_error(exc)}", err=True)
+        raise typer.Exit(2) from None
+    for o in orphans:
+        verb = "deleted" if o.key in deleted else ("kept (referenced again)" if delete else "unreferenced")
+        typer.echo(f"{o.key}  {o.createdAt}  {_bytes(o.size)}  {verb}")
+    total = sum(o.size for o in orphans)
+    what = f"deleted {len(deleted)}" if delete else "dry run: --delete removes them"
+    typer.echo(f"{len(orphans)} unreferenced bundle(s), {_bytes(total)}; {what}")
 
 
 @app.command()
@@ -442,6 +599,9 @@ def kasmina_inject(
     file: Annotated[Path, typer.Argument(help="Manifest (Pod, Job, PyTorchJob, ...); '-': stdin.")],
     kernels: Annotated[str, typer.Option(help="Comma-separated Kernel names to sync.")] = "",
     selector: Annotated[str, typer.Option(help="Label selector of the Kernels to sync.")] = "",
+    blueprint: Annotated[
+        str, typer.Option(help="Sync the Kernels this Blueprint serves (follows its rollouts).")
+    ] = "",
     image: Annotated[str, typer.Option(help="Sidecar image (carries the esper CLI).")] = DEFAULT_IMAGE,
     store: Annotated[str, typer.Option(help="Store URI; default: taken from each Kernel's status.")] = "",
     kernel_dir: Annotated[
@@ -463,10 +623,17 @@ def kasmina_inject(
     volume_size_limit: Annotated[str, typer.Option(help="Size limit of the kernel volume.")] = "8Gi",
 ) -> None:
     """Add the Kasmina sidecar, its shared volume and env to workload manifests; print the result."""
+    from esper.contracts.naming import serving_selector
     from esper.sidecar.inject import inject_documents
 
+    if blueprint and selector:
+        typer.echo("give --blueprint or --selector, not both", err=True)
+        raise typer.Exit(2)
+    selector = serving_selector(blueprint) if blueprint else selector
     if not kernels and not selector:
-        typer.echo("give --kernels or --selector: which Kernels should the pod receive?", err=True)
+        typer.echo(
+            "give --kernels, --blueprint or --selector: which Kernels should the pod receive?", err=True
+        )
         raise typer.Exit(2)
     try:
         text = sys.stdin.read() if str(file) == "-" else file.read_text()

@@ -30,6 +30,13 @@ class BlueprintSpec(Model):
         description="Targets to compile for, unique: cpu, cuda-sm80, cuda-sm90, ...",
     )
     compile: CompileOptions = Field(default_factory=CompileOptions, description="Compile options.")
+    historyLimit: int = Field(
+        default=3,
+        ge=0,
+        le=10,
+        description="Previous revisions whose Kernels are kept for rollback (as a Deployment's "
+        "revisionHistoryLimit).",
+    )
 
     @field_validator("targets")
     @classmethod
@@ -54,6 +61,21 @@ class KernelRef(Model):
     phase: KernelPhase = Field(description="The Kernel's phase.")
 
 
+class RevisionKernel(Model):
+    """A Kernel of a recorded revision: enough to find it and to roll back to it."""
+
+    target: str = Field(max_length=16, description="The target.")
+    name: str = Field(max_length=253, description="The Kernel's name.")
+
+
+class Revision(Model):
+    """A previous revision of the Blueprint whose Kernels are kept (newest first in status.history)."""
+
+    revision: int = Field(ge=1, description="The revision number.")
+    digest: str = Field(default="", max_length=64, description="IR digest of that revision.")
+    kernels: list[RevisionKernel] = Field(default_factory=list, max_length=8, description="Its Kernels.")
+
+
 class BlueprintStatus(Model):
     """Observed state, written by the operator."""
 
@@ -63,6 +85,17 @@ class BlueprintStatus(Model):
     kernelsReady: int = Field(default=0, ge=0, description="Number of Ready Kernels.")
     kernelsTotal: int = Field(default=0, ge=0, description="Number of targets.")
     kernelsSummary: str = Field(default="", max_length=16, description="ready/total, for kubectl.")
+    revision: int = Field(default=0, ge=0, description="The current revision: +1 per change of Kernels.")
+    serving: list[KernelRef] = Field(
+        default_factory=list,
+        max_length=8,
+        description="The Ready Kernel served per target: the current revision's once Ready, until then "
+        "the last Ready one (keep-last-good).",
+    )
+    servingSummary: str = Field(default="", max_length=16, description="served/targets, for kubectl.")
+    history: list[Revision] = Field(
+        default_factory=list, max_length=10, description="Previous revisions kept, newest first."
+    )
     message: str = Field(default="", max_length=32768, description="Why the phase is what it is.")
     observedGeneration: int = Field(default=0, ge=0, description="The generation last reconciled.")
     conditions: list[Condition] = Field(default_factory=list, max_length=16, description="Conditions.")

@@ -235,7 +235,10 @@ def blueprint_crd() -> Schema:
     columns = [
         _printer("Phase", "string", ".status.phase", description="Derived from validation and Kernels."),
         _printer("Kernels", "string", ".status.kernelsSummary", description="Ready/total Kernels."),
+        _printer("Serving", "string", ".status.servingSummary", description="Targets served/total."),
+        _printer("Template", "string", ".spec.template.name"),
         _printer("Age", "date", ".metadata.creationTimestamp"),
+        _printer("Revision", "integer", ".status.revision", priority=1),
         _printer("Digest", "string", ".status.digest", priority=1, description="IR digest."),
     ]
     return _crd(
@@ -246,6 +249,7 @@ def blueprint_crd() -> Schema:
         status=model_schema(BlueprintStatus),
         columns=columns,
         description="A neural module description that Esper compiles into Kernels, one per target.",
+        selectable=[".spec.template.name", ".status.phase"],
     )
 
 
@@ -254,11 +258,13 @@ def kernel_crd() -> Schema:
     spec["x-kubernetes-validations"] = [{"rule": "self == oldSelf", "message": "Kernel spec is immutable"}]
     _check_shapes(spec["properties"]["graph"])
     columns = [
-        _printer("Blueprint", "string", ".spec.blueprint"),
+        _printer("Blueprint", "string", ".status.requestedBy", description="Every Blueprint using it."),
         _printer("Target", "string", ".spec.target"),
         _printer("Phase", "string", ".status.phase"),
         _printer("Speedup", "number", ".status.report.speedup", description="Compiled over eager."),
         _printer("Age", "date", ".metadata.creationTimestamp"),
+        _printer("Template", "string", ".spec.template", priority=1),
+        _printer("Reason", "string", ".status.reason", priority=1),
         _printer("Size", "integer", ".status.artifact.size", priority=1, description="Bundle bytes."),
         _printer("Key", "string", ".spec.key", priority=1),
     ]
@@ -270,7 +276,7 @@ def kernel_crd() -> Schema:
         status=model_schema(KernelStatus),
         columns=columns,
         description="One compiled artifact of a Blueprint's graph for one target, stored in S3.",
-        selectable=[".spec.blueprint", ".spec.target"],
+        selectable=[".spec.blueprint", ".spec.target", ".spec.template", ".status.phase"],
     )
 
 

@@ -22,13 +22,34 @@ from esper.contracts.common import (
 class KernelSpec(Model):
     """What this Kernel is; immutable, and its key derives from it."""
 
-    blueprint: str = Field(max_length=253, description="The Blueprint that first asked for this Kernel.")
+    blueprint: str = Field(
+        max_length=253,
+        description="The Blueprint that first asked for this Kernel (status.requesters lists all of them).",
+    )
+    template: str = Field(
+        default="",
+        max_length=64,
+        description="The template the graph was expanded from, as first asked for; empty for a graph.",
+    )
     target: TargetName
     key: str = Field(pattern=r"^[0-9a-f]{64}$", description="Content-derived kernel key (sha256).")
     irDigest: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of the canonical expanded graph.")
     graph: Graph = Field(description="The expanded graph, defaults filled in.")
     compile: CompileOptions = Field(default_factory=CompileOptions, description="Compile options.")
     toolchain: Toolchain = Field(description="The toolchain the Kernel is compiled with.")
+
+
+KernelRole = Literal["serving", "candidate", "retained"]
+
+
+class Requester(Model):
+    """A Blueprint that uses this Kernel, and how."""
+
+    blueprint: str = Field(max_length=253, description="The Blueprint's name.")
+    role: KernelRole = Field(
+        description="serving: the Blueprint serves it; candidate: its current revision, not yet "
+        "served; retained: kept in its history for rollback."
+    )
 
 
 class KernelStatus(Model):
@@ -50,6 +71,18 @@ class KernelStatus(Model):
     message: str = Field(default="", max_length=32768, description="Human-readable detail.")
     observedGeneration: int = Field(default=0, ge=0, description="The generation last reconciled.")
     conditions: list[Condition] = Field(default_factory=list, max_length=16, description="Conditions.")
+    requesters: list[Requester] = Field(
+        default_factory=list, max_length=1024, description="Every Blueprint that uses this Kernel."
+    )
+    requestedBy: str = Field(
+        default="", max_length=256, description="The requesters' names, comma-separated (cut), for kubectl."
+    )
+    attempts: int = Field(default=0, ge=0, description="Compile Jobs run for this Kernel so far.")
+    retryAt: str = Field(default="", max_length=64, description="When a transient failure is retried.")
+    retryBase: int = Field(default=0, ge=0, description="attempts when the user last asked for a retry.")
+    retryToken: str = Field(
+        default="", max_length=253, description="The last esper.dev/retry annotation acted on."
+    )
 
 
 class Kernel(Model):

@@ -13,6 +13,11 @@ LABEL_KERNEL = "esper.dev/kernel"
 LABEL_TARGET = "esper.dev/target"
 LABEL_BLUEPRINT = "esper.dev/blueprint"
 LABEL_IR_DIGEST = "esper.dev/ir-digest"
+LABEL_TEMPLATE = "esper.dev/template"
+REQUESTER_PREFIX = "blueprint.esper.dev"
+"""A Kernel carries `blueprint.esper.dev/<blueprint>: <role>` for every Blueprint that uses it."""
+ANNOTATION_RETRY = "esper.dev/retry"
+"""Set (to any new value) on a Failed Kernel to compile it again: `esper retry`."""
 
 
 def kernel_name(target: str, key: str) -> str:
@@ -61,6 +66,16 @@ def label_value(name: str) -> str:
     head = re.sub(r"[^A-Za-z0-9_.-]", "-", name[: MAX_LABEL_VALUE - len(tail) - 1]).rstrip("-_.")
     head = head.lstrip("-_.")
     return f"{head}-{tail}" if head else tail
+
+
+def requester_label(blueprint: str) -> str:
+    """The label key naming one requester: `blueprint.esper.dev/<name>`, long names hashed to 63."""
+    return f"{REQUESTER_PREFIX}/{label_value(blueprint)}"
+
+
+def serving_selector(blueprint: str) -> str:
+    """The label selector of the Kernels a Blueprint serves (one per target): for the sidecar."""
+    return f"{requester_label(blueprint)}=serving"
 
 
 _LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")

@@ -346,10 +346,24 @@ class KernelSync:
             return None if self._observed is None else self._desired()
 
     def _drop_unwanted(self, desired: dict[str, Desired]) -> None:
-        """Index first, files second: the index never names a directory that is not there."""
+        """Index first, files second: the index never names a directory that is not there.
+
+        Make before break: while a wanted Kernel is still on its way (being fetched, or due a retry),
+        Kernels no longer wanted stay installed, so a Blueprint that switches to a new Kernel never
+        leaves training without one. Only a settled failure (bad or missing bundle) ends the wait.
+        """
         with self._lock:
+            arriving = any(
+                self._installed.get(n) != d.entry
+                and not (
+                    (f := self._failures.get(n)) is not None and f.settled and f.sha256 == d.entry.sha256
+                )
+                for n, d in desired.items()
+            )
             for name, entry in list(self._installed.items()):
                 d = desired.get(name)
+                if d is None and arriving:
+                    continue
                 if d is None or d.entry.sha256 != entry.sha256:
                     del self._installed[name]
                 elif d.entry != entry:  # same bundle, other metadata (e.g. size): refresh the entry
@@ -357,7 +371,7 @@ class KernelSync:
             for name in list(self._failures):
                 if name not in desired:
                     del self._failures[name]
-            busy = set(desired) | set(self._inflight)
+            busy = set(desired) | set(self._inflight) | set(self._installed)
         self._write_index()
         for p in (self.dir / KERNELS_SUBDIR).iterdir():
             if not p.name.startswith(".") and p.name not in busy:

@@ -54,6 +54,20 @@ class OperatorConfig(BaseModel):
     retention: Literal["keep", "delete"] = Field(default="keep", description="Artifacts of deleted Kernels.")
     verify_artifacts: bool = Field(default=True, description="Check a Job's manifest sha256 in the store.")
     metrics_port: int = Field(default=8000, ge=0, le=65535)
+    retry_limit: int = Field(
+        default=2,
+        ge=0,
+        le=20,
+        description="New compile Jobs after a transient failure (evicted, OOM, deadline).",
+    )
+    retry_base_seconds: float = Field(default=30.0, gt=0, description="First retry back-off (doubles).")
+    retry_max_seconds: float = Field(default=900.0, gt=0, description="Longest retry back-off.")
+    max_concurrent_jobs: int = Field(
+        default=0, ge=0, description="Compile Jobs running at once (0: no cap); others wait Queued."
+    )
+    queue_seconds: float = Field(
+        default=5.0, gt=0, description="How often waiting Kernels (queued, backing off) are looked at."
+    )
     resync_seconds: float = Field(
         default=300.0, gt=0, description="Every Blueprint is reconciled this often."
     )

@@ -27,6 +27,7 @@ RESYNC_SECONDS: float = OperatorConfig.setting_from_env("resync_seconds")
 RETRY_SECONDS: float = OperatorConfig.setting_from_env("retry_seconds")
 API_TIMEOUT_SECONDS: float = OperatorConfig.setting_from_env("api_timeout_seconds")
 OBSERVE_ATTEMPTS = 6  # then the periodic resync carries a finished Job over
+QUEUE_SECONDS: float = OperatorConfig.setting_from_env("queue_seconds")
 
 survive_any_body()  # before kopf decodes its first body
 
@@ -136,6 +137,16 @@ async def observe_compile_pod(type: str, body: kopf.Body, memo: kopf.Memo, **_: 
 @kopf.on.event(*KERNELS, id="kernel-metrics")  # type: ignore[arg-type]
 def kernel_metrics(type: str, name: str, namespace: str, status: kopf.Status, **_: Any) -> None:
     metrics.observe_kernel(namespace, name, None if type == "DELETED" else status.get("phase") or "Pending")
+
+
+@kopf.timer(*KERNELS, id="queue", interval=QUEUE_SECONDS, initial_delay=QUEUE_SECONDS)
+async def kernel_queue(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Waiting Kernels (queued for a slot, backing off, retry asked for) get their next Job here."""
+    try:
+        await memo.reconciler.kernel_tick(plain(body))
+    except Exception:
+        metrics.ERRORS.labels("queue").inc()
+        raise
 
 
 @kopf.on.delete(*KERNELS, id="cleanup", backoff=RETRY_SECONDS)

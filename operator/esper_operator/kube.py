@@ -141,6 +141,21 @@ class Kube:
     async def delete_job(self, namespace: str, name: str) -> None:
         await self._maybe(self.batch.delete_namespaced_job, name, namespace, propagation_policy="Background")
 
+    async def active_jobs(self, namespace: str, label_selector: str) -> int:
+        """Jobs in `namespace` with these labels that have not finished."""
+        jobs = await self._call(
+            self.batch.list_namespaced_job, namespace, label_selector=label_selector, _preload_content=False
+        )
+        finished = ("Complete", "Failed")
+        return sum(
+            1
+            for job in self._json(jobs).get("items") or []
+            if not any(
+                c.get("type") in finished and c.get("status") == "True"
+                for c in (job.get("status") or {}).get("conditions") or []
+            )
+        )
+
     async def job_pods(self, namespace: str, job_name: str) -> list[Body]:
         pods = await self._call(
             self.core.list_namespaced_pod,

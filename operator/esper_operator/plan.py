@@ -22,6 +22,7 @@ class PlannedKernel:
 class Plan:
     digest: str
     kernels: list[PlannedKernel]
+    history_limit: int = 3
 
 
 def plan_blueprint(name: str, raw_spec: dict, *, torch_version: str) -> Plan:
@@ -36,10 +37,11 @@ def plan_blueprint(name: str, raw_spec: dict, *, torch_version: str) -> Plan:
             blueprint=name,
             target=target.name,
             key=key,
+            template=checked.spec.template.name if checked.spec.template else "",
             irDigest=checked.digest,
             graph=checked.graph,
             compile=checked.spec.compile,
             toolchain=toolchain,
         )
         kernels.append(PlannedKernel(kernel_name(target.name, key), job_name(target.name, key), kernel_spec))
-    return Plan(digest=checked.digest, kernels=kernels)
+    return Plan(digest=checked.digest, kernels=kernels, history_limit=checked.spec.historyLimit)

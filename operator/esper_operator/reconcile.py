@@ -8,6 +8,7 @@ already exists (HTTP 409 on create) is the one we wanted.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import functools
 import hashlib
 import json
@@ -19,17 +20,19 @@ from typing import Any
 from esper.blueprint import BlueprintInvalid
 from esper.contracts import GROUP_VERSION, KernelSpec
 from esper.contracts.naming import (
-    LABEL_BLUEPRINT,
+    ANNOTATION_RETRY,
     LABEL_IR_DIGEST,
     LABEL_KERNEL,
     LABEL_TARGET,
+    LABEL_TEMPLATE,
     MANAGED_BY,
     OPERATOR_NAME,
     job_name,
     label_value,
+    requester_label,
 )
 from esper.storage import Store, open_store
-from esper_operator import metrics
+from esper_operator import metrics, queue
 from esper_operator.config import OperatorConfig
 from esper_operator.faults import crash_point
 from esper_operator.jobs import (
@@ -46,6 +49,8 @@ from esper_operator.jobs import (
 )
 from esper_operator.kube import Body, Conflict, Kube
 from esper_operator.plan import PlannedKernel, plan_blueprint
+from esper_operator.requesters import set_role
+from esper_operator.rollout import CANDIDATE, CARRIED, SERVING, advance, held
 from esper_operator.status import blueprint_status, invalid_status, kernel_status
 
 log = logging.getLogger("esper.operator")
@@ -72,6 +77,7 @@ class Reconciler:
         self.kube = kube
         self.config = config
         self.emit = emit
+        self._job_slots = asyncio.Lock()  # counting running Jobs and creating one is a single step
 
     @functools.cached_property
     def store(self) -> Store:
@@ -89,17 +95,57 @@ class Reconciler:
         try:
             plan = plan_blueprint(name, body.get("spec") or {}, torch_version=self.config.torch_version)
         except BlueprintInvalid as exc:
-            return await self.refuse_blueprint(body, str(exc))
+            return await self.keep_last_good(body, str(exc))
         crash_point("plan")
         refs = []
         for planned in plan.kernels:
             kernel = await self.ensure_kernel(body, planned)
             kernel = await self.ensure_job(kernel, planned.job_name)
             refs.append({"target": planned.spec.target, "name": planned.name, "phase": _phase(kernel)})
-        await self._release(body, keep={k.name for k in plan.kernels})
         metrics.RECONCILES.labels("blueprint", "ok").inc()
         crash_point("blueprint-status")
-        return blueprint_status(previous=previous, digest=plan.digest, kernels=refs, generation=generation)
+        status = blueprint_status(previous=previous, digest=plan.digest, kernels=refs, generation=generation)
+        return await self._roll(body, status, history_limit=plan.history_limit)
+
+    async def _roll(self, blueprint: Body, status: Body, *, history_limit: int) -> Body:
+        """Advance the keep-last-good rollout; label the Kernels by role; release what it no longer holds.
+
+        Kernels that start serving are labelled before the ones they replace stop, so a sidecar
+        selecting `=serving` sees the new Kernel before the old one leaves.
+        """
+        meta = blueprint["metadata"]
+        namespace = meta["namespace"]
+        previous = blueprint.get("status") or {}
+        before = held(previous)
+        phases = {}
+        for name in before:
+            kernel = await self.kube.get("kernels", namespace, name)
+            if kernel is not None and not kernel["metadata"].get("deletionTimestamp"):
+                phases[name] = _phase(kernel)
+        phases.update({k["name"]: k["phase"] for k in status["kernels"]})
+        rollout = advance(
+            previous, digest=status["digest"], current=status["kernels"], phases=phases,
+            history_limit=history_limit,
+        )  # fmt: skip
+        owner = _owner_ref(blueprint)
+        order = sorted(rollout.roles.items(), key=lambda item: item[1] != SERVING)
+        for name, role in order:
+            await set_role(self.kube, namespace, name, owner, role)
+        for name in sorted(before - set(rollout.roles)):
+            await set_role(self.kube, namespace, name, owner, None)
+        return {**status, **rollout.status_fields(len(status["kernels"]))}
+
+    async def keep_last_good(self, body: Body, message: str) -> Body:
+        """Status of a Blueprint whose new spec is invalid: Invalid with `message`, and nothing released:
+        the last valid revision's Kernels (and what they serve) stay."""
+        previous = body.get("status") or {}
+        generation = int(body["metadata"].get("generation") or 1)
+        if previous.get("phase") != "Invalid" or previous.get("message") != message:
+            self.emit(body, "Warning", "Invalid", message)
+        metrics.RECONCILES.labels("blueprint", "invalid").inc()
+        status = invalid_status(previous=previous, message=message, generation=generation)
+        kept = ("kernels", "kernelsReady", "kernelsTotal", "kernelsSummary", "digest", *CARRIED)
+        return {**status, **{k: previous[k] for k in kept if k in previous}}
 
     async def refuse_blueprint(self, body: Body, message: str) -> Body:
         """Status of a Blueprint that cannot be processed: Invalid with `message`; its Kernels released."""
@@ -107,7 +153,7 @@ class Reconciler:
         generation = int(body["metadata"].get("generation") or 1)
         if previous.get("phase") != "Invalid" or previous.get("message") != message:
             self.emit(body, "Warning", "Invalid", message)
-        await self._release(body, keep=set())
+        await self._release(body)
         metrics.RECONCILES.labels("blueprint", "invalid").inc()
         return invalid_status(previous=previous, message=message, generation=generation)
 
@@ -124,8 +170,9 @@ class Reconciler:
                 "labels": {
                     MANAGED_BY: OPERATOR_NAME,
                     LABEL_TARGET: planned.spec.target,
-                    LABEL_BLUEPRINT: label_value(planned.spec.blueprint),
                     LABEL_IR_DIGEST: planned.spec.irDigest[:32],
+                    requester_label(blueprint["metadata"]["name"]): CANDIDATE,
+                    **({LABEL_TEMPLATE: label_value(planned.spec.template)} if planned.spec.template else {}),
                 },
                 "ownerReferences": [owner],
             },
@@ -164,40 +211,11 @@ class Reconciler:
                 return patched
         raise RuntimeError(f"could not add owner to Kernel {name}: too many conflicts; will retry")
 
-    async def _release(self, blueprint: Body, keep: set[str]) -> None:
-        """Drop this Blueprint from Kernels it no longer asks for; delete those left with no owner."""
+    async def _release(self, blueprint: Body) -> None:
+        """Drop this Blueprint from every Kernel it holds; delete those left with no owner."""
         meta = blueprint["metadata"]
-        listed = [k["name"] for k in (blueprint.get("status") or {}).get("kernels") or []]
-        for name in listed:
-            if name not in keep:
-                await self.release_kernel(meta["namespace"], name, meta["uid"])
-
-    async def release_kernel(self, namespace: str, name: str, owner_uid: str) -> None:
-        for _ in range(OWNER_RETRIES):
-            kernel = await self.kube.get("kernels", namespace, name)
-            if kernel is None:
-                return
-            owners = kernel["metadata"].get("ownerReferences") or []
-            remaining = [o for o in owners if o.get("uid") != owner_uid]
-            if len(remaining) < len(owners):
-                crash_point("kernel-release")
-            if not remaining:
-                await self.kube.delete("kernels", namespace, name)
-                return
-            if len(remaining) == len(owners):
-                return
-            patch = {
-                "metadata": {
-                    "resourceVersion": kernel["metadata"]["resourceVersion"],
-                    "ownerReferences": remaining,
-                }
-            }
-            try:
-                await self.kube.patch("kernels", namespace, name, patch)
-                return
-            except Conflict:
-                continue
-        raise RuntimeError(f"could not release Kernel {name}: too many conflicts; will retry")
+        for name in sorted(held(blueprint.get("status") or {})):
+            await set_role(self.kube, meta["namespace"], name, _owner_ref(blueprint), None)
 
     async def refresh_blueprints(self, kernel: Body) -> None:
         """Recompute the status of every Blueprint that owns this Kernel."""
@@ -219,7 +237,9 @@ class Reconciler:
             new = blueprint_status(
                 previous=status, digest=status.get("digest", ""), kernels=refs, generation=generation
             )
-            if new["phase"] != status.get("phase") or new["kernels"] != status.get("kernels"):
+            limit = int((blueprint.get("spec") or {}).get("historyLimit", 3))
+            new = await self._roll(blueprint, new, history_limit=limit)
+            if any(new.get(k) != status.get(k) for k in ("phase", "kernels", "serving", "history")):
                 crash_point("blueprint-refresh")
                 await self.kube.patch_status("blueprints", namespace, owner["name"], new)
                 if new["phase"] in ("Ready", "Failed"):
@@ -234,36 +254,39 @@ class Reconciler:
 
     async def ensure_job(self, kernel: Body, job_name: str) -> Body:
         """Make sure a Kernel that is neither Ready nor Failed has its compile Job (in the compile
-        namespace), and that its status records that Job's uid."""
+        namespace), and that its status records that Job's uid.
+
+        `job_name` is the key-derived base name. Attempt n's Job is named from the Kernel's uid and n,
+        never from what the status says; a Kernel waiting to retry (back-off) gets nothing before its
+        time, and with a cap on concurrent Jobs one that finds no free slot waits Pending/Queued.
+        """
         if _phase(kernel) in FINAL:
             return kernel
         meta = kernel["metadata"]
         namespace = self.compile_namespace
-        name = job_name_for(job_name, meta["uid"])
+        status = kernel.get("status") or {}
+        waits = _phase(kernel) == "Pending" and status.get("reason") in queue.WAITING
+        if waits and not queue.due(status, dt.datetime.now(dt.UTC)):
+            return kernel
+        attempts = int(status.get("attempts") or 0)
+        attempt = max(1, attempts if _phase(kernel) == "Compiling" else attempts + 1)
+        first = job_name_for(job_name, meta["uid"])
+        name = queue.attempt_job_name(first, attempt)
         spec = KernelSpec.model_validate(kernel["spec"])
         job = await self.kube.get_job(namespace, name)
         if job is None:
-            manifest = build_job(
-                name=name,
-                namespace=namespace,
-                kernel_name=meta["name"],
-                kernel_namespace=meta["namespace"],
-                kernel_uid=meta["uid"],
-                spec=spec,
-                config=self.config,
-            )
-            crash_point("job-create")
-            try:
-                job = await self.kube.create_job(namespace, manifest)
-            except Conflict:
-                job = await self.kube.get_job(namespace, name)  # created by an earlier attempt: adopt it
-            else:
-                crash_point("job-created")
-                metrics.JOBS_CREATED.labels(spec.target).inc()
-                self.emit(kernel, "Normal", "JobCreated", f"compile Job {namespace}/{name}")
+            async with self._job_slots:
+                job = await self.kube.get_job(namespace, name)  # a concurrent pass may have made it
+                if job is None and self.config.max_concurrent_jobs:
+                    running = await self.kube.active_jobs(namespace, f"{MANAGED_BY}={OPERATOR_NAME}")
+                    if running >= self.config.max_concurrent_jobs:
+                        return await self._queued(kernel, running)
+                if job is None:
+                    job = await self._create_job(kernel, spec, namespace, name)
+            if attempt > 1:  # the failed attempt's Job (and its Pods) go
+                await self.kube.delete_job(namespace, queue.attempt_job_name(first, attempt - 1))
         if job is None or (job["metadata"].get("labels") or {}).get(LABEL_KERNEL_UID) != meta["uid"]:
             raise RuntimeError(f"compile Job {namespace}/{name} vanished or is not this Kernel's; will retry")
-        status = kernel.get("status") or {}
         job_uid = job["metadata"].get("uid") or ""
         if _phase(kernel) != "Compiling" or status.get("jobUid") != job_uid:
             new = kernel_status(
@@ -275,6 +298,8 @@ class Reconciler:
                 jobName=name,
                 jobNamespace=namespace,
                 jobUid=job_uid,
+                attempts=attempt,
+                retryAt="",
             )
             kernel = await self.kube.patch_status("kernels", meta["namespace"], meta["name"], new) or kernel
             crash_point("kernel-compiling")
@@ -283,6 +308,27 @@ class Reconciler:
             await self.observe_job(job)
             return await self.kube.get("kernels", meta["namespace"], meta["name"]) or kernel
         return kernel
+
+    async def _create_job(self, kernel: Body, spec: KernelSpec, namespace: str, name: str) -> Body | None:
+        meta = kernel["metadata"]
+        manifest = build_job(
+            name=name,
+            namespace=namespace,
+            kernel_name=meta["name"],
+            kernel_namespace=meta["namespace"],
+            kernel_uid=meta["uid"],
+            spec=spec,
+            config=self.config,
+        )
+        crash_point("job-create")
+        try:
+            job = await self.kube.create_job(namespace, manifest)
+        except Conflict:
+            return await self.kube.get_job(namespace, name)  # created by an earlier attempt: adopt it
+        crash_point("job-created")
+        metrics.JOBS_CREATED.labels(spec.target).inc()
+        self.emit(kernel, "Normal", "JobCreated", f"compile Job {namespace}/{name}")
+        return job
 
     async def observe_job(self, job: Body) -> None:
         """Carry a compile Job's outcome into its Kernel (and the Kernel's Blueprints).
@@ -308,6 +354,13 @@ class Reconciler:
         if kernel["metadata"].get("deletionTimestamp"):
             return
         status = kernel.get("status") or {}
+        if (
+            ours
+            and labels.get(LABEL_KERNEL_UID) == kernel["metadata"].get("uid")
+            and status.get("jobName")
+            and status["jobName"] != meta["name"]
+        ):
+            return  # an earlier attempt's Job of this Kernel (deleted when the next one starts)
         if not _finished(job):
             return  # still running: its Pods are read once, when it ends
         if not status.get("jobUid") or meta.get("uid") != status.get("jobUid"):
@@ -318,8 +371,10 @@ class Reconciler:
                 f"ignored Job {meta['namespace']}/{meta['name']}: not the compile Job this Kernel recorded",
             )
             return
-        if status.get("phase") in FINAL and status.get("jobName") == meta["name"]:
-            return  # already carried over
+        retrying = status.get("reason") in (queue.RETRY_BACKOFF, queue.RETRY_REQUESTED)
+        settled = status.get("phase") in FINAL or (status.get("phase") == "Pending" and retrying)
+        if settled and status.get("jobName") == meta["name"]:
+            return  # already carried over (a retrying Kernel's next attempt waits for its time)
         pods = await self.kube.job_pods(meta["namespace"], meta["name"])
         pods, strangers = own_pods(pods, meta["uid"])
         if strangers:
@@ -435,6 +490,23 @@ class Reconciler:
             speedup = outcome.report.speedup if outcome.report else 0.0
             uri = outcome.artifact.uri if outcome.artifact else "?"
             self.emit(kernel, "Normal", "Compiled", f"Ready: {uri} ({speedup:.2f}x over eager)")
+        elif queue.should_retry(outcome.reason, previous, self.config.retry_limit):
+            attempts = int(previous.get("attempts") or 1)
+            delay = queue.backoff_seconds(
+                attempts, self.config.retry_base_seconds, self.config.retry_max_seconds
+            )
+            at = queue.rfc3339(dt.datetime.now(dt.UTC) + dt.timedelta(seconds=delay))
+            message = f"attempt {attempts} failed ({outcome.reason}: {outcome.message}); retry at {at}"
+            status = kernel_status(
+                previous,
+                phase="Pending",
+                reason=queue.RETRY_BACKOFF,
+                message=message,
+                generation=generation,
+                jobName=job_name,
+                retryAt=at,
+            )
+            self.emit(kernel, "Warning", outcome.reason, message)
         else:
             status = kernel_status(
                 previous,
@@ -451,11 +523,58 @@ class Reconciler:
             crash_point("kernel-finished")
             await self.refresh_blueprints(patched)
 
+    async def _queued(self, kernel: Body, running: int) -> Body:
+        meta = kernel["metadata"]
+        previous = kernel.get("status") or {}
+        message = f"waiting for a compile slot: {running} of {self.config.max_concurrent_jobs} in use"
+        if previous.get("reason") == queue.QUEUED and _phase(kernel) == "Pending":
+            return kernel
+        status = kernel_status(
+            previous,
+            phase="Pending",
+            reason=queue.QUEUED,
+            message=message,
+            generation=int(meta.get("generation") or 1),
+            retryAt="",
+        )
+        self.emit(kernel, "Normal", queue.QUEUED, message)
+        return await self.kube.patch_status("kernels", meta["namespace"], meta["name"], status) or kernel
+
+    async def kernel_tick(self, kernel: Body) -> None:
+        """Periodic, per Kernel: start a waiting Kernel's next Job when due; act on a user retry."""
+        meta = kernel["metadata"]
+        if meta.get("deletionTimestamp"):
+            return
+        status = kernel.get("status") or {}
+        base = job_name(kernel["spec"]["target"], kernel["spec"]["key"])
+        token = (meta.get("annotations") or {}).get(ANNOTATION_RETRY, "")
+        if token and token != status.get("retryToken", "") and _phase(kernel) == "Failed":
+            attempts = int(status.get("attempts") or 1)
+            message = f"retry requested after {attempts} attempt(s): {status.get('reason', '')}"
+            patch = kernel_status(
+                status,
+                phase="Pending",
+                reason=queue.RETRY_REQUESTED,
+                message=message,
+                generation=int(meta.get("generation") or 1),
+                retryToken=token,
+                retryBase=attempts,
+                retryAt="",
+            )
+            self.emit(kernel, "Normal", queue.RETRY_REQUESTED, message)
+            kernel = await self.kube.patch_status("kernels", meta["namespace"], meta["name"], patch) or kernel
+            await self.refresh_blueprints(kernel)
+        elif not (_phase(kernel) == "Pending" and status.get("reason") in queue.WAITING):
+            return
+        kernel = await self.ensure_job(kernel, base)
+        if _phase(kernel) == "Compiling":
+            await self.refresh_blueprints(kernel)
+
     # --- deletion --------------------------------------------------------------------------------
 
     async def blueprint_deleted(self, body: Body) -> None:
         """Release every Kernel of a deleted Blueprint; the last owner takes the Kernel with it."""
-        await self._release(body, keep=set())
+        await self._release(body)
 
     async def kernel_deleted(self, kernel: Body) -> None:
         """Remove the Kernel's Job, and its artifact when the retention policy says so and no other

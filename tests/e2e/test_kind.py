@@ -134,7 +134,7 @@ def test_blueprint_to_ready_kernel_to_training_pod(esper: str) -> None:
 
     injected = sh(
         sys.executable, "-m", "esper.cli.main", "kasmina", "inject", "-",
-        "--selector", f"esper.dev/blueprint={BLUEPRINT}", "--image", IMAGE,
+        "--blueprint", BLUEPRINT, "--image", IMAGE,
         "--s3-endpoint", S3_ENDPOINT, "--s3-region", "us-east-1", "--credentials-secret", "esper-s3-readonly",
         input=_trainer_manifest(),
     )  # fmt: skip
@@ -152,4 +152,4 @@ def test_blueprint_to_ready_kernel_to_training_pod(esper: str) -> None:
     sh("kubectl", "-n", ns, "delete", "pod", "esper-trainer", "--timeout=120s")
     sh("kubectl", "-n", ns, "delete", "-f", "examples/blueprint.yaml", "--timeout=120s")
     # The Kernel goes by garbage collection once its last owner is gone: asynchronous.
-    assert _wait_until_gone(ns, "kernels", f"esper.dev/blueprint={BLUEPRINT}", timeout=180) == []
+    assert _wait_until_gone(ns, "kernels", f"blueprint.esper.dev/{BLUEPRINT}", timeout=180) == []

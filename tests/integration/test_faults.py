@@ -325,6 +325,7 @@ def rig(
         "ESPER_S3_ENDPOINT": s3_server,
         "ESPER_S3_SECRET": "esper-s3",
         "ESPER_BACKOFF_LIMIT": "2",
+        "ESPER_RETRY_LIMIT": "0",  # the Job's own back-off only: one Job per Kernel, counted as such
         "ESPER_METRICS_PORT": str(_free_port()),
         "ESPER_RESYNC_SECONDS": "300",  # nothing here may wait for it: every recovery is event-driven
         "ESPER_RETRY_SECONDS": "1",

@@ -245,7 +245,10 @@ def test_invalid_blueprint_gets_a_condition_and_no_job(esper: Esper) -> None:
     assert blueprint["status"]["observedGeneration"] == blueprint["metadata"]["generation"] == 2
 
 
-def test_failing_job_is_retried_then_fails_the_kernel_with_its_reason(esper: Esper) -> None:
+def test_failing_job_is_retried_then_fails_the_kernel_with_its_reason(
+    start_esper: Callable[..., Esper],
+) -> None:
+    esper = start_esper(ESPER_RETRY_LIMIT="0")  # the Job's own Pod retries only: no second Job
     bp = small_blueprint("oom", seed=11)
     esper.kubelet.fail_next("tezzeret-cpu-", exit_code=137, reason="OOMKilled", times=2)
     esper.cluster.create(bp)

@@ -685,3 +685,28 @@ def test_watch_expiry_410_relists(tmp_path: Path) -> None:
     finally:
         idle.set()
         sync.stop()
+
+
+@pytest.mark.cluster
+def test_a_served_kernel_stays_installed_until_its_replacement_is(
+    cluster: Cluster, sidecar: Factory, s3_bucket: str, tmp_path: Path
+) -> None:
+    """A Blueprint switching Kernels relabels them; training must never be left without one."""
+    serving, retained = {"blueprint.esper.dev/mlp": "serving"}, {"blueprint.esper.dev/mlp": "retained"}
+    _, ref_old = add_ready_kernel(cluster, s3_bucket, tmp_path, "kernel-old", 1, serving)
+    store = SwitchStore(open_store(s3_bucket))
+    sync, _ = sidecar(store=store, selector="blueprint.esper.dev/mlp=serving")
+    vol = tmp_path / "vol"
+    wait_for(lambda: installed(vol, "kernel-old", ref_old.sha256))
+    store.gate.clear()  # the new bundle's download hangs until released
+    _, ref_new = add_ready_kernel(cluster, s3_bucket, tmp_path, "kernel-new", 2, serving)
+    cluster.patch("kernels", "kernel-old", {"metadata": {"labels": retained}})
+    wait_for(lambda: "kernel-old" not in (sync._observed or {}) and "kernel-new" in sync._inflight)
+    sync.reconcile()
+    assert installed(vol, "kernel-old", ref_old.sha256)  # still served: no replacement yet
+    assert read_index(vol).get("kernel-new") is None
+    store.gate.set()
+    wait_for(lambda: installed(vol, "kernel-new", ref_new.sha256))
+    wait_for(
+        lambda: read_index(vol).get("kernel-old") is None and not (vol / "kernels" / "kernel-old").exists()
+    )

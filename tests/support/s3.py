@@ -56,7 +56,12 @@ def s3_bucket(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 def make_fake_bundle(
-    bundle_dir: Path | str, *, seed: int = 0, size: int = 4096, signed: bool = True
+    bundle_dir: Path | str,
+    *,
+    seed: int = 0,
+    size: int = 4096,
+    signed: bool = True,
+    created_at: str | None = None,
 ) -> tuple[str, str]:
     """Write a small bundle of random bytes (no torch) and its manifest, signed with the local key
     (trusted by default, as a local compile's are) unless `signed` is false; returns (key, manifest
@@ -80,6 +85,7 @@ def make_fake_bundle(
         inputs=[{"name": "x", "shape": ["batch", 4]}],
         outputs=[{"name": "x", "shape": ["batch", 4]}],
         params=[{"name": "fc.weight", "shape": [4, 4], "dtype": "float32"}],
+        **({"createdAt": created_at} if created_at else {}),
     )
     sha, _ = write_manifest(d, manifest)
     if signed:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from esper.cli.main import app
@@ -119,6 +120,12 @@ def test_inject_needs_a_choice_of_kernels(tmp_path: Path) -> None:
         and "esper-kasmina" in result.output
         and "restartPolicy: Always" in result.output
     )
+    served = yaml.safe_load(run("kasmina", "inject", str(pod), "--blueprint", "mlp").output)
+    sidecar = next(c for c in served["spec"]["initContainers"] if c["name"] == "esper-kasmina")
+    env = {e["name"]: e.get("value") for e in sidecar["env"]}
+    assert env["ESPER_KERNEL_SELECTOR"] == "blueprint.esper.dev/mlp=serving"
+    both = run("kasmina", "inject", str(pod), "--blueprint", "mlp", "--selector", "a=b")
+    assert both.exit_code == 2 and "not both" in both.output
     bad = tmp_path / "cm.yaml"
     bad.write_text("apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {}\n")
     assert run("kasmina", "inject", str(bad), "--kernels", "x").output.strip().startswith("apiVersion")

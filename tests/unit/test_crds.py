@@ -46,7 +46,9 @@ def test_kernel_crd_guards_users() -> None:
     assert {"rule": "self == oldSelf", "message": "Kernel spec is immutable"} in spec[
         "x-kubernetes-validations"
     ]
-    assert version["selectableFields"] == [{"jsonPath": ".spec.blueprint"}, {"jsonPath": ".spec.target"}]
+    assert version["selectableFields"] == [
+        {"jsonPath": p} for p in (".spec.blueprint", ".spec.target", ".spec.template", ".status.phase")
+    ]
     assert version["subresources"] == {"status": {}}
     assert [c["name"] for c in version["additionalPrinterColumns"]][:5] == [
         "Blueprint",
@@ -67,7 +69,12 @@ def test_blueprint_crd_rules() -> None:
     assert (
         targets["minItems"] == 1 and targets["maxItems"] == 8 and targets["x-kubernetes-list-type"] == "set"
     )
-    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Kernels", "Age", "Digest"]
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == [
+        "Phase", "Kernels", "Serving", "Template", "Age", "Revision", "Digest",
+    ]  # fmt: skip
+    assert version["selectableFields"] == [{"jsonPath": ".spec.template.name"}, {"jsonPath": ".status.phase"}]
+    history = spec["properties"]["historyLimit"]
+    assert (history["default"], history["minimum"], history["maximum"]) == (3, 0, 10)
 
 
 def test_blueprint_targets_default_to_the_model_and_carry_no_duplicate_rules() -> None:
