@@ -47,7 +47,7 @@ RESERVED_IDS = frozenset([
 ])
 # fmt: on
 
-SPEC_ONLY_FIELDS = ("targets", "compile")
+SPEC_ONLY_FIELDS = ("targets", "compile", "historyLimit")
 """Fields of a Blueprint spec that are not the source: checked by the contracts."""
 _IR_FIELDS = {f for m in (BlueprintSource, Graph, Node, TensorSpec, TemplateRef) for f in m.model_fields}
 
