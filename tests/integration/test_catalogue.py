@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from esper.cli import catalogue
 from esper.cli.main import app
 from esper.contracts.naming import requester_label, serving_selector
-from tests.integration.test_operator import Esper, small_blueprint, start_esper  # noqa: F401
+from tests.integration.test_operator import COMPILE_NS, Esper, small_blueprint, start_esper  # noqa: F401
 from tests.support.cluster import Cluster, wait_for
 from tests.support.s3 import make_fake_bundle
 
@@ -119,6 +119,11 @@ def test_requesters_keep_last_good_and_rollback(start_esper: Callable[..., Esper
     assert bad.exit_code == 1 and "no revision 7 (kept: 2)" in bad.output
 
 
+def compile_job(kernel: dict[str, Any]) -> str:
+    """The first attempt's Job: `tezzeret-<kernel name>-<the Kernel's uid, 8 hex digits>`."""
+    return f"tezzeret-{kernel['metadata']['name']}-{kernel['metadata']['uid'].replace('-', '')[:8]}"
+
+
 def test_transient_failures_are_retried_and_failed_kernels_retried_on_request(
     start_esper: Callable[..., Esper],  # noqa: F811
 ) -> None:
@@ -128,7 +133,7 @@ def test_transient_failures_are_retried_and_failed_kernels_retried_on_request(
     esper.cluster.create(small_blueprint("flaky", seed=81))
     blueprint = esper.wait_phase("blueprints", "flaky", "Ready")
     kernel = esper.cluster.get("kernels", blueprint["status"]["kernels"][0]["name"])
-    first = f"tezzeret-{kernel['metadata']['name']}"
+    first = compile_job(kernel)
     assert kernel["status"]["attempts"] == 2 and kernel["status"]["jobName"] == f"{first}-2"
     assert [r.job for r in esper.kubelet.runs if r.job.startswith(first)] == [first, first, f"{first}-2"]
     reasons = [e["reason"] for e in esper.events(kernel["metadata"]["name"])]
@@ -147,7 +152,7 @@ def test_transient_failures_are_retried_and_failed_kernels_retried_on_request(
     esper.wait_phase("blueprints", "numerics", "Ready")
     kernel = esper.cluster.get("kernels", name)
     assert kernel["status"]["attempts"] == 2 and kernel["status"]["retryToken"]
-    assert esper.cluster.get("jobs", f"tezzeret-{name}") is None  # the failed attempt's Job is gone
+    assert esper.cluster.get("jobs", compile_job(kernel), namespace=COMPILE_NS) is None  # attempt 1: gone
     again = esper_cli(esper, "retry", name)
     assert again.exit_code == 1 and "is Ready: only a Failed one is retried" in again.output
 

@@ -87,6 +87,24 @@ class EsperEmulator(GarbageCollectorMixin, TablesMixin, kmock.KubernetesEmulator
         # Also called by close_watches: the hybrid front ends the watches it proxies to the real server.
         self.watch_closers: list[Callable[[], None]] = []
 
+    # ---- request log ---------------------------------------------------------------------
+
+    WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+    def request_count(self) -> int:
+        return len(self._requests)
+
+    def writes(self, since: int = 0) -> list[tuple[str, str, str, str | None]]:
+        """Writes served since request number `since`: (method, plural[/subresource], namespace, name)."""
+        out = []
+        for r in list(self._requests)[since:]:
+            method = str(r.method.value if r.method is not None else "").upper()
+            if method in self.WRITE_METHODS and r.resource is not None:
+                plural = r.resource.plural or "?"
+                what = f"{plural}/{r.subresource}" if r.subresource else plural
+                out.append((method, what, r.namespace or "", r.name))
+        return out
+
     # ---- request entry ------------------------------------------------------------------
 
     async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
