@@ -13,8 +13,8 @@ from typing import Any, cast
 import kopf
 
 from esper.contracts import API_GROUP, API_VERSION
-from esper.contracts.naming import MANAGED_BY, OPERATOR_NAME
-from esper_operator import metrics
+from esper.contracts.naming import ANNOTATION_RETRY, FINALIZER, MANAGED_BY, OPERATOR_NAME
+from esper_operator import metrics, queue
 from esper_operator.bodies import BodyRefused, plain, survive_any_body
 from esper_operator.config import ConfigError, OperatorConfig
 from esper_operator.kube import Kube
@@ -43,7 +43,10 @@ async def configure(
     settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger, **_: Any
 ) -> None:
     """Own the esper.dev prefix for everything kopf stores on objects, and validate the config."""
-    settings.persistence.finalizer = f"{API_GROUP}/finalizer"
+    settings.persistence.finalizer = FINALIZER
+    # kopf's own "Handler succeeded" / "Creation is processed" Events are two writes per Blueprint that
+    # nobody reads; the operator's Events say what happened, and kopf's warnings and errors still post.
+    settings.posting.level = logging.WARNING
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=API_GROUP, key="last-handled-configuration"
@@ -139,7 +142,17 @@ def kernel_metrics(type: str, name: str, namespace: str, status: kopf.Status, **
     metrics.observe_kernel(namespace, name, None if type == "DELETED" else status.get("phase") or "Pending")
 
 
-@kopf.timer(*KERNELS, id="queue", interval=QUEUE_SECONDS, initial_delay=QUEUE_SECONDS)
+def _waits_for_a_job(status: kopf.Status, annotations: kopf.Annotations, **_: Any) -> bool:
+    """Kernels the queue's timer serves: Pending for a slot or a back-off, or Failed with a new retry
+    request. kopf runs a timer only while its object matches, so Compiling and Ready Kernels (nearly
+    all of them) cost no timer at all."""
+    if status.get("phase") == "Pending" and status.get("reason") in queue.WAITING:
+        return True
+    token = annotations.get(ANNOTATION_RETRY) or ""
+    return status.get("phase") == "Failed" and bool(token) and token != status.get("retryToken", "")
+
+
+@kopf.timer(*KERNELS, id="queue", interval=QUEUE_SECONDS, initial_delay=QUEUE_SECONDS, when=_waits_for_a_job)
 async def kernel_queue(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """Waiting Kernels (queued for a slot, backing off, retry asked for) get their next Job here."""
     try:

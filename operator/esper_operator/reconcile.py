@@ -21,6 +21,7 @@ from esper.blueprint import BlueprintInvalid
 from esper.contracts import GROUP_VERSION, KernelSpec
 from esper.contracts.naming import (
     ANNOTATION_RETRY,
+    FINALIZER,
     LABEL_IR_DIGEST,
     LABEL_KERNEL,
     LABEL_TARGET,
@@ -49,7 +50,7 @@ from esper_operator.jobs import (
 )
 from esper_operator.kube import Body, Conflict, Kube
 from esper_operator.plan import PlannedKernel, plan_blueprint
-from esper_operator.requesters import set_role
+from esper_operator.requesters import requesters_status, set_role
 from esper_operator.rollout import CANDIDATE, CARRIED, SERVING, advance, held
 from esper_operator.status import blueprint_status, invalid_status, kernel_status
 
@@ -77,7 +78,7 @@ class Reconciler:
         self.kube = kube
         self.config = config
         self.emit = emit
-        self._job_slots = asyncio.Lock()  # counting running Jobs and creating one is a single step
+        self._job_slots = asyncio.Lock()
 
     @functools.cached_property
     def store(self) -> Store:
@@ -175,6 +176,8 @@ class Reconciler:
                     **({LABEL_TEMPLATE: label_value(planned.spec.template)} if planned.spec.template else {}),
                 },
                 "ownerReferences": [owner],
+                # kopf's own finalizer, set here so that kopf need not add it with a second write
+                "finalizers": [FINALIZER],
             },
             "spec": planned.spec.model_dump(mode="json"),
         }
@@ -184,7 +187,6 @@ class Reconciler:
             kernel = await self._adopt(namespace, planned.name, owner)
         else:
             crash_point("kernel-created")
-            self.emit(kernel, "Normal", "Created", f"Kernel for Blueprint {planned.spec.blueprint}")
             self.emit(blueprint, "Normal", "KernelCreated", f"Kernel {planned.name} ({planned.spec.target})")
         return kernel
 
@@ -273,16 +275,21 @@ class Reconciler:
         first = job_name_for(job_name, meta["uid"])
         name = queue.attempt_job_name(first, attempt)
         spec = KernelSpec.model_validate(kernel["spec"])
-        job = await self.kube.get_job(namespace, name)
+        cap = self.config.max_concurrent_jobs
+        # A Kernel whose status records no Job most likely has none: create it straight away (a 409
+        # adopts the one an earlier pass made) rather than read first; the cap needs the count anyway.
+        job = await self.kube.get_job(namespace, name) if cap or status.get("jobUid") else None
         if job is None:
-            async with self._job_slots:
-                job = await self.kube.get_job(namespace, name)  # a concurrent pass may have made it
-                if job is None and self.config.max_concurrent_jobs:
-                    running = await self.kube.active_jobs(namespace, f"{MANAGED_BY}={OPERATOR_NAME}")
-                    if running >= self.config.max_concurrent_jobs:
-                        return await self._queued(kernel, running)
-                if job is None:
-                    job = await self._create_job(kernel, spec, namespace, name)
+            if not cap:
+                job = await self._create_job(kernel, spec, namespace, name)
+            else:
+                async with self._job_slots:  # counting running Jobs and creating one is a single step
+                    job = await self.kube.get_job(namespace, name)  # a concurrent pass may have made it
+                    if job is None:
+                        running = await self.kube.active_jobs(namespace, f"{MANAGED_BY}={OPERATOR_NAME}")
+                        if running >= cap:
+                            return await self._queued(kernel, running)
+                        job = await self._create_job(kernel, spec, namespace, name)
             if attempt > 1:  # the failed attempt's Job (and its Pods) go
                 await self.kube.delete_job(namespace, queue.attempt_job_name(first, attempt - 1))
         if job is None or (job["metadata"].get("labels") or {}).get(LABEL_KERNEL_UID) != meta["uid"]:
@@ -300,6 +307,7 @@ class Reconciler:
                 jobUid=job_uid,
                 attempts=attempt,
                 retryAt="",
+                **requesters_status(kernel),  # in this write, so the rollout that follows needs none
             )
             kernel = await self.kube.patch_status("kernels", meta["namespace"], meta["name"], new) or kernel
             crash_point("kernel-compiling")

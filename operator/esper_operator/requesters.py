@@ -83,11 +83,16 @@ def _stale_labels(labels: dict[str, str], owners: list[Body]) -> dict[str, None]
     return {k: None for k in labels if k.startswith(REQUESTER_PREFIX + "/") and k not in live}
 
 
-async def _sync_status(kube: Kube, kernel: Body) -> Body:
+def requesters_status(kernel: Body) -> dict[str, Any]:
+    """The status fields naming the Kernel's requesters, as its metadata says."""
     requesters = requesters_of(kernel)
+    return {"requesters": requesters, "requestedBy": summary(requesters)}
+
+
+async def _sync_status(kube: Kube, kernel: Body) -> Body:
+    wanted = requesters_status(kernel)
     status = kernel.get("status") or {}
-    if status.get("requesters") == requesters and status.get("requestedBy") == summary(requesters):
+    if all(status.get(k) == v for k, v in wanted.items()):
         return kernel
     meta = kernel["metadata"]
-    patch = {"requesters": requesters, "requestedBy": summary(requesters)}
-    return await kube.patch_status("kernels", meta["namespace"], meta["name"], patch) or kernel
+    return await kube.patch_status("kernels", meta["namespace"], meta["name"], wanted) or kernel
