@@ -98,17 +98,20 @@ class Reconciler:
         except BlueprintInvalid as exc:
             return await self.keep_last_good(body, str(exc))
         crash_point("plan")
-        refs = []
+        refs, bodies = [], {}
         for planned in plan.kernels:
             kernel = await self.ensure_kernel(body, planned)
             kernel = await self.ensure_job(kernel, planned.job_name)
             refs.append({"target": planned.spec.target, "name": planned.name, "phase": _phase(kernel)})
+            bodies[planned.name] = kernel
         metrics.RECONCILES.labels("blueprint", "ok").inc()
         crash_point("blueprint-status")
         status = blueprint_status(previous=previous, digest=plan.digest, kernels=refs, generation=generation)
-        return await self._roll(body, status, history_limit=plan.history_limit)
+        return await self._roll(body, status, history_limit=plan.history_limit, known=bodies)
 
-    async def _roll(self, blueprint: Body, status: Body, *, history_limit: int) -> Body:
+    async def _roll(
+        self, blueprint: Body, status: Body, *, history_limit: int, known: dict[str, Body] | None = None
+    ) -> Body:
         """Advance the keep-last-good rollout; label the Kernels by role; release what it no longer holds.
 
         Kernels that start serving are labelled before the ones they replace stop, so a sidecar
@@ -131,7 +134,7 @@ class Reconciler:
         owner = _owner_ref(blueprint)
         order = sorted(rollout.roles.items(), key=lambda item: item[1] != SERVING)
         for name, role in order:
-            await set_role(self.kube, namespace, name, owner, role)
+            await set_role(self.kube, namespace, name, owner, role, known=(known or {}).get(name))
         for name in sorted(before - set(rollout.roles)):
             await set_role(self.kube, namespace, name, owner, None)
         return {**status, **rollout.status_fields(len(status["kernels"]))}
@@ -186,8 +189,7 @@ class Reconciler:
         except Conflict:
             kernel = await self._adopt(namespace, planned.name, owner)
         else:
-            crash_point("kernel-created")
-            self.emit(blueprint, "Normal", "KernelCreated", f"Kernel {planned.name} ({planned.spec.target})")
+            crash_point("kernel-created")  # no Event: the Blueprint's status lists its Kernels
         return kernel
 
     async def _adopt(self, namespace: str, name: str, owner: Body) -> Body:
@@ -311,7 +313,7 @@ class Reconciler:
             )
             kernel = await self.kube.patch_status("kernels", meta["namespace"], meta["name"], new) or kernel
             crash_point("kernel-compiling")
-        if _finished(job):
+        if finished(job):
             # Finished while nobody watched (operator down, event lost): carry it over now.
             await self.observe_job(job)
             return await self.kube.get("kernels", meta["namespace"], meta["name"]) or kernel
@@ -343,13 +345,13 @@ class Reconciler:
 
         Only the Job whose uid the Kernel's status records counts, and only through the Pods that Job
         created: a Job someone else made with the same labels, or a bare Pod with its job-name, is
-        ignored with a Warning Event on the Kernel. A Job whose Kernel is gone is deleted.
+        ignored with a Warning Event on the Kernel. A finished Job whose Kernel is gone is deleted.
         """
         meta = job["metadata"]
         labels = meta.get("labels") or {}
         kernel_name = labels.get(LABEL_KERNEL)
-        if not kernel_name:
-            return
+        if not kernel_name or not finished(job):
+            return  # a running Job is read once, when it ends (a deleted Kernel deletes its Job)
         kernel_ns = labels.get(LABEL_KERNEL_NAMESPACE) or meta["namespace"]
         kernel = await self.kube.get("kernels", kernel_ns, kernel_name)
         ours = meta["namespace"] == self.compile_namespace and LABEL_KERNEL_UID in labels
@@ -369,8 +371,6 @@ class Reconciler:
             and status["jobName"] != meta["name"]
         ):
             return  # an earlier attempt's Job of this Kernel (deleted when the next one starts)
-        if not _finished(job):
-            return  # still running: its Pods are read once, when it ends
         if not status.get("jobUid") or meta.get("uid") != status.get("jobUid"):
             self.emit(
                 kernel,
@@ -618,7 +618,8 @@ class Reconciler:
             log.info("deleted artifact of Kernel %s (retention=delete)", meta["name"])
 
 
-def _finished(job: Body) -> bool:
+def finished(job: Body) -> bool:
+    """Whether a Job has ended (Complete or Failed): only then is its outcome read."""
     conditions = (job.get("status") or {}).get("conditions") or []
     return any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True" for c in conditions)
 

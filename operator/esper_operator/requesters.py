@@ -34,15 +34,18 @@ def summary(requesters: list[dict[str, str]]) -> str:
     return text if len(text) <= SUMMARY_MAX else text[: SUMMARY_MAX - 3] + "..."
 
 
-async def set_role(kube: Kube, namespace: str, name: str, owner: Body, role: str | None) -> Body | None:
+async def set_role(
+    kube: Kube, namespace: str, name: str, owner: Body, role: str | None, known: Body | None = None
+) -> Body | None:
     """Make `owner` (a Blueprint's ownerReference) hold Kernel `name` in `role`, or let go of it (None).
 
     A Kernel left without owners is deleted. Conditional on the resourceVersion, retried on conflict.
-    Returns the Kernel as written (None when gone).
+    `known`: the Kernel as this pass just read or wrote it, used instead of reading it again (a stale
+    one only costs a conflict and a read). Returns the Kernel as written (None when gone).
     """
     key = requester_label(owner["name"])
     for _ in range(RETRIES):
-        kernel = await kube.get("kernels", namespace, name)
+        kernel, known = known or await kube.get("kernels", namespace, name), None
         if kernel is None:
             return None
         meta = kernel["metadata"]
