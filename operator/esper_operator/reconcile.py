@@ -58,6 +58,7 @@ log = logging.getLogger("esper.operator")
 Emit = Callable[[Body, str, str, str], None]
 FINAL = ("Ready", "Failed")
 OWNER_RETRIES = 8
+CONCURRENT_RECONCILES = 32
 
 
 def _owner_ref(body: Body) -> Body:
@@ -79,6 +80,9 @@ class Reconciler:
         self.config = config
         self.emit = emit
         self._job_slots = asyncio.Lock()
+        # A burst of new Blueprints is planned a few dozen at a time, not all at once: as fast (the API
+        # server is the bottleneck) with a fraction of the memory (plans hold expanded graphs).
+        self._planning = asyncio.Semaphore(CONCURRENT_RECONCILES)
 
     @functools.cached_property
     def store(self) -> Store:
@@ -89,6 +93,10 @@ class Reconciler:
 
     async def reconcile_blueprint(self, body: Body) -> Body:
         """Ensure the Blueprint's Kernels and Jobs exist; return its new status."""
+        async with self._planning:
+            return await self._reconcile_blueprint(body)
+
+    async def _reconcile_blueprint(self, body: Body) -> Body:
         meta = body["metadata"]
         name = meta["name"]
         generation = int(meta.get("generation") or 1)
