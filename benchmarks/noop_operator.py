@@ -15,7 +15,6 @@ from kubernetes import client, config
 
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    settings.batching.batch_window = 0.01
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="noop.dev")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="noop.dev")
     config.load_kube_config()

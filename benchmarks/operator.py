@@ -112,6 +112,8 @@ def measure(
 ) -> dict[str, Any]:
     namespace = f"bench-{name}"
     cluster.ensure_namespace(namespace)
+    # The operator watches one namespace; its compile Jobs go there too (the compile namespace).
+    env = {**env, "ESPER_COMPILE_NAMESPACE": namespace}
     operator = OperatorProcess(target, cluster, log_dir / f"{name}.log", env=env, namespace=namespace)
     operator.start()
     clock = JobClock(cluster, namespace)

@@ -15,6 +15,8 @@ LABEL_IR_DIGEST = "esper.dev/ir-digest"
 LABEL_TEMPLATE = "esper.dev/template"
 REQUESTER_PREFIX = "blueprint.esper.dev"
 """A Kernel carries `blueprint.esper.dev/<blueprint>: <role>` for every Blueprint that uses it."""
+FINALIZER = "esper.dev/finalizer"
+"""The operator's finalizer on Blueprints and Kernels (kopf's, under Esper's prefix)."""
 ANNOTATION_RETRY = "esper.dev/retry"
 """Set (to any new value) on a Failed Kernel to compile it again: `esper retry`."""
 

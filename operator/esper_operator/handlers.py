@@ -13,12 +13,12 @@ from typing import Any, cast
 import kopf
 
 from esper.contracts import API_GROUP, API_VERSION
-from esper.contracts.naming import MANAGED_BY, OPERATOR_NAME
-from esper_operator import metrics
+from esper.contracts.naming import ANNOTATION_RETRY, FINALIZER, MANAGED_BY, OPERATOR_NAME
+from esper_operator import metrics, queue
 from esper_operator.bodies import BodyRefused, plain, survive_any_body
 from esper_operator.config import ConfigError, OperatorConfig
 from esper_operator.kube import Kube
-from esper_operator.reconcile import Reconciler
+from esper_operator.reconcile import Reconciler, finished
 
 BLUEPRINTS = (API_GROUP, API_VERSION, "blueprints")
 KERNELS = (API_GROUP, API_VERSION, "kernels")
@@ -36,6 +36,15 @@ def _emit(body: dict[str, Any], type_: str, reason: str, message: str) -> None:
     kopf.event(cast(kopf.Body, body), type=type_, reason=reason, message=message[:1024])
 
 
+class BlueprintsOnlyDiffBase(kopf.AnnotationsDiffBaseStorage):
+    """kopf's last-handled-configuration annotation, kept on Blueprints only: no create or update
+    handler reads it on a Kernel, and writing it there would cost a write per Kernel."""
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        if body.get("kind") != "Kernel":
+            super().store(body=body, patch=patch, essence=essence)
+
+
 # kopf's handler protocols spell out every keyword a handler may take; handlers here take what they use
 # and `**_`, which kopf supports but its stubs cannot express (hence the arg-type ignores).
 @kopf.on.startup()  # type: ignore[arg-type]
@@ -43,14 +52,16 @@ async def configure(
     settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger, **_: Any
 ) -> None:
     """Own the esper.dev prefix for everything kopf stores on objects, and validate the config."""
-    settings.persistence.finalizer = f"{API_GROUP}/finalizer"
+    settings.persistence.finalizer = FINALIZER
+    # kopf's own "Handler succeeded" / "Creation is processed" Events are two writes per Blueprint that
+    # nobody reads; the operator's Events say what happened, and kopf's warnings and errors still post.
+    settings.posting.level = logging.WARNING
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+    settings.persistence.diffbase_storage = BlueprintsOnlyDiffBase(
         prefix=API_GROUP, key="last-handled-configuration"
     )
     settings.posting.reporting_component = OPERATOR_NAME
     settings.posting.event_name_prefix = "esper-"
-    settings.batching.batch_window = 0.01  # react within milliseconds; our handlers are idempotent
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.execution.max_workers = 16
@@ -108,7 +119,14 @@ async def release_blueprint(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     await memo.reconciler.blueprint_deleted(_metadata_and_status(body))
 
 
-@kopf.on.event("batch", "v1", "jobs", labels={MANAGED_BY: OPERATOR_NAME}, id="observe-job")  # type: ignore[arg-type]
+def _job_ended(body: kopf.Body, **_: Any) -> bool:
+    """Only an ended Job has an outcome to read; kopf skips the handler for the others."""
+    return finished(cast(dict[str, Any], body))
+
+
+@kopf.on.event(  # type: ignore[arg-type]
+    "batch", "v1", "jobs", labels={MANAGED_BY: OPERATOR_NAME}, when=_job_ended, id="observe-job"
+)
 async def observe_job(type: str, body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     """kopf never retries an event handler: a failed observation is retried here, else left to resync."""
     if type == "DELETED":
@@ -139,7 +157,17 @@ def kernel_metrics(type: str, name: str, namespace: str, status: kopf.Status, **
     metrics.observe_kernel(namespace, name, None if type == "DELETED" else status.get("phase") or "Pending")
 
 
-@kopf.timer(*KERNELS, id="queue", interval=QUEUE_SECONDS, initial_delay=QUEUE_SECONDS)
+def _waits_for_a_job(status: kopf.Status, annotations: kopf.Annotations, **_: Any) -> bool:
+    """Kernels the queue's timer serves: Pending for a slot or a back-off, or Failed with a new retry
+    request. kopf runs a timer only while its object matches, so Compiling and Ready Kernels (nearly
+    all of them) cost no timer at all."""
+    if status.get("phase") == "Pending" and status.get("reason") in queue.WAITING:
+        return True
+    token = annotations.get(ANNOTATION_RETRY) or ""
+    return status.get("phase") == "Failed" and bool(token) and token != status.get("retryToken", "")
+
+
+@kopf.timer(*KERNELS, id="queue", interval=QUEUE_SECONDS, initial_delay=QUEUE_SECONDS, when=_waits_for_a_job)
 async def kernel_queue(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """Waiting Kernels (queued for a slot, backing off, retry asked for) get their next Job here."""
     try:

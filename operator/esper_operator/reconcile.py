@@ -21,6 +21,7 @@ from esper.blueprint import BlueprintInvalid
 from esper.contracts import GROUP_VERSION, KernelSpec
 from esper.contracts.naming import (
     ANNOTATION_RETRY,
+    FINALIZER,
     LABEL_IR_DIGEST,
     LABEL_KERNEL,
     LABEL_TARGET,
@@ -49,7 +50,7 @@ from esper_operator.jobs import (
 )
 from esper_operator.kube import Body, Conflict, Kube
 from esper_operator.plan import PlannedKernel, plan_blueprint
-from esper_operator.requesters import set_role
+from esper_operator.requesters import requesters_status, set_role
 from esper_operator.rollout import CANDIDATE, CARRIED, SERVING, advance, held
 from esper_operator.status import blueprint_status, invalid_status, kernel_status
 
@@ -57,6 +58,7 @@ log = logging.getLogger("esper.operator")
 Emit = Callable[[Body, str, str, str], None]
 FINAL = ("Ready", "Failed")
 OWNER_RETRIES = 8
+CONCURRENT_RECONCILES = 32
 
 
 def _owner_ref(body: Body) -> Body:
@@ -77,7 +79,10 @@ class Reconciler:
         self.kube = kube
         self.config = config
         self.emit = emit
-        self._job_slots = asyncio.Lock()  # counting running Jobs and creating one is a single step
+        self._job_slots = asyncio.Lock()
+        # A burst of new Blueprints is planned a few dozen at a time, not all at once: as fast (the API
+        # server is the bottleneck) with a fraction of the memory (plans hold expanded graphs).
+        self._planning = asyncio.Semaphore(CONCURRENT_RECONCILES)
 
     @functools.cached_property
     def store(self) -> Store:
@@ -88,6 +93,10 @@ class Reconciler:
 
     async def reconcile_blueprint(self, body: Body) -> Body:
         """Ensure the Blueprint's Kernels and Jobs exist; return its new status."""
+        async with self._planning:
+            return await self._reconcile_blueprint(body)
+
+    async def _reconcile_blueprint(self, body: Body) -> Body:
         meta = body["metadata"]
         name = meta["name"]
         generation = int(meta.get("generation") or 1)
@@ -97,17 +106,20 @@ class Reconciler:
         except BlueprintInvalid as exc:
             return await self.keep_last_good(body, str(exc))
         crash_point("plan")
-        refs = []
+        refs, bodies = [], {}
         for planned in plan.kernels:
             kernel = await self.ensure_kernel(body, planned)
             kernel = await self.ensure_job(kernel, planned.job_name)
             refs.append({"target": planned.spec.target, "name": planned.name, "phase": _phase(kernel)})
+            bodies[planned.name] = kernel
         metrics.RECONCILES.labels("blueprint", "ok").inc()
         crash_point("blueprint-status")
         status = blueprint_status(previous=previous, digest=plan.digest, kernels=refs, generation=generation)
-        return await self._roll(body, status, history_limit=plan.history_limit)
+        return await self._roll(body, status, history_limit=plan.history_limit, known=bodies)
 
-    async def _roll(self, blueprint: Body, status: Body, *, history_limit: int) -> Body:
+    async def _roll(
+        self, blueprint: Body, status: Body, *, history_limit: int, known: dict[str, Body] | None = None
+    ) -> Body:
         """Advance the keep-last-good rollout; label the Kernels by role; release what it no longer holds.
 
         Kernels that start serving are labelled before the ones they replace stop, so a sidecar
@@ -130,7 +142,7 @@ class Reconciler:
         owner = _owner_ref(blueprint)
         order = sorted(rollout.roles.items(), key=lambda item: item[1] != SERVING)
         for name, role in order:
-            await set_role(self.kube, namespace, name, owner, role)
+            await set_role(self.kube, namespace, name, owner, role, known=(known or {}).get(name))
         for name in sorted(before - set(rollout.roles)):
             await set_role(self.kube, namespace, name, owner, None)
         return {**status, **rollout.status_fields(len(status["kernels"]))}
@@ -175,6 +187,8 @@ class Reconciler:
                     **({LABEL_TEMPLATE: label_value(planned.spec.template)} if planned.spec.template else {}),
                 },
                 "ownerReferences": [owner],
+                # kopf's own finalizer, set here so that kopf need not add it with a second write
+                "finalizers": [FINALIZER],
             },
             "spec": planned.spec.model_dump(mode="json"),
         }
@@ -183,9 +197,7 @@ class Reconciler:
         except Conflict:
             kernel = await self._adopt(namespace, planned.name, owner)
         else:
-            crash_point("kernel-created")
-            self.emit(kernel, "Normal", "Created", f"Kernel for Blueprint {planned.spec.blueprint}")
-            self.emit(blueprint, "Normal", "KernelCreated", f"Kernel {planned.name} ({planned.spec.target})")
+            crash_point("kernel-created")  # no Event: the Blueprint's status lists its Kernels
         return kernel
 
     async def _adopt(self, namespace: str, name: str, owner: Body) -> Body:
@@ -273,16 +285,21 @@ class Reconciler:
         first = job_name_for(job_name, meta["uid"])
         name = queue.attempt_job_name(first, attempt)
         spec = KernelSpec.model_validate(kernel["spec"])
-        job = await self.kube.get_job(namespace, name)
+        cap = self.config.max_concurrent_jobs
+        # A Kernel whose status records no Job most likely has none: create it straight away (a 409
+        # adopts the one an earlier pass made) rather than read first; the cap needs the count anyway.
+        job = await self.kube.get_job(namespace, name) if cap or status.get("jobUid") else None
         if job is None:
-            async with self._job_slots:
-                job = await self.kube.get_job(namespace, name)  # a concurrent pass may have made it
-                if job is None and self.config.max_concurrent_jobs:
-                    running = await self.kube.active_jobs(namespace, f"{MANAGED_BY}={OPERATOR_NAME}")
-                    if running >= self.config.max_concurrent_jobs:
-                        return await self._queued(kernel, running)
-                if job is None:
-                    job = await self._create_job(kernel, spec, namespace, name)
+            if not cap:
+                job = await self._create_job(kernel, spec, namespace, name)
+            else:
+                async with self._job_slots:  # counting running Jobs and creating one is a single step
+                    job = await self.kube.get_job(namespace, name)  # a concurrent pass may have made it
+                    if job is None:
+                        running = await self.kube.active_jobs(namespace, f"{MANAGED_BY}={OPERATOR_NAME}")
+                        if running >= cap:
+                            return await self._queued(kernel, running)
+                        job = await self._create_job(kernel, spec, namespace, name)
             if attempt > 1:  # the failed attempt's Job (and its Pods) go
                 await self.kube.delete_job(namespace, queue.attempt_job_name(first, attempt - 1))
         if job is None or (job["metadata"].get("labels") or {}).get(LABEL_KERNEL_UID) != meta["uid"]:
@@ -300,10 +317,11 @@ class Reconciler:
                 jobUid=job_uid,
                 attempts=attempt,
                 retryAt="",
+                **requesters_status(kernel),  # in this write, so the rollout that follows needs none
             )
             kernel = await self.kube.patch_status("kernels", meta["namespace"], meta["name"], new) or kernel
             crash_point("kernel-compiling")
-        if _finished(job):
+        if finished(job):
             # Finished while nobody watched (operator down, event lost): carry it over now.
             await self.observe_job(job)
             return await self.kube.get("kernels", meta["namespace"], meta["name"]) or kernel
@@ -335,13 +353,13 @@ class Reconciler:
 
         Only the Job whose uid the Kernel's status records counts, and only through the Pods that Job
         created: a Job someone else made with the same labels, or a bare Pod with its job-name, is
-        ignored with a Warning Event on the Kernel. A Job whose Kernel is gone is deleted.
+        ignored with a Warning Event on the Kernel. A finished Job whose Kernel is gone is deleted.
         """
         meta = job["metadata"]
         labels = meta.get("labels") or {}
         kernel_name = labels.get(LABEL_KERNEL)
-        if not kernel_name:
-            return
+        if not kernel_name or not finished(job):
+            return  # a running Job is read once, when it ends (a deleted Kernel deletes its Job)
         kernel_ns = labels.get(LABEL_KERNEL_NAMESPACE) or meta["namespace"]
         kernel = await self.kube.get("kernels", kernel_ns, kernel_name)
         ours = meta["namespace"] == self.compile_namespace and LABEL_KERNEL_UID in labels
@@ -361,8 +379,6 @@ class Reconciler:
             and status["jobName"] != meta["name"]
         ):
             return  # an earlier attempt's Job of this Kernel (deleted when the next one starts)
-        if not _finished(job):
-            return  # still running: its Pods are read once, when it ends
         if not status.get("jobUid") or meta.get("uid") != status.get("jobUid"):
             self.emit(
                 kernel,
@@ -610,7 +626,8 @@ class Reconciler:
             log.info("deleted artifact of Kernel %s (retention=delete)", meta["name"])
 
 
-def _finished(job: Body) -> bool:
+def finished(job: Body) -> bool:
+    """Whether a Job has ended (Complete or Failed): only then is its outcome read."""
     conditions = (job.get("status") or {}).get("conditions") or []
     return any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True" for c in conditions)
 

@@ -34,15 +34,18 @@ def summary(requesters: list[dict[str, str]]) -> str:
     return text if len(text) <= SUMMARY_MAX else text[: SUMMARY_MAX - 3] + "..."
 
 
-async def set_role(kube: Kube, namespace: str, name: str, owner: Body, role: str | None) -> Body | None:
+async def set_role(
+    kube: Kube, namespace: str, name: str, owner: Body, role: str | None, known: Body | None = None
+) -> Body | None:
     """Make `owner` (a Blueprint's ownerReference) hold Kernel `name` in `role`, or let go of it (None).
 
     A Kernel left without owners is deleted. Conditional on the resourceVersion, retried on conflict.
-    Returns the Kernel as written (None when gone).
+    `known`: the Kernel as this pass just read or wrote it, used instead of reading it again (a stale
+    one only costs a conflict and a read). Returns the Kernel as written (None when gone).
     """
     key = requester_label(owner["name"])
     for _ in range(RETRIES):
-        kernel = await kube.get("kernels", namespace, name)
+        kernel, known = known or await kube.get("kernels", namespace, name), None
         if kernel is None:
             return None
         meta = kernel["metadata"]
@@ -83,11 +86,16 @@ def _stale_labels(labels: dict[str, str], owners: list[Body]) -> dict[str, None]
     return {k: None for k in labels if k.startswith(REQUESTER_PREFIX + "/") and k not in live}
 
 
-async def _sync_status(kube: Kube, kernel: Body) -> Body:
+def requesters_status(kernel: Body) -> dict[str, Any]:
+    """The status fields naming the Kernel's requesters, as its metadata says."""
     requesters = requesters_of(kernel)
+    return {"requesters": requesters, "requestedBy": summary(requesters)}
+
+
+async def _sync_status(kube: Kube, kernel: Body) -> Body:
+    wanted = requesters_status(kernel)
     status = kernel.get("status") or {}
-    if status.get("requesters") == requesters and status.get("requestedBy") == summary(requesters):
+    if all(status.get(k) == v for k, v in wanted.items()):
         return kernel
     meta = kernel["metadata"]
-    patch = {"requesters": requesters, "requestedBy": summary(requesters)}
-    return await kube.patch_status("kernels", meta["namespace"], meta["name"], patch) or kernel
+    return await kube.patch_status("kernels", meta["namespace"], meta["name"], wanted) or kernel

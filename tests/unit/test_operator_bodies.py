@@ -112,3 +112,27 @@ def test_liveness_fails_once_a_watch_has_stopped() -> None:
     assert watches.check(names[:2]) == ["blueprints.v1alpha1.esper.dev", "jobs.v1.batch"]
     with pytest.raises(RuntimeError, match=r"^the watch of blueprints.v1alpha1.esper.dev has stopped"):
         watches.check(names[1:])
+
+
+@pytest.mark.parametrize(
+    ("status", "annotations", "waits"),
+    [
+        ({"phase": "Pending", "reason": "Queued"}, {}, True),
+        ({"phase": "Pending", "reason": "RetryBackoff"}, {}, True),
+        ({"phase": "Pending", "reason": "RetryRequested"}, {}, True),
+        ({"phase": "Pending", "reason": "JobCreated"}, {}, False),
+        ({"phase": "Compiling", "reason": "Queued"}, {}, False),
+        ({"phase": "Ready"}, {"esper.dev/retry": "t1"}, False),
+        ({"phase": "Failed"}, {}, False),
+        ({"phase": "Failed"}, {"esper.dev/retry": "t1"}, True),
+        ({"phase": "Failed", "retryToken": "t1"}, {"esper.dev/retry": "t1"}, False),
+        ({"phase": "Failed", "retryToken": "t1"}, {"esper.dev/retry": "t2"}, True),
+        ({}, {}, False),
+    ],
+)
+def test_the_queue_timer_runs_only_for_kernels_that_wait_for_a_job(
+    status: dict[str, str], annotations: dict[str, str], waits: bool
+) -> None:
+    from esper_operator.handlers import _waits_for_a_job
+
+    assert _waits_for_a_job(status=status, annotations=annotations) is waits
