@@ -194,8 +194,11 @@ def test_blueprint_becomes_a_ready_kernel_with_a_verified_artifact(esper: Esper,
     assert table[0].split() == ["NAME", "BLUEPRINT", "TARGET", "PHASE", "SPEEDUP", "AGE"]
     assert table[1].split()[:4] == [kernel["metadata"]["name"], name, "cpu", "Ready"]
     assert kubectl("get", "blueprints").stdout.splitlines()[1].split()[:3] == [name, "Ready", "1/1"]
-    reasons = {e["reason"] for e in esper.events(kernel["metadata"]["name"])}
-    assert {"Created", "JobCreated", "Compiled"} <= reasons
+    # One Event per thing that happened to the Kernel (no creation chatter), and the Blueprint's Ready.
+    reasons = sorted(e["reason"] for e in esper.events(kernel["metadata"]["name"]))
+    assert reasons == ["Compiled", "JobCreated"]
+    blueprint_reasons = {e["reason"] for e in esper.events(name)}
+    assert "Ready" in blueprint_reasons and "KernelCreated" not in blueprint_reasons
     assert 'esper_kernels{phase="Ready"} 1.0' in esper.metrics()
     # Delete through kubectl: finalizers run, nothing is left behind, the artifact is kept.
     kubectl("delete", "-f", str(EXAMPLE), "--timeout=60s")
