@@ -415,7 +415,8 @@ def test_kubectl_workflow(cluster: Cluster, tmp_path: Path) -> None:
     assert kubectl("get", "gadget", "g1", check=False).returncode != 0
     # Esper's own CRDs print their columns; core resources are discoverable.
     kubectl.apply(blueprint("bp1"))
-    assert kubectl("get", "bp").stdout.split()[:4] == ["NAME", "PHASE", "KERNELS", "AGE"]
+    header = kubectl("get", "bp").stdout.splitlines()[0].split()
+    assert header == ["NAME", "PHASE", "KERNELS", "SERVING", "TEMPLATE", "AGE"]
     assert "default" in kubectl("get", "namespaces").stdout
 
 
