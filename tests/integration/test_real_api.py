@@ -315,6 +315,8 @@ def _ready_kernel(cluster: Cluster, name: str, target: str) -> None:
     cluster.create(kernel(name, target))
     status = {
         "phase": "Ready",
+        "requesters": [{"blueprint": "bp", "role": "serving"}],
+        "requestedBy": "bp",
         "artifact": {"uri": f"s3://b/kernels/{name}", "sha256": "a" * 64, "size": 4096},
         "report": {
             "tolerance": 1e-4,
@@ -337,12 +339,16 @@ def test_kubectl_get_shows_the_printer_columns_and_wide_adds_the_rest(real_clust
     assert rows[0] == ["NAME", "BLUEPRINT", "TARGET", "PHASE", "SPEEDUP", "AGE"]
     assert rows[1][:5] == ["k-cols", "bp", "cpu", "Ready", "2"]
     wide = table(real_cluster, "kernels", "-o", "wide")
-    assert wide[0] == ["NAME", "BLUEPRINT", "TARGET", "PHASE", "SPEEDUP", "AGE", "SIZE", "KEY"]
-    assert wide[1][6:] == ["4096", kernel("k-cols")["spec"]["key"]]
+    assert wide[0] == [
+        "NAME", "BLUEPRINT", "TARGET", "PHASE", "SPEEDUP", "AGE", "TEMPLATE", "REASON", "SIZE", "KEY",
+    ]  # fmt: skip
+    assert wide[1][-2:] == ["4096", kernel("k-cols")["spec"]["key"]]
 
     real_cluster.create(blueprint("bp-cols"))
-    assert table(real_cluster, "bp")[0] == ["NAME", "PHASE", "KERNELS", "AGE"]
-    assert table(real_cluster, "bp", "-o", "wide")[0] == ["NAME", "PHASE", "KERNELS", "AGE", "DIGEST"]
+    assert table(real_cluster, "bp")[0] == ["NAME", "PHASE", "KERNELS", "SERVING", "TEMPLATE", "AGE"]
+    assert table(real_cluster, "bp", "-o", "wide")[0] == [
+        "NAME", "PHASE", "KERNELS", "SERVING", "TEMPLATE", "AGE", "REVISION", "DIGEST",
+    ]  # fmt: skip
 
 
 def test_kubectl_get_esper_lists_both_kinds(real_cluster: Cluster) -> None:
