@@ -54,6 +54,7 @@ CORE: dict[str, str] = {
 # What the tests need besides the packages (tests read crds/, charts/, examples/ through their paths).
 TREES = {"esper": "esper", "esper_operator": "operator/esper_operator", "tests": "tests"}
 FILES = ("pyproject.toml",)
+ALSO = ("crds", "charts", "examples", "docs", "README.md", "Makefile")  # linked beside the sources
 COUNTED = ("killed", "survived", "timeout", "no tests")
 
 
@@ -86,11 +87,26 @@ def stage() -> set[Path]:
             rel = path.relative_to(STAGE)
             if path.is_file() and rel not in wanted and "__pycache__" not in path.parts:
                 path.unlink()
-    for name in ("crds", "charts", "examples", "docs", "README.md", "Makefile"):
+    for name in ALSO:
         link = STAGE / name
+        if link.is_symlink() and link.readlink() != REPO / name:  # a cache moved from another checkout
+            link.unlink()
         if not link.exists():
             link.symlink_to(REPO / name)
+    _drop_stale_mutant_tests()
     return changed
+
+
+def _drop_stale_mutant_tests() -> None:
+    """Remove test files that mutmut copied into STAGE/mutants and the repo no longer has: mutmut
+    updates its copies but never deletes one, and pytest would still collect it."""
+    tests, copies = REPO / "tests", STAGE / "mutants" / "tests"
+    if not copies.is_dir():
+        return
+    for path in sorted(copies.rglob("*"), reverse=True):
+        stale = not (tests / path.relative_to(copies)).exists()
+        if stale and path.is_file() and "__pycache__" not in path.parts:
+            path.unlink()
 
 
 def pending(module: str) -> list[str] | None:
