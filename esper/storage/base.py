@@ -54,7 +54,7 @@ class Store(ABC):
 
     def bundle_uri(self, key: str) -> str:
         """The URI of one bundle, as recorded in a Kernel's status."""
-        return f"{self.uri.rstrip('/')}/{KERNELS_DIR}/{check_key(key)}"
+        return f"{self.uri.removesuffix('/')}/{KERNELS_DIR}/{check_key(key)}"  # file:/// keeps its root
 
     @abstractmethod
     def put_bundle(self, key: str, local_dir: Path, *, replace: bool = False) -> ArtifactRef:
