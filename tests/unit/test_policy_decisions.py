@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
+from esper.artifact import read_manifest, write_manifest
+from esper.contracts.common import ValidationReport
 from esper.kasmina import KernelCatalog, PlateauPolicy, SeedSlot, SeedState
 from esper.kasmina.policy import CatalogEntry
+from tests.support.s3 import make_fake_bundle
 
 F = 4
 
@@ -289,3 +293,93 @@ def test_with_an_agreement_a_refused_germination_leaves_the_slot_dormant() -> No
     assert agreement.calls == [("germinate", "s", "k")]
     assert [e["event"] for e in policy.events] == ["plateau", "germinate_failed", "no_kernel"]
     assert policy.slots["s"].state is SeedState.DORMANT
+
+
+def test_a_catalog_of_bundles_is_scored_by_train_speedup_else_speedup(tmp_path: Path) -> None:
+    def report(speedup: float, train: float = 0.0) -> ValidationReport:
+        return ValidationReport(
+            tolerance=1e-5, maxAbsError=0.0, eagerMicros=2.0, compiledMicros=1.0, speedup=speedup,
+            trainSpeedup=train,
+        )  # fmt: skip
+
+    dirs = {name: tmp_path / name for name in ("a", "b", "c", "d")}
+    keys = {}
+    for i, (name, update) in enumerate([
+        ("a", {"report": report(1.5, 2.5), "inputs": [{"name": "x", "shape": ["batch", 3, 5]}]}),
+        ("b", {"report": report(1.2)}),  # no train speedup measured: the forward speedup
+        ("c", {"inputs": []}),  # no report, no inputs: score 0, any shape
+    ]):  # fmt: skip
+        keys[name], _ = make_fake_bundle(dirs[name], seed=i, signed=False)
+        write_manifest(dirs[name], read_manifest(dirs[name]).model_copy(update=update))
+    dirs["d"].mkdir()  # no manifest: skipped
+    cat = KernelCatalog.from_bundles([str(dirs["d"]), dirs["c"], dirs["b"], dirs["a"]])
+    assert len(cat) == 3
+    assert cat.ranked() == [
+        CatalogEntry(keys["a"], dirs["a"], 2.5, (3, 5)),
+        CatalogEntry(keys["b"], dirs["b"], 1.2, (4,)),
+        CatalogEntry(keys["c"], dirs["c"], 0.0, None),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("per_token", "x_shape", "entries", "grown"),
+    [
+        (False, (2, 4), [("wide", 2.0, (8,)), ("fit", 1.0, (4,))], "fit"),
+        (False, (2, 5, 4), [("pos", 2.0, (4,)), ("seq", 1.0, (5, 4))], "seq"),  # one sample is (5, 4)
+        (True, (2, 3, 5, 4), [("seq", 2.0, (5, 4)), ("pos", 1.0, (4,))], "pos"),  # one position is (4,)
+        (True, None, [("wide", 2.0, (8,)), ("fit", 1.0, (4,))], "wide"),  # nothing seen yet: any kernel
+    ],
+)
+def test_a_slot_is_offered_only_the_kernels_of_its_shape(
+    per_token: bool,
+    x_shape: tuple[int, ...] | None,
+    entries: list[tuple[str, float, tuple[int, ...]]],
+    grown: str,
+) -> None:
+    slot = SeedSlot("s", nn.Linear(F, F), per_token=per_token)
+    if x_shape is not None:
+        slot(torch.zeros(x_shape))
+    cat = KernelCatalog([CatalogEntry(key, _lin, score, shape) for key, score, shape in entries])
+    p = PlateauPolicy(patience=1, min_delta=0.25, catalog=cat, evaluate=lambda: 1.0, seed_slots={"s": slot})
+    _plateau(p)
+    assert [(e["event"], e.get("kernel")) for e in p.events] == [("plateau", None), ("germinate", grown)]
+    assert p.tried == {("s", grown)} and slot.kernel_key == grown
+
+
+def test_language_model_policy_uses_the_given_catalog_and_judges() -> None:
+    cat = KernelCatalog([CatalogEntry("k", _lin)])
+
+    def evaluate() -> float:
+        return 1.0
+
+    def held_out() -> float:
+        return 2.0
+
+    p = PlateauPolicy.for_language_model(catalog=cat, evaluate=evaluate, contribution=held_out, seed_slots={})
+    assert (p.catalog, p.evaluate, p.contribution) == (cat, evaluate, held_out)
+
+
+def test_a_catalog_entry_scores_zero_unless_told() -> None:
+    cat = KernelCatalog()
+    cat.add("k", _lin)
+    cat.add("low", _lin, -0.5)
+    cat.add("high", _lin, 0.5)
+    assert [(e.key, e.score) for e in cat.ranked()] == [("high", 0.5), ("k", 0.0), ("low", -0.5)]
+
+
+def test_a_decision_on_held_out_data_restarts_the_plateau_search() -> None:
+    """The held-out numbers say nothing about the plateau's split: best is forgotten, and the next
+    evaluation sets it."""
+    policy = _policy(
+        KernelCatalog([CatalogEntry("k", _lin)]),
+        lambda: 9.0,
+        contribution=_values(0.75, 0.25),
+        cull_threshold=0.125,
+    )
+    _plateau(policy)
+    policy.step()
+    policy.step()
+    assert policy.events[-1]["event"] == "fossilize" and policy.events[-1]["contribution"] == 0.5
+    assert (policy.best, policy.bad_evals) == (math.inf, 0)
+    policy.on_eval(3.0, step=13)
+    assert (policy.best, policy.bad_evals) == (3.0, 0)
