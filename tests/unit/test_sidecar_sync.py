@@ -1,0 +1,551 @@
+"""The sync sidecar's bookkeeping without a cluster: what a Kernel asks for, the watch events, the
+index on disk, failures and their retries, make-before-break and readiness (a fake API and a
+LocalStore; tests/integration/test_sidecar.py runs it against an API server and S3)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from esper.artifact import FORWARD, ArtifactError
+from esper.sidecar import sync as sync_mod
+from esper.sidecar.index import IndexEntry, read_index, write_index
+from esper.sidecar.sync import (
+    RESYNC_SECONDS,
+    Desired,
+    KernelSync,
+    SyncConfig,
+    desired_of,
+    store_uri_of,
+)
+from esper.storage import BundleNotFound, LocalStore, StorageError, Store, open_store
+from tests.support.s3 import make_fake_bundle
+
+A, B, C = "a" * 64, "b" * 64, "c" * 64
+
+
+def _obj(
+    name: str,
+    key: str = A,
+    sha: str | None = B,
+    uri: str | None = None,
+    labels: dict[str, str] | None = None,
+    phase: str = "Ready",
+    size: int = 3,
+) -> dict[str, Any]:
+    obj: dict[str, Any] = {
+        "metadata": {"name": name, "namespace": "team", "labels": labels or {}},
+        "spec": {"blueprint": "mlp", "target": "cpu", "key": key},
+        "status": {"phase": phase},
+    }
+    if sha is not None:
+        obj["status"]["artifact"] = {"uri": uri or f"s3://b/p/kernels/{key}", "sha256": sha, "size": size}
+    return obj
+
+
+class FakeApi:
+    """list_namespaced_custom_object over a list of objects (a copy each call, as the API gives)."""
+
+    def __init__(self, items: list[dict[str, Any]], rv: str = "7") -> None:
+        self.items, self.rv, self.calls = items, rv, 0
+
+    def list_namespaced_custom_object(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        self.calls += 1
+        return {"metadata": {"resourceVersion": self.rv}, "items": json.loads(json.dumps(self.items))}
+
+
+def _sync(tmp_path: Path, items: list[dict[str, Any]] | None = None, **config: Any) -> KernelSync:
+    opts: dict[str, Any] = {"kernel_dir": tmp_path / "vol", "kernels": ("k",), "namespace": "team"}
+    sync = KernelSync(SyncConfig(**{**opts, **config}), api_client=object())
+    sync.api = FakeApi(items or [])  # type: ignore[assignment]
+    return sync
+
+
+def _metric(sync: KernelSync, name: str, **labels: str) -> float:
+    return sync.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def _ready_kernel(tmp_path: Path, name: str, seed: int, **kw: Any) -> tuple[dict[str, Any], str, str]:
+    """A bundle put in the store at tmp_path/store and a Ready Kernel object for it; (obj, key, sha)."""
+    key, sha = make_fake_bundle(tmp_path / f"src-{name}-{seed}", seed=seed, size=256)
+    ref = open_store(str(tmp_path / "store")).put_bundle(key, tmp_path / f"src-{name}-{seed}")
+    obj = _obj(name, key, ref.sha256, ref.uri, size=ref.size, **kw)
+    return obj, key, sha
+
+
+# ---- what a Kernel object asks for -----------------------------------------------------------------
+
+
+def test_desired_of_reads_every_field() -> None:
+    d = desired_of(_obj("k", size=9), "default")
+    assert d == Desired(
+        IndexEntry(
+            name="k",
+            namespace="team",
+            key=A,
+            sha256=B,
+            target="cpu",
+            blueprint="mlp",
+            path="kernels/k",
+            size=9,
+        ),
+        f"s3://b/p/kernels/{A}",
+    )
+    bare = _obj("k")
+    del bare["metadata"]["namespace"]
+    del bare["spec"]["blueprint"]
+    entry = desired_of(bare, "default", "cpu").entry  # type: ignore[union-attr]
+    assert (entry.namespace, entry.blueprint) == ("default", "")
+
+
+def test_desired_of_skips_what_is_not_ready_or_not_for_this_target() -> None:
+    assert desired_of(_obj("k", phase="Compiling"), "ns") is None
+    assert desired_of(_obj("k", sha=None), "ns") is None  # Ready without an artifact
+    assert desired_of({"metadata": None, "spec": None, "status": None}, "ns") is None
+    assert desired_of(_obj("k"), "ns", "cuda-sm90") is None
+    assert desired_of(_obj("k"), "ns", "cpu") is not None
+
+
+def test_desired_of_refuses_a_malformed_kernel() -> None:
+    obj = _obj("k", sha="nope")
+    with pytest.raises(ValueError, match=r"(?s)^Kernel 'k' is malformed: .*sha256"):
+        desired_of(obj, "ns")
+    del obj["metadata"]["name"]
+    obj["status"]["artifact"]["sha256"] = B
+    with pytest.raises(ValueError, match=r"^Kernel None is malformed: 'name'$"):
+        desired_of(obj, "ns")
+    keyless = _obj("k")
+    del keyless["spec"]["key"]  # an empty key is no key
+    with pytest.raises(ValueError, match=r"(?s)^Kernel 'k' is malformed: .*key"):
+        desired_of(keyless, "ns")
+
+
+def test_store_uri_of() -> None:
+    assert store_uri_of(f"s3://b/esper/kernels/{A}", A) == "s3://b/esper"
+    assert store_uri_of(f"file:///s/kernels/{A}/", A) == "file:///s"
+    with pytest.raises(ValueError) as info:
+        store_uri_of(f"s3://b/esper/kernels/{B}", A)
+    assert str(info.value) == f"artifact URI 's3://b/esper/kernels/{B}' does not end with '/kernels/{A}'"
+    with pytest.raises(ValueError, match="does not end with"):  # nothing before the suffix: no store
+        store_uri_of(f"/kernels/{A}", A)
+
+
+# ---- what the watcher feeds ------------------------------------------------------------------------
+
+
+def test_wanted_by_name_or_by_selector(tmp_path: Path) -> None:
+    by_name = _sync(tmp_path)
+    assert by_name.wanted(_obj("k")) and not by_name.wanted(_obj("other", labels={"app": "x"}))
+    assert not by_name.wanted({})
+    both = _sync(tmp_path / "2", selector="app=x")
+    assert both.wanted(_obj("k")) and both.wanted(_obj("other", labels={"app": "x"}))
+    assert not both.wanted(_obj("other", labels={"app": "y"}))
+    assert not both.wanted({"metadata": {"name": "other", "labels": None}})
+    by_selector = _sync(tmp_path / "3", kernels=(), selector="app=x")
+    assert by_selector.wanted(_obj("any", labels={"app": "x"})) and not by_selector.wanted(_obj("k"))
+
+
+def test_watch_events_update_what_is_observed(tmp_path: Path) -> None:
+    sync = _sync(tmp_path, selector="app=x")
+    try:
+        assert sync._observed is None
+        sync.apply_event({"type": "BOOKMARK", "object": _obj("k")})
+        sync.apply_event({"type": "ADDED", "object": "not an object"})
+        assert sync._observed is None and not sync._wake.is_set()
+        sync.apply_event({"type": "ADDED", "object": _obj("k")})
+        assert list(sync._observed or {}) == ["k"] and sync._wake.is_set()
+        sync.apply_event({"type": "ADDED", "object": _obj("other", labels={"app": "x"})})
+        sync.apply_event({"type": "MODIFIED", "raw_object": _obj("other", labels={"app": "y"}), "object": {}})
+        assert list(sync._observed or {}) == ["k"]  # relabelled: no longer wanted
+        sync.apply_event({"type": "ADDED", "object": _obj("skipped")})  # neither named nor selected
+        sync.apply_event({"type": "DELETED", "object": _obj("k")})
+        assert sync._observed == {}
+    finally:
+        sync.stop()
+
+
+def test_a_list_sets_what_readiness_waits_for(tmp_path: Path) -> None:
+    sync = _sync(
+        tmp_path, kernels=("k", "l", "m"), items=[_obj("k"), _obj("l", phase="Compiling"), _obj("x")]
+    )
+    try:
+        assert sync.list_kernels() == "7"
+        assert sorted(sync._observed or {}) == ["k", "l"] and sync._initial == {"k"}
+        sync.api.items = [_obj("k"), _obj("l")]  # type: ignore[attr-defined]
+        sync.list_kernels()
+        assert sync._initial == {"k"}  # the first list's, kept
+        sync.api.rv = ""  # type: ignore[attr-defined]
+        assert sync.list_kernels() == ""
+    finally:
+        sync.stop()
+
+
+def test_a_malformed_kernel_is_reported_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    sync = _sync(tmp_path, items=[_obj("k", sha="nope")])
+    try:
+        with caplog.at_level(logging.ERROR, logger="esper.sidecar.sync"):
+            sync.list_kernels()
+            for _ in range(3):
+                assert sync._desired() == {}
+        assert _metric(sync, "esper_sync_errors_total", kind="bad_kernel") == 1
+        assert [r.getMessage()[:30] for r in caplog.records] == ["Kernel 'k' is malformed: 1 val"]
+        sync.apply_event({"type": "MODIFIED", "object": _obj("k")})  # fixed: forgotten, then wanted
+        assert list(sync._desired()) == ["k"] and sync._bad == {}
+        sync.apply_event({"type": "MODIFIED", "object": _obj("k", sha="nope")})
+        sync._desired()
+        assert _metric(sync, "esper_sync_errors_total", kind="bad_kernel") == 2  # broken again: said again
+    finally:
+        sync.stop()
+
+
+# ---- reconcile -------------------------------------------------------------------------------------
+
+
+def test_install_then_remove(tmp_path: Path) -> None:
+    obj, _, _ = _ready_kernel(tmp_path, "k", 1)
+    sync = _sync(tmp_path, items=[obj])
+    vol = tmp_path / "vol"
+    try:
+        assert sync.reconcile(wait=True) is False and not sync.ready()  # nothing listed yet
+        assert read_index(vol).kernels == [] and read_index(vol).version == 0
+        assert sync.run_once() is True and sync.ready()
+        index = read_index(vol)
+        assert index.version == 2 and [e.name for e in index.kernels] == ["k"]  # v1: before the fetch
+        assert index.kernels[0] == desired_of(obj, "team").entry  # type: ignore[union-attr]
+        assert (vol / "kernels" / "k" / FORWARD).read_bytes() == (tmp_path / "src-k-1" / FORWARD).read_bytes()
+        assert _metric(sync, "esper_sync_kernels_installed") == 1
+        assert _metric(sync, "esper_sync_downloads_total", outcome="success") == 1
+        assert _metric(sync, "esper_sync_last_success_timestamp") > 0
+        assert sync.run_once() is True and read_index(vol).version == 2  # nothing changed: not rewritten
+        assert _metric(sync, "esper_sync_downloads_total", outcome="success") == 1
+        sync.api.items = []  # type: ignore[attr-defined]
+        assert sync.run_once() is True
+        assert read_index(vol).kernels == [] and read_index(vol).version == 3
+        assert os.listdir(vol / "kernels") == [] and sync.ready()  # ready stays ready
+        assert _metric(sync, "esper_sync_kernels_installed") == 0
+    finally:
+        sync.stop()
+
+
+def test_a_new_size_for_the_same_bundle_only_rewrites_the_index(tmp_path: Path) -> None:
+    obj, _, _ = _ready_kernel(tmp_path, "k", 1)
+    sync = _sync(tmp_path, items=[obj])
+    try:
+        assert sync.run_once()
+        inode = (tmp_path / "vol" / "kernels" / "k").stat().st_ino
+        sync.api.items = [
+            {**obj, "status": {**obj["status"], "artifact": {**obj["status"]["artifact"], "size": 1}}}
+        ]  # type: ignore[attr-defined]
+        assert sync.run_once()
+        assert read_index(tmp_path / "vol").kernels[0].size == 1 and read_index(tmp_path / "vol").version == 3
+        assert (tmp_path / "vol" / "kernels" / "k").stat().st_ino == inode  # not downloaded again
+    finally:
+        sync.stop()
+
+
+class _Failing(Store):
+    """A store whose fetches raise `error`; everything else is LocalStore's."""
+
+    def __init__(self, inner: LocalStore, error: Exception | None) -> None:
+        self.inner, self.error, self.fetches = inner, error, 0
+
+    @property
+    def uri(self) -> str:
+        return self.inner.uri
+
+    def fetch_bundle(self, key: str, dest_dir: Path, expected_sha256: str | None = None, **kw: Any) -> Path:
+        self.fetches += 1
+        if self.error is not None:
+            raise self.error
+        return self.inner.fetch_bundle(key, dest_dir, expected_sha256, **kw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    put_bundle = list_keys = delete_bundle = read_manifest_bytes = read_signature_bytes = _download = None  # type: ignore[assignment]
+
+
+@pytest.mark.parametrize(
+    ("error", "outcome", "kind", "settled"),
+    [
+        (StorageError("S3 is down"), "storage_error", "storage", False),
+        (ArtifactError("bad bytes"), "artifact_error", "artifact", True),
+        (BundleNotFound("no such bundle"), "not_found", "not_found", True),
+        (ValueError("no store for that URI"), "error", "internal", True),
+        (RuntimeError("a bug"), "error", "internal", False),
+    ],
+)
+def test_a_failed_fetch_is_counted_retried_and_settles_readiness_or_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: Exception, outcome: str, kind: str, settled: bool
+) -> None:
+    obj, _, _ = _ready_kernel(tmp_path, "k", 1)
+    store = _Failing(LocalStore(tmp_path / "store"), error)
+    sync = _sync(tmp_path, items=[obj], retry_base=10.0, retry_max=40.0)
+    sync.store_factory = lambda uri: store  # type: ignore[assignment]
+    monkeypatch.setattr(sync_mod.random, "uniform", lambda lo, hi: hi)  # the backoff's jitter at its top
+    try:
+        assert sync.run_once() is False
+        assert sync.ready() is settled  # a settled failure is done, for readiness
+        message = str(error) if outcome != "error" or settled else repr(error)
+        assert sync.failures() == {"k": message}
+        assert _metric(sync, "esper_sync_downloads_total", outcome=outcome) == 1
+        assert _metric(sync, "esper_sync_errors_total", kind=kind) == 1
+        failure = sync._failures["k"]
+        assert (failure.attempts, failure.settled, failure.sha256) == (
+            1,
+            settled,
+            obj["status"]["artifact"]["sha256"],
+        )
+        assert 9.0 < sync._next_wait() <= 10.0  # attempt 1: base 10, half fixed and half jitter
+        assert sync.run_once() is False and store.fetches == 1  # not due yet: not fetched again
+        sync._failures["k"].next_at = 0.0  # due now
+        assert sync.run_once() is False and store.fetches == 2
+        assert sync._failures["k"].attempts == 2 and 19.0 < sync._next_wait() <= 20.0
+        assert read_index(tmp_path / "vol").kernels == []
+        store.error = None
+        sync._failures["k"].next_at = 0.0
+        assert sync.run_once() is True and sync.failures() == {} and sync.ready()
+    finally:
+        sync.stop()
+
+
+def test_a_new_sha256_is_fetched_at_once_and_counts_attempts_from_one(tmp_path: Path) -> None:
+    obj, _, _ = _ready_kernel(tmp_path, "k", 1)
+    store = _Failing(LocalStore(tmp_path / "store"), StorageError("down"))
+    sync = _sync(tmp_path, items=[obj], retry_base=100.0, retry_max=100.0)
+    sync.store_factory = lambda uri: store  # type: ignore[assignment]
+    try:
+        sync.run_once()
+        sync._failures["k"].next_at = 0.0
+        sync.run_once()
+        assert sync._failures["k"].attempts == 2
+        sync.api.items = [_obj("k", sha=C)]  # type: ignore[attr-defined]
+        sync.run_once()  # the backoff was for the old bundle
+        assert store.fetches == 3 and sync._failures["k"].attempts == 1 and sync._failures["k"].sha256 == C
+        sync.api.items = []  # type: ignore[attr-defined]
+        sync.run_once()
+        assert sync.failures() == {}  # no longer wanted: forgotten
+    finally:
+        sync.stop()
+
+
+def test_a_kernel_without_a_recorded_sha256_is_never_installed(tmp_path: Path) -> None:
+    obj, _, _ = _ready_kernel(tmp_path, "k", 1)
+    sync = _sync(tmp_path, items=[obj])
+    try:
+        d = desired_of(obj, "team")
+        assert d is not None
+        unrecorded = Desired(d.entry.model_copy(update={"sha256": ""}), d.bundle_uri)
+        result = sync._fetch("k", unrecorded)
+        assert (result.outcome, result.error, result.settled) == (
+            "artifact_error",
+            "Kernel k records no manifest sha256",
+            True,
+        )
+        assert not (tmp_path / "vol" / "kernels" / "k").exists()
+    finally:
+        sync.stop()
+
+
+def test_stores_are_opened_once_per_uri(tmp_path: Path) -> None:
+    opened: list[str] = []
+    sync = _sync(tmp_path)
+    sync.store_factory = lambda uri: opened.append(uri) or LocalStore(tmp_path / uri[-1])  # type: ignore[assignment, func-returns-value]
+    fixed = _sync(tmp_path / "2", store_uri="file:///fixed")
+    fixed.store_factory = lambda uri: opened.append(uri) or LocalStore(tmp_path)  # type: ignore[assignment, func-returns-value]
+    try:
+        d1 = desired_of(_obj("k", uri=f"s3://one/kernels/{A}"), "ns")
+        d2 = desired_of(_obj("l", uri=f"s3://two/x/kernels/{A}"), "ns")
+        assert d1 is not None and d2 is not None
+        assert sync._store(d1) is sync._store(d1) and sync._store(d2) is not sync._store(d1)
+        assert opened == ["s3://one", "s3://two/x"]
+        assert fixed._store(d1) is fixed._store(d2)
+        assert opened[2:] == ["file:///fixed"]  # the configured store, whatever the URI says
+    finally:
+        sync.stop()
+        fixed.stop()
+
+
+def test_make_before_break_until_the_replacement_is_installed_or_settled(tmp_path: Path) -> None:
+    """A Kernel no longer wanted stays while a wanted one is on its way; a settled failure ends the wait."""
+    old, _, _ = _ready_kernel(tmp_path, "old", 1)
+    new, _, _ = _ready_kernel(tmp_path, "new", 2)
+    store = _Failing(LocalStore(tmp_path / "store"), None)
+    sync = _sync(tmp_path, items=[old], kernels=("old", "new"))
+    sync.store_factory = lambda uri: store  # type: ignore[assignment]
+    vol = tmp_path / "vol"
+    try:
+        assert sync.run_once()
+        store.error = StorageError("down")
+        sync.api.items = [new]  # type: ignore[attr-defined]
+        assert sync.run_once() is False
+        assert [e.name for e in read_index(vol).kernels] == ["old"] and (vol / "kernels" / "old").is_dir()
+        store.error = ArtifactError("bad bundle")  # settled: waiting longer would not help
+        sync._failures["new"].next_at = 0.0
+        assert sync.run_once() is False
+        assert read_index(vol).kernels == [] and os.listdir(vol / "kernels") == []
+        store.error = None
+        sync._failures["new"].next_at = 0.0
+        assert sync.run_once() and [e.name for e in read_index(vol).kernels] == ["new"]
+    finally:
+        sync.stop()
+
+
+def test_a_changed_bundle_replaces_the_installed_one(tmp_path: Path) -> None:
+    v1, _, _ = _ready_kernel(tmp_path, "k", 1)
+    v2, _, sha2 = _ready_kernel(tmp_path, "k", 2)
+    sync = _sync(tmp_path, items=[v1])
+    try:
+        assert sync.run_once()
+        sync.api.items = [v2]  # type: ignore[attr-defined]
+        assert sync.run_once()
+        entry = read_index(tmp_path / "vol").get("k")
+        assert entry is not None and entry.sha256 == v2["status"]["artifact"]["sha256"] == sha2
+        assert os.listdir(tmp_path / "vol" / "kernels") == ["k"]
+    finally:
+        sync.stop()
+
+
+def test_strangers_in_the_volume_are_removed_but_hidden_entries_left(tmp_path: Path) -> None:
+    obj, _, _ = _ready_kernel(tmp_path, "k", 1)
+    sync = _sync(tmp_path, items=[obj])
+    kernels = tmp_path / "vol" / "kernels"
+    try:
+        (kernels / "stray").mkdir()
+        (kernels / "stray" / "x").write_text("x")
+        (kernels / "loose-file").write_text("x")
+        (kernels / ".in-progress").mkdir()  # a fetch's temporary directory
+        assert sync.run_once()
+        assert sorted(os.listdir(kernels)) == [".in-progress", "k"]
+    finally:
+        sync.stop()
+
+
+def test_an_index_that_cannot_be_written_is_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    obj, _, _ = _ready_kernel(tmp_path, "k", 1)
+    sync = _sync(tmp_path, items=[obj])
+
+    def refuse(*_: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    real = sync_mod.write_index
+    monkeypatch.setattr(sync_mod, "write_index", refuse)
+    try:
+        sync.run_once()
+        assert _metric(sync, "esper_sync_errors_total", kind="index") == 2  # before and after the fetch
+        assert read_index(tmp_path / "vol").kernels == [] and sync._version == 0
+        monkeypatch.setattr(sync_mod, "write_index", real)
+        sync.run_once()
+        assert [e.name for e in read_index(tmp_path / "vol").kernels] == ["k"] and sync._version == 1
+    finally:
+        sync.stop()
+
+
+# ---- a restart keeps the volume ----------------------------------------------------------------------
+
+
+def test_a_restart_keeps_only_what_still_verifies(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    good, _, _ = _ready_kernel(tmp_path, "good", 1)
+    bad, _, _ = _ready_kernel(tmp_path, "bad", 2)
+    first = _sync(tmp_path, items=[good, bad], kernels=("good", "bad"))
+    try:
+        assert first.run_once()
+    finally:
+        first.stop()
+    vol = tmp_path / "vol"
+    (vol / "kernels" / "bad" / FORWARD).write_bytes(b"tampered")
+    (vol / "kernels" / ".good.del-1234").mkdir()  # an interrupted removal
+    (vol / "kernels" / ".tmp-file").write_text("x")
+    with caplog.at_level(logging.WARNING, logger="esper.sidecar.sync"):
+        second = _sync(tmp_path, items=[good, bad], kernels=("good", "bad"))
+    try:
+        assert sorted(second._installed) == ["good"] and second._version == 2
+        assert sorted(os.listdir(vol / "kernels")) == ["bad", "good"]  # leftovers gone at once
+        assert any(r.getMessage().startswith("dropping bad from the index: ") for r in caplog.records)
+        second.api.items = [good]  # type: ignore[attr-defined]
+        assert second.run_once()
+        assert [e.name for e in read_index(vol).kernels] == ["good"] and read_index(vol).version == 3
+        assert os.listdir(vol / "kernels") == ["good"]
+    finally:
+        second.stop()
+
+
+def test_a_corrupt_index_starts_empty(tmp_path: Path) -> None:
+    (tmp_path / "vol").mkdir()
+    (tmp_path / "vol" / "index.json").write_text("{not json")
+    sync = _sync(tmp_path)
+    try:
+        assert sync._installed == {} and sync._version == 0
+        assert _metric(sync, "esper_sync_errors_total", kind="index") == 1
+    finally:
+        sync.stop()
+
+
+def test_an_index_read_on_start_is_rewritten_once(tmp_path: Path) -> None:
+    """The re-verified index is written at the first pass, even if nothing else changes."""
+    obj, _, _ = _ready_kernel(tmp_path, "k", 1)
+    first = _sync(tmp_path, items=[obj])
+    try:
+        first.run_once()
+    finally:
+        first.stop()
+    entry = read_index(tmp_path / "vol").kernels[0]
+    write_index(tmp_path / "vol", [entry], 41)
+    second = _sync(tmp_path, items=[obj])
+    try:
+        assert second._version == 41 and second.run_once()
+        assert read_index(tmp_path / "vol").version == 42
+        assert second.run_once() and read_index(tmp_path / "vol").version == 42
+    finally:
+        second.stop()
+
+
+# ---- timing ------------------------------------------------------------------------------------------
+
+
+def test_backoff_doubles_up_to_the_cap_half_fixed_half_jitter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sync = _sync(tmp_path, retry_base=1.5, retry_max=10.0)
+    try:
+        monkeypatch.setattr(sync_mod.random, "uniform", lambda lo, hi: hi)
+        assert [sync._backoff(n) for n in (0, 1, 2, 3, 4, 5)] == [1.5, 1.5, 3.0, 6.0, 10.0, 10.0]
+        monkeypatch.setattr(sync_mod.random, "uniform", lambda lo, hi: lo)
+        assert [sync._backoff(n) for n in (1, 3, 9)] == [0.75, 3.0, 5.0]
+    finally:
+        sync.stop()
+
+
+def test_next_wait(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sync = _sync(tmp_path)
+    monkeypatch.setattr(sync_mod.time, "monotonic", lambda: 1000.0)
+    try:
+        assert sync._next_wait() == RESYNC_SECONDS == 30.0
+        sync._failures["k"] = sync_mod._Failure(B, 1, 1012.5, False, "x")
+        assert sync._next_wait() == 12.5
+        sync._failures["l"] = sync_mod._Failure(B, 1, 990.0, False, "x")  # overdue
+        assert sync._next_wait() == 0.0
+        sync._inflight["l"] = None  # type: ignore[assignment]  # being fetched: not waited for
+        assert sync._next_wait() == 12.5
+        sync._failures["k"].next_at = 2000.0
+        assert sync._next_wait() == 30.0
+    finally:
+        sync._inflight.clear()
+        sync.stop()
+
+
+def test_remove_path(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x").write_text("x")
+    (tmp_path / "f").write_text("f")
+    (tmp_path / "target").mkdir()
+    (tmp_path / "target" / "keep").write_text("keep")
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    for name in ("d", "f", "link", "missing"):
+        sync_mod._remove_path(tmp_path / name)
+    assert sorted(os.listdir(tmp_path)) == ["target"] and (tmp_path / "target" / "keep").is_file()
