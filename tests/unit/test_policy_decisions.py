@@ -73,7 +73,7 @@ def test_the_catalog_ranks_by_score_then_key_and_keeps_what_fits() -> None:
 
 def test_the_policy_needs_exactly_one_of_a_model_or_slots_and_documents_its_defaults() -> None:
     for where in ({"model": nn.Linear(F, F), "seed_slots": {}}, {}):
-        with pytest.raises(ValueError, match="give exactly one of model or seed_slots"):
+        with pytest.raises(ValueError, match=r"^give exactly one of model or seed_slots$"):
             PlateauPolicy(catalog=KernelCatalog(), evaluate=lambda: 1.0, **where)  # type: ignore[arg-type]
     p = PlateauPolicy(catalog=KernelCatalog(), evaluate=lambda: 1.0, seed_slots={})
     assert (p.patience, p.min_delta, p.train_steps, p.blend_steps, p.cull_threshold) == (
@@ -383,3 +383,21 @@ def test_a_decision_on_held_out_data_restarts_the_plateau_search() -> None:
     assert (policy.best, policy.bad_evals) == (math.inf, 0)
     policy.on_eval(3.0, step=13)
     assert (policy.best, policy.bad_evals) == (3.0, 0)
+
+
+def test_rel_delta_is_a_fraction_below_one_and_kernels_are_not_spread_unless_asked() -> None:
+    for bad in (1.0, -0.001):
+        with pytest.raises(ValueError, match=rf"^rel_delta must be in \[0, 1\), got {bad}$"):
+            PlateauPolicy(catalog=KernelCatalog(), evaluate=lambda: 1.0, seed_slots={}, rel_delta=bad)
+    p = PlateauPolicy(catalog=KernelCatalog(), evaluate=lambda: 1.0, seed_slots={}, rel_delta=0.0)
+    assert (p.rel_delta, p.spread_kernels) == (0.0, False)
+
+
+def test_a_bundle_is_grown_only_with_the_sha256_the_catalog_records(tmp_path: Path) -> None:
+    key, sha = make_fake_bundle(tmp_path / "b")
+    wrong = "0" * 64
+    policy = _policy(KernelCatalog([CatalogEntry(key, tmp_path / "b", sha256=wrong)]))
+    _plateau(policy)
+    failed = policy.events[1]
+    assert (failed["event"], failed["kernel"]) == ("germinate_failed", key)
+    assert f"sha256 is {sha}, expected {wrong}" in failed["reason"]  # refused before anything is loaded
