@@ -415,3 +415,15 @@ def test_last_dim_ops_refuse_an_input_with_only_the_batch_dim(op: str) -> None:
     [problem] = err.value.problems
     assert problem.path == "spec.graph.nodes[1].inputs"
     assert "only the batch dim" in problem.message
+
+
+def test_every_duplicate_id_points_at_the_first_use() -> None:
+    src = graph(
+        node("x", "relu", "x"), node("a", "relu", "x"), node("a", "relu", "a"), node("a", "relu", "a")
+    )
+    dups = [(p.path, p.message) for p in problems_of(src) if "duplicate" in p.message]
+    assert dups == [
+        (f"{N}[0].id", "duplicate id 'x' (also spec.graph.inputs[0].name)"),
+        (f"{N}[2].id", "duplicate id 'a' (also spec.graph.nodes[1].id)"),
+        (f"{N}[3].id", "duplicate id 'a' (also spec.graph.nodes[1].id)"),
+    ]

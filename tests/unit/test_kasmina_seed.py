@@ -471,3 +471,18 @@ def test_wrap_declares_shapes() -> None:
     assert not any(isinstance(mod, SeedSlot) for mod in model.modules())  # refused before wrapping
     ss = wrap(model, at=["blocks.0", "blocks.1"], shapes={"blocks.0": [F]}, metrics=metrics())
     assert ss["blocks.0"].declared_shape == (F,) and ss["blocks.1"].declared_shape is None
+
+
+def test_a_blend_of_no_steps_is_refused_and_changes_nothing() -> None:
+    with pytest.raises(ValueError, match=r"^blend_steps must be >= 1$"):
+        SeedSlot("s", nn.Linear(F, F), blend_steps=0, metrics=metrics())
+    slot = SeedSlot("s", nn.Linear(F, F), blend_steps=7, metrics=metrics())
+    slot.germinate(make_seed())
+    slot.start_training()
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=r"^blend_steps must be >= 1$"):
+            slot.start_blending(blend_steps=bad)
+        assert (slot.state, slot.blend_steps) == (S.TRAINING, 7)
+    slot.start_blending(blend_steps=1)
+    slot.step()
+    assert (slot.state, slot.blend_steps, slot.alpha) == (S.BLENDING, 1, 1.0)
