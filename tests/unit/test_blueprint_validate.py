@@ -10,6 +10,9 @@ import pytest
 import yaml
 
 from esper.blueprint import BlueprintInvalid, BlueprintSource, Problem, expand, validate_source
+from esper.blueprint.ir import Graph, TemplateRef
+from esper.blueprint.templates import TEMPLATES
+from esper.blueprint.validate import expand_template, output_shapes, param_count
 from esper.contracts import Blueprint, BlueprintSpec
 from esper.contracts.validation import validate_blueprint_spec
 
@@ -427,3 +430,37 @@ def test_every_duplicate_id_points_at_the_first_use() -> None:
         (f"{N}[2].id", "duplicate id 'a' (also spec.graph.nodes[1].id)"),
         (f"{N}[3].id", "duplicate id 'a' (also spec.graph.nodes[1].id)"),
     ]
+
+
+LIENAR = "unknown op 'lienar'; did you mean 'linear'?"
+KNOWN = f"(known: {', '.join(sorted(TEMPLATES))})"  # the list grows with the templates
+
+
+def _problems(call: Any) -> list[tuple[str, str]]:
+    with pytest.raises(BlueprintInvalid) as info:
+        call()
+    return [(p.path, p.message) for p in info.value.problems]
+
+
+def test_expand_reports_at_the_source_path() -> None:
+    bad = graph(node("y", "lienar", "x"))
+    assert _problems(lambda: expand(bad)) == [(f"{N}[0].op", LIENAR)]
+    assert _problems(lambda: expand(bad, path_prefix="b.spec")) == [("b.spec.graph.nodes[0].op", LIENAR)]
+    assert _problems(lambda: expand(5, path_prefix="b.spec")) == [("b.spec", "must be a mapping, got 5")]
+    assert _problems(lambda: expand(template("nope"), path_prefix="b.spec")) == [
+        ("b.spec.template.name", f"unknown template 'nope' {KNOWN}")
+    ]
+    assert _problems(lambda: expand(template("mpl"))) == [
+        ("spec.template.name", f"unknown template 'mpl'; did you mean 'mlp'? {KNOWN}")
+    ]
+    assert _problems(lambda: expand_template(TemplateRef(name="nope"))) == [
+        ("spec.template.name", f"unknown template 'nope' {KNOWN}")
+    ]
+
+
+def test_shapes_and_parameter_counts_of_an_invalid_graph_are_refused() -> None:
+    bad = Graph.model_validate(graph(node("y", "lienar", "x"))["graph"])
+    assert _problems(lambda: output_shapes(bad)) == [("graph.nodes[0].op", LIENAR)]
+    assert _problems(lambda: param_count(bad)) == [("graph.nodes[0].op", LIENAR)]
+    good = Graph.model_validate(graph(node("y", "linear", "x", outFeatures=4))["graph"])
+    assert (output_shapes(good), param_count(good)) == ([("batch", 4)], 8 * 4 + 4)
