@@ -464,3 +464,40 @@ def test_shapes_and_parameter_counts_of_an_invalid_graph_are_refused() -> None:
     assert _problems(lambda: param_count(bad)) == [("graph.nodes[0].op", LIENAR)]
     good = Graph.model_validate(graph(node("y", "linear", "x", outFeatures=4))["graph"])
     assert (output_shapes(good), param_count(good)) == ([("batch", 4)], 8 * 4 + 4)
+
+
+def _relu_on(shape: list[Any], dtype: str = "float32") -> dict[str, Any]:
+    return graph(node("y", "relu", "x"), shape=shape, dtype=dtype)
+
+
+def test_the_activation_bounds_are_inclusive_and_count_the_dtype() -> None:
+    at_limit = ["batch", 4096, 4096]  # 2**24 elements; 2**35 bytes at maxBatch 1024 in 16-bit floats
+    for dtype in ("float16", "bfloat16"):
+        validate_source(_relu_on(at_limit, dtype))
+    validate_source(_relu_on(at_limit), max_batch=512)  # float32: 2**35 bytes at 512
+    over = (
+        "input 'x' is [batch, 4096, 4096]: 32.1 GiB at maxBatch 513; "
+        "at most 32 GiB (lower compile.maxBatch or the sizes)"
+    )
+    assert _problems(lambda: validate_source(_relu_on(at_limit), max_batch=513)) == [
+        ("spec.graph.inputs[0].shape", over)
+    ]
+
+
+def test_a_sample_too_large_is_one_problem_and_stops_there() -> None:
+    """Its value is never computed, so nothing downstream is checked against it."""
+    big = "input 'x' is [batch, 4097, 4096]: 16,781,312 elements per sample; at most 16,777,216"
+    assert _problems(lambda: validate_source(_relu_on(["batch", 4097, 4096]), max_batch=1)) == [
+        ("spec.graph.inputs[0].shape", big)
+    ]
+
+
+def test_a_template_that_expands_too_large_is_reported_at_its_params() -> None:
+    src = template("attention-block", embed=4096, heads=4, seq=4096)
+    assert _problems(lambda: validate_source(src)) == [
+        (
+            f"{T}",
+            "expands to a graph where inputs[0].shape: input 'x' is [batch, 4096, 4096]: "
+            "64.0 GiB at maxBatch 1024; at most 32 GiB (lower compile.maxBatch or the sizes)",
+        )
+    ]
