@@ -501,3 +501,32 @@ def test_a_template_that_expands_too_large_is_reported_at_its_params() -> None:
             "64.0 GiB at maxBatch 1024; at most 32 GiB (lower compile.maxBatch or the sizes)",
         )
     ]
+
+
+def test_batch_dim_problems_say_what_was_found() -> None:
+    assert _problems(lambda: validate_source(_relu_on([8, "batch"]))) == [
+        ("spec.graph.inputs[0].shape[0]", "the first dim must be 'batch', got 8"),
+        ("spec.graph.inputs[0].shape[1]", "'batch' may only be the first dim"),
+    ]
+    assert _problems(lambda: validate_source(_relu_on(["batch", 4, "batch"]))) == [
+        ("spec.graph.inputs[0].shape[2]", "'batch' may only be the first dim"),
+    ]
+
+
+def test_the_graph_limits_are_inclusive() -> None:
+    validate_source(graph(node("y", "linear", "x", outFeatures=10000, bias=False), shape=["batch", 5000]))
+    assert _problems(
+        lambda: validate_source(graph(node("y", "linear", "x", outFeatures=10000), shape=["batch", 5000]))
+    ) == [
+        (
+            "spec.graph",
+            "50,010,000 parameters; the limit is 50,000,000",
+        )  # 5000 * 10000 weights + 10000 biases
+    ]
+    validate_source(graph(node("y", "concat", "x", "x"), shape=["batch", 32768]))  # 65536 wide: the most
+    assert _problems(
+        lambda: validate_source(graph(node("y", "concat", "x", "x"), shape=["batch", 32769]))
+    ) == [(f"{N}[0]", "concat 'y' gives [batch, 65538]; every dim must be at most 65536")]
+    chain = [node(f"n{i}", "relu", f"n{i - 1}" if i else "x") for i in range(257)]
+    validate_source(graph(*chain[:256]))
+    assert _problems(lambda: validate_source(graph(*chain))) == [(f"{N}", "at most 256 items, got 257")]
