@@ -530,3 +530,11 @@ def test_the_graph_limits_are_inclusive() -> None:
     chain = [node(f"n{i}", "relu", f"n{i - 1}" if i else "x") for i in range(257)]
     validate_source(graph(*chain[:256]))
     assert _problems(lambda: validate_source(graph(*chain))) == [(f"{N}", "at most 256 items, got 257")]
+
+
+def test_duplicate_inputs_and_the_widest_input() -> None:
+    two = graph(node("y", "add", "x", "x"), inputs=[{"name": "x", "shape": ["batch", 8]}] * 2)
+    assert _problems(lambda: validate_source(two)) == [
+        ("spec.graph.inputs[1].name", "duplicate id 'x' (also spec.graph.inputs[0].name)")
+    ]
+    validate_source(_relu_on(["batch", 65536]))  # MAX_DIM itself is allowed
