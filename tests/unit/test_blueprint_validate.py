@@ -538,3 +538,10 @@ def test_duplicate_inputs_and_the_widest_input() -> None:
         ("spec.graph.inputs[1].name", "duplicate id 'x' (also spec.graph.inputs[0].name)")
     ]
     validate_source(_relu_on(["batch", 65536]))  # MAX_DIM itself is allowed
+
+
+def test_a_cycle_is_reported_at_its_first_node_in_the_document() -> None:
+    src = graph(
+        node("b", "add", "x", "a"), node("a", "relu", "b"), outputs=["b"]
+    )  # b comes first, a sorts first
+    assert _problems(lambda: validate_source(src)) == [(f"{N}[0].inputs", "cycle: a -> b -> a")]
