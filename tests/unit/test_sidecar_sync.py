@@ -549,3 +549,107 @@ def test_remove_path(tmp_path: Path) -> None:
     for name in ("d", "f", "link", "missing"):
         sync_mod._remove_path(tmp_path / name)
     assert sorted(os.listdir(tmp_path)) == ["target"] and (tmp_path / "target" / "keep").is_file()
+
+
+# ---- the watch ---------------------------------------------------------------------------------------
+
+
+class _WatchResponse:
+    """What a watch request returns with _preload_content=False: newline-delimited JSON events."""
+
+    status = 200
+
+    def __init__(self, events: list[dict[str, Any]]) -> None:
+        self.events = events
+
+    def stream(self, amt: Any = None, decode_content: bool = False) -> Any:
+        for e in self.events:
+            yield json.dumps(e).encode() + b"\n"
+
+    def close(self) -> None:
+        pass
+
+    def release_conn(self) -> None:
+        pass
+
+
+def test_the_watch_relists_after_every_kind_of_failure(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """410 Gone relists at once; an API error or an unreachable API relists after a backoff; events
+    between are applied. Every list and watch names the group, version, namespace and plural."""
+    from kubernetes.client.rest import ApiException
+
+    sync = _sync(tmp_path, kernels=("k", "l"), retry_base=0.01, retry_max=0.01, watch_timeout=7)
+    lists: list[tuple[Any, ...]] = []
+    watches: list[dict[str, Any]] = []
+    gone = {"kind": "Status", "code": 410, "reason": "Expired", "message": "too old"}
+
+    class Api:
+        def list_namespaced_custom_object(self, *args: Any, watch: bool = False, **kwargs: Any) -> Any:
+            if not watch:
+                lists.append((*args, kwargs))
+                return {
+                    "metadata": {"resourceVersion": str(len(lists))},
+                    "items": [_obj("k")] if lists[1:] else [],
+                }
+            watches.append({k: v for k, v in kwargs.items() if k != "_preload_content"} | {"args": args})
+            n = len(watches)
+            if n == 1:
+                return _WatchResponse([{"type": "ERROR", "object": gone}])
+            if n == 2:
+                raise ApiException(status=500, reason="boom")
+            if n == 3:
+                raise ConnectionError("refused")
+            if n == 4:
+                return _WatchResponse([{"type": "ADDED", "object": _obj("l")}])
+            sync._stop.set()
+            return _WatchResponse([{"type": "ADDED", "object": _obj("late")}])
+
+    sync.api = Api()  # type: ignore[assignment]
+    try:
+        with caplog.at_level(logging.INFO, logger="esper.sidecar.sync"):
+            sync._watch_loop()
+        assert sorted(sync._observed or {}) == ["k", "l"]  # "late" came after the stop
+        assert [lst[:4] for lst in lists] == [("esper.dev", "v1alpha1", "team", "kernels")] * 4
+        assert all(lst[4] == {"_request_timeout": (10, 60)} for lst in lists)
+        # a relist after each failure; a successful watch goes on from where the last one ended
+        assert [w["resource_version"] for w in watches] == ["1", "2", "3", "4", "4"]
+        assert watches[0] == {
+            "args": ("esper.dev", "v1alpha1", "team", "kernels"),
+            "resource_version": "1",
+            "timeout_seconds": 7,
+            "allow_watch_bookmarks": True,
+            "_request_timeout": (10, 37),
+        }
+        assert _metric(sync, "esper_sync_errors_total", kind="watch_expired") == 1
+        assert _metric(sync, "esper_sync_errors_total", kind="kube_api") == 2
+        assert [r.getMessage() for r in caplog.records] == [
+            "watch expired (410 Gone): relisting",
+            "Kubernetes API error (500 boom); retrying",
+            "Kubernetes API unreachable (refused); serving what is installed, retrying",
+        ]
+    finally:
+        sync.stop()
+
+
+def test_the_api_client_comes_from_the_cluster_or_kubeconfig(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from kubernetes import config
+
+    seen: list[Any] = []
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    monkeypatch.setattr(
+        config, "load_incluster_config", lambda client_configuration: seen.append(client_configuration)
+    )
+    client = sync_mod.make_api_client()
+    assert client.configuration is seen[0]
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST")
+    monkeypatch.setattr(config, "new_client_from_config", lambda config_file: seen.append(config_file) or "c")
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kc"))
+    assert sync_mod.make_api_client() == "c" and seen[1] == str(tmp_path / "kc")
+    monkeypatch.delenv("KUBECONFIG")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    sync_mod.make_api_client()
+    assert seen[2] == str(tmp_path / ".kube" / "config")
