@@ -545,3 +545,35 @@ def test_a_cycle_is_reported_at_its_first_node_in_the_document() -> None:
         node("b", "add", "x", "a"), node("a", "relu", "b"), outputs=["b"]
     )  # b comes first, a sorts first
     assert _problems(lambda: validate_source(src)) == [(f"{N}[0].inputs", "cycle: a -> b -> a")]
+
+
+def test_shape_inference_goes_on_past_every_kind_of_bad_node() -> None:
+    inner = (
+        "inner sizes differ: [batch, 2, 3] @ [batch, 2, 3] (3 != 2) (inputs: [batch, 2, 3], [batch, 2, 3])"
+    )
+    src = graph(
+        node("a", "lienar", "x"),
+        node("b", "add", "x"),
+        node("c", "matmul", "x", "x"),
+        node("d", "matmul", "x", "x"),
+        shape=["batch", 2, 3],
+        outputs=["a", "b", "c", "d"],
+    )
+    assert _problems(lambda: validate_source(src)) == [
+        (f"{N}[0].op", LIENAR),
+        (f"{N}[1].inputs", "add takes 2 inputs, got 1"),
+        (f"{N}[2].inputs", f"matmul 'c': {inner}"),
+        (f"{N}[3].inputs", f"matmul 'd': {inner}"),
+    ]
+    wide = graph(
+        node("w", "concat", "x", "x"),
+        node("m", "matmul", "x", "x"),
+        shape=["batch", 40000],
+        outputs=["w", "m"],
+    )
+    assert [p for p, _ in _problems(lambda: validate_source(wide))] == [f"{N}[0]", f"{N}[1].inputs"]
+
+
+def test_a_node_output_is_sized_in_the_graphs_dtype() -> None:
+    """[batch, 4096, 4096] in float16 is 2**35 bytes at maxBatch 1024: the limit, allowed."""
+    validate_source(graph(node("y", "concat", "x", "x"), shape=["batch", 4096, 2048], dtype="float16"))
