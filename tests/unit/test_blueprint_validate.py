@@ -12,7 +12,7 @@ import yaml
 from esper.blueprint import BlueprintInvalid, BlueprintSource, Problem, expand, validate_source
 from esper.blueprint.ir import Graph, TemplateRef
 from esper.blueprint.templates import TEMPLATES
-from esper.blueprint.validate import expand_template, output_shapes, param_count
+from esper.blueprint.validate import analyze, expand_template, output_shapes, param_count
 from esper.contracts import Blueprint, BlueprintSpec
 from esper.contracts.validation import validate_blueprint_spec
 
@@ -572,8 +572,20 @@ def test_shape_inference_goes_on_past_every_kind_of_bad_node() -> None:
         outputs=["w", "m"],
     )
     assert [p for p, _ in _problems(lambda: validate_source(wide))] == [f"{N}[0]", f"{N}[1].inputs"]
+    big = graph(
+        node("y", "concat", "x", "x"),
+        node("m", "matmul", "x", "x"),
+        shape=["batch", 4096, 2048],
+        outputs=["y", "m"],
+    )
+    assert [p for p, _ in _problems(lambda: validate_source(big))] == [f"{N}[0]", f"{N}[1].inputs"]
 
 
 def test_a_node_output_is_sized_in_the_graphs_dtype() -> None:
     """[batch, 4096, 4096] in float16 is 2**35 bytes at maxBatch 1024: the limit, allowed."""
     validate_source(graph(node("y", "concat", "x", "x"), shape=["batch", 4096, 2048], dtype="float16"))
+
+
+def test_analyze_reports_under_spec_graph_by_default() -> None:
+    g = Graph.model_validate(graph(node("y", "lienar", "x"))["graph"])
+    assert [(p.path, p.message) for p in analyze(g)[1].problems] == [(f"{N}[0].op", LIENAR)]
