@@ -12,7 +12,7 @@ import yaml
 from esper.blueprint import BlueprintInvalid, BlueprintSource, Problem, expand, validate_source
 from esper.blueprint.ir import Graph, TemplateRef
 from esper.blueprint.templates import TEMPLATES
-from esper.blueprint.validate import analyze, expand_template, output_shapes, param_count
+from esper.blueprint.validate import analyze, expand_template, fill_defaults, output_shapes, param_count
 from esper.contracts import Blueprint, BlueprintSpec
 from esper.contracts.validation import validate_blueprint_spec
 
@@ -589,3 +589,32 @@ def test_a_node_output_is_sized_in_the_graphs_dtype() -> None:
 def test_analyze_reports_under_spec_graph_by_default() -> None:
     g = Graph.model_validate(graph(node("y", "lienar", "x"))["graph"])
     assert [(p.path, p.message) for p in analyze(g)[1].problems] == [(f"{N}[0].op", LIENAR)]
+
+
+def test_any_model_with_a_graph_or_a_template_is_a_source() -> None:
+    from pydantic import BaseModel
+
+    class GraphOnly(BaseModel):
+        graph: Graph
+
+    class TemplateOnly(BaseModel):
+        template: TemplateRef
+
+    src = graph(node("y", "linear", "x", outFeatures=4))
+    assert validate_source(GraphOnly(graph=Graph.model_validate(src["graph"]))) == validate_source(src)
+    tpl = template("bottleneck", features=32)
+    only = TemplateOnly(template=TemplateRef.model_validate(tpl["template"]))
+    assert validate_source(only) == validate_source(tpl)
+
+
+def test_the_path_prefix_reaches_every_stage() -> None:
+    bad = graph(node("y", "lienar", "x"))
+    assert _problems(lambda: validate_source(bad, path_prefix="b.spec")) == [
+        ("b.spec.graph.nodes[0].op", LIENAR)
+    ]
+    assert _problems(lambda: validate_source(5, path_prefix="b.spec")) == [
+        ("b.spec", "must be a mapping, got 5")
+    ]
+    assert _problems(lambda: validate_source(5)) == [("spec", "must be a mapping, got 5")]
+    g = Graph.model_validate(bad["graph"])
+    assert [(p.path, p.message) for p in fill_defaults(g)[2]] == [(f"{N}[0].op", LIENAR)]
