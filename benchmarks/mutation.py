@@ -110,13 +110,15 @@ def _drop_stale_mutant_tests() -> None:
 
 
 def pending(module: str) -> list[str] | None:
-    """The module's mutants to run: all but those already killed (a changed function has no verdict
-    again, so it is included). None before mutmut has generated the module's mutants: run them all."""
+    """The module's mutants to run: all but those already killed or listed as equivalent (a changed
+    function has no verdict again, so it is included). None before mutmut has generated the
+    module's mutants: run them all."""
     statuses = _statuses(module.replace(".", "/") + ".py")
     if not statuses:
         return None
     done = ("killed", "caught by type check")
-    return sorted(name for name, status in statuses.items() if status not in done)
+    equivalent = load_equivalents()  # cannot be killed: rerunning them would only cost time
+    return sorted(n for n, status in statuses.items() if status not in done and n not in equivalent)
 
 
 def run_mutmut(module: str, max_children: int, everything: bool) -> int:
