@@ -618,3 +618,10 @@ def test_the_path_prefix_reaches_every_stage() -> None:
     assert _problems(lambda: validate_source(5)) == [("spec", "must be a mapping, got 5")]
     g = Graph.model_validate(bad["graph"])
     assert [(p.path, p.message) for p in fill_defaults(g)[2]] == [(f"{N}[0].op", LIENAR)]
+
+
+def test_expand_reports_a_template_whose_nodes_are_invalid_at_its_params() -> None:
+    """transformer-mlp's hidden layer is 4 * features: past the widest op at features 65536."""
+    assert _problems(lambda: expand(template("transformer-mlp", features=65536))) == [
+        (T, "expands to a graph where nodes[1].params.outFeatures: must be at most 65536, got 262144")
+    ]
