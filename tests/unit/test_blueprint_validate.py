@@ -12,7 +12,14 @@ import yaml
 from esper.blueprint import BlueprintInvalid, BlueprintSource, Problem, expand, validate_source
 from esper.blueprint.ir import Graph, TemplateRef
 from esper.blueprint.templates import TEMPLATES
-from esper.blueprint.validate import analyze, expand_template, fill_defaults, output_shapes, param_count
+from esper.blueprint.validate import (
+    analyze,
+    expand_template,
+    fill_defaults,
+    output_shapes,
+    param_count,
+    parse_source,
+)
 from esper.contracts import Blueprint, BlueprintSpec
 from esper.contracts.validation import validate_blueprint_spec
 
@@ -565,18 +572,19 @@ def test_shape_inference_goes_on_past_every_kind_of_bad_node() -> None:
         (f"{N}[2].inputs", f"matmul 'c': {inner}"),
         (f"{N}[3].inputs", f"matmul 'd': {inner}"),
     ]
+    # the oversized nodes' ids sort first: they are inferred before the matmul
     wide = graph(
-        node("w", "concat", "x", "x"),
+        node("a", "concat", "x", "x"),
         node("m", "matmul", "x", "x"),
         shape=["batch", 40000],
-        outputs=["w", "m"],
+        outputs=["a", "m"],
     )
     assert [p for p, _ in _problems(lambda: validate_source(wide))] == [f"{N}[0]", f"{N}[1].inputs"]
     big = graph(
-        node("y", "concat", "x", "x"),
+        node("a", "concat", "x", "x"),
         node("m", "matmul", "x", "x"),
         shape=["batch", 4096, 2048],
-        outputs=["y", "m"],
+        outputs=["a", "m"],
     )
     assert [p for p, _ in _problems(lambda: validate_source(big))] == [f"{N}[0]", f"{N}[1].inputs"]
 
@@ -625,3 +633,10 @@ def test_expand_reports_a_template_whose_nodes_are_invalid_at_its_params() -> No
     assert _problems(lambda: expand(template("transformer-mlp", features=65536))) == [
         (T, "expands to a graph where nodes[1].params.outFeatures: must be at most 65536, got 262144")
     ]
+
+
+def test_unknown_source_fields_are_named_with_a_suggestion() -> None:
+    assert _problems(lambda: parse_source({"template": {"name": "mlp", "parms": {}}})) == [
+        ("spec.template.parms", "unknown field 'parms'; did you mean 'params'?")
+    ]
+    assert _problems(lambda: parse_source(5)) == [("spec", "must be a mapping, got 5")]
