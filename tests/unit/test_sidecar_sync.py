@@ -587,6 +587,10 @@ def test_the_watch_relists_after_every_kind_of_failure(
 
     class Api:
         def list_namespaced_custom_object(self, *args: Any, watch: bool = False, **kwargs: Any) -> Any:
+            """As the generated client's method (kubernetes.watch reads the return type here).
+
+            :rtype: object
+            """
             if not watch:
                 lists.append((*args, kwargs))
                 return {
@@ -601,20 +605,31 @@ def test_the_watch_relists_after_every_kind_of_failure(
                 raise ApiException(status=500, reason="boom")
             if n == 3:
                 raise ConnectionError("refused")
-            if n == 4:
-                return _WatchResponse([{"type": "ADDED", "object": _obj("l")}])
+            if n == 4:  # a good watch: the next one starts from its last bookmark
+                bookmark = {"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "9"}}}
+                return _WatchResponse([{"type": "ADDED", "object": _obj("l")}, bookmark])
+            if n == 5:
+                observed.append(sorted(sync._observed or {}))
+                raise ApiException(status=503, reason="busy")
             sync._stop.set()
             return _WatchResponse([{"type": "ADDED", "object": _obj("late")}])
 
     sync.api = Api()  # type: ignore[assignment]
+    backoffs: list[int] = []
+    observed: list[list[str]] = []
+    sync._backoff = lambda attempts: backoffs.append(attempts) or 0.0  # type: ignore[method-assign]
     try:
         with caplog.at_level(logging.INFO, logger="esper.sidecar.sync"):
             sync._watch_loop()
-        assert sorted(sync._observed or {}) == ["k", "l"]  # "late" came after the stop
-        assert [lst[:4] for lst in lists] == [("esper.dev", "v1alpha1", "team", "kernels")] * 4
+        assert observed == [["k", "l"]]  # the good watch's event was applied
+        assert sorted(sync._observed or {}) == [
+            "k"
+        ]  # the relist after it is the truth; "late" came after the stop
+        assert [lst[:4] for lst in lists] == [("esper.dev", "v1alpha1", "team", "kernels")] * 5
         assert all(lst[4] == {"_request_timeout": (10, 60)} for lst in lists)
         # a relist after each failure; a successful watch goes on from where the last one ended
-        assert [w["resource_version"] for w in watches] == ["1", "2", "3", "4", "4"]
+        assert [w["resource_version"] for w in watches] == ["1", "2", "3", "4", "9", "5"]
+        assert backoffs == [1, 2, 1]  # attempts count failures in a row: a good watch starts again
         assert watches[0] == {
             "args": ("esper.dev", "v1alpha1", "team", "kernels"),
             "resource_version": "1",
@@ -623,11 +638,12 @@ def test_the_watch_relists_after_every_kind_of_failure(
             "_request_timeout": (10, 37),
         }
         assert _metric(sync, "esper_sync_errors_total", kind="watch_expired") == 1
-        assert _metric(sync, "esper_sync_errors_total", kind="kube_api") == 2
+        assert _metric(sync, "esper_sync_errors_total", kind="kube_api") == 3
         assert [r.getMessage() for r in caplog.records] == [
             "watch expired (410 Gone): relisting",
             "Kubernetes API error (500 boom); retrying",
             "Kubernetes API unreachable (refused); serving what is installed, retrying",
+            "Kubernetes API error (503 busy); retrying",
         ]
     finally:
         sync.stop()
@@ -653,3 +669,29 @@ def test_the_api_client_comes_from_the_cluster_or_kubeconfig(
     monkeypatch.setenv("HOME", str(tmp_path))
     sync_mod.make_api_client()
     assert seen[2] == str(tmp_path / ".kube" / "config")
+
+
+def test_remove_path_survives_a_racing_cleanup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever happens to the renamed-aside copy (removed by someone else, or not removable) is not
+    an error: its name is gone from the volume, which is all a reader sees."""
+    (tmp_path / "gone").write_text("x")
+    real_rename = os.rename
+
+    def rename_then_lose(src: Any, dst: Any) -> None:
+        real_rename(src, dst)
+        os.unlink(dst)  # another cleanup got there first
+
+    monkeypatch.setattr(sync_mod.os, "rename", rename_then_lose)
+    sync_mod._remove_path(tmp_path / "gone")
+    monkeypatch.setattr(sync_mod.os, "rename", real_rename)
+    (tmp_path / "stuck").mkdir()
+    real_rmtree = sync_mod.shutil.rmtree
+
+    def rmtree(path: Any, ignore_errors: bool = False) -> None:
+        if not ignore_errors:
+            raise PermissionError(13, "Permission denied", str(path))
+        real_rmtree(path, ignore_errors=True)
+
+    monkeypatch.setattr(sync_mod.shutil, "rmtree", rmtree)
+    sync_mod._remove_path(tmp_path / "stuck")
+    assert os.listdir(tmp_path) == []
