@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
+import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -695,3 +698,108 @@ def test_remove_path_survives_a_racing_cleanup(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setattr(sync_mod.shutil, "rmtree", rmtree)
     sync_mod._remove_path(tmp_path / "stuck")
     assert os.listdir(tmp_path) == []
+
+
+# ---- running -----------------------------------------------------------------------------------------
+
+
+class _QuietApi(FakeApi):
+    """Lists `items`; every watch stays open a moment, then says each item was modified."""
+
+    def __init__(self, items: list[dict[str, Any]]) -> None:
+        super().__init__(items)
+        self.idle = threading.Event()
+
+    def list_namespaced_custom_object(self, *args: Any, watch: bool = False, **kwargs: Any) -> Any:
+        if not watch:
+            return super().list_namespaced_custom_object(*args, **kwargs)
+        self.idle.wait(0.05)
+        return _WatchResponse([{"type": "MODIFIED", "object": o} for o in self.items])
+
+
+def _until(condition: Any, what: str, seconds: float = 20.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_start_watches_and_reconciles_until_stopped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    obj, _, sha = _ready_kernel(tmp_path, "k", 1)
+    sync = _sync(tmp_path)
+    sync.api = _QuietApi([obj])  # type: ignore[assignment]
+    real, calls = sync.reconcile, []
+
+    def reconcile(wait: bool = False) -> bool:
+        calls.append(wait)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return real(wait)
+
+    backoffs: list[int] = []
+    sync.reconcile = reconcile  # type: ignore[method-assign]
+    sync._backoff = lambda attempts: backoffs.append(attempts) or 0.01  # type: ignore[method-assign]
+    try:
+        with caplog.at_level(logging.ERROR, logger="esper.sidecar.sync"):
+            assert sync.start() is sync
+            _until(lambda: read_index(tmp_path / "vol").get("k") is not None, "the install")
+        assert [(t.name, t.daemon) for t in sync._threads] == [
+            ("esper-sync-watch", True),
+            ("esper-sync", True),
+        ]
+        assert backoffs[0] == 3 and calls[0] is False
+        assert _metric(sync, "esper_sync_errors_total", kind="internal") == 1
+        assert [r.getMessage() for r in caplog.records][:1] == ["reconcile failed; retrying"]
+    finally:
+        sync.api.idle.set()  # type: ignore[attr-defined]
+        sync.stop(timeout=10)
+    assert not any(t.is_alive() for t in sync._threads)
+    entry = read_index(tmp_path / "vol").get("k")
+    assert entry is not None and entry.sha256 == obj["status"]["artifact"]["sha256"] == sha
+
+
+def test_run_sync_serves_probes_and_syncs_until_asked_to_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    obj, _, _ = _ready_kernel(tmp_path, "k", 1)
+    made: list[KernelSync] = []
+
+    class Recording(KernelSync):
+        def __init__(self, config: SyncConfig, **kw: Any) -> None:
+            super().__init__(config, **kw)
+            self.api = _QuietApi([obj])  # type: ignore[assignment]
+            made.append(self)
+
+    monkeypatch.setattr(sync_mod, "KernelSync", Recording)
+    config = SyncConfig(
+        kernel_dir=tmp_path / "vol",
+        kernels=("k", "l"),
+        selector="app=x",
+        namespace="team",
+        port=0,
+        host="127.0.0.1",
+    )
+    result: list[int] = []
+    with caplog.at_level(logging.INFO, logger="esper.sidecar.sync"):
+        thread = threading.Thread(
+            target=lambda: result.append(sync_mod.run_sync(config, api_client=object()))
+        )
+        thread.start()
+        try:
+            _until(lambda: bool(made) and made[0].ready(), "readiness")
+            start = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("syncing"))
+            port = int(start.rsplit("port ", 1)[1].rstrip(")"))
+            assert (
+                start
+                == f"syncing k, l selector 'app=x' in namespace team into {tmp_path / 'vol'} (port {port})"
+            )
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as resp:
+                assert resp.status == 200
+        finally:
+            if made:
+                made[0].api.idle.set()  # type: ignore[attr-defined]
+                made[0].request_stop()
+            thread.join(20)
+    assert not thread.is_alive() and result == [0]
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2)  # the server stopped too
