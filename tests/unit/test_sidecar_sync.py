@@ -607,11 +607,13 @@ def test_the_watch_relists_after_every_kind_of_failure(
             if n == 2:
                 raise ApiException(status=500, reason="boom")
             if n == 3:
+                raise ApiException(status=502, reason="bad gateway")
+            if n == 4:
                 raise ConnectionError("refused")
-            if n == 4:  # a good watch: the next one starts from its last bookmark
+            if n == 5:  # a good watch: the next one starts from its last bookmark
                 bookmark = {"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "9"}}}
                 return _WatchResponse([{"type": "ADDED", "object": _obj("l")}, bookmark])
-            if n == 5:
+            if n == 6:
                 observed.append(sorted(sync._observed or {}))
                 raise ApiException(status=503, reason="busy")
             sync._stop.set()
@@ -628,11 +630,11 @@ def test_the_watch_relists_after_every_kind_of_failure(
         assert sorted(sync._observed or {}) == [
             "k"
         ]  # the relist after it is the truth; "late" came after the stop
-        assert [lst[:4] for lst in lists] == [("esper.dev", "v1alpha1", "team", "kernels")] * 5
+        assert [lst[:4] for lst in lists] == [("esper.dev", "v1alpha1", "team", "kernels")] * 6
         assert all(lst[4] == {"_request_timeout": (10, 60)} for lst in lists)
         # a relist after each failure; a successful watch goes on from where the last one ended
-        assert [w["resource_version"] for w in watches] == ["1", "2", "3", "4", "9", "5"]
-        assert backoffs == [1, 2, 1]  # attempts count failures in a row: a good watch starts again
+        assert [w["resource_version"] for w in watches] == ["1", "2", "3", "4", "5", "9", "6"]
+        assert backoffs == [1, 2, 3, 1]  # attempts count failures in a row: a good watch starts again
         assert watches[0] == {
             "args": ("esper.dev", "v1alpha1", "team", "kernels"),
             "resource_version": "1",
@@ -641,10 +643,11 @@ def test_the_watch_relists_after_every_kind_of_failure(
             "_request_timeout": (10, 37),
         }
         assert _metric(sync, "esper_sync_errors_total", kind="watch_expired") == 1
-        assert _metric(sync, "esper_sync_errors_total", kind="kube_api") == 3
+        assert _metric(sync, "esper_sync_errors_total", kind="kube_api") == 4
         assert [r.getMessage() for r in caplog.records] == [
             "watch expired (410 Gone): relisting",
             "Kubernetes API error (500 boom); retrying",
+            "Kubernetes API error (502 bad gateway); retrying",
             "Kubernetes API unreachable (refused); serving what is installed, retrying",
             "Kubernetes API error (503 busy); retrying",
         ]
@@ -795,11 +798,47 @@ def test_run_sync_serves_probes_and_syncs_until_asked_to_stop(
             )
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as resp:
                 assert resp.status == 200
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+                assert b"esper_sync_kernels_installed 1.0" in resp.read()  # this sync's own registry
         finally:
             if made:
                 made[0].api.idle.set()  # type: ignore[attr-defined]
                 made[0].request_stop()
             thread.join(20)
     assert not thread.is_alive() and result == [0]
+    assert [(t.name, t.daemon, t.is_alive()) for t in made[0]._threads] == [("esper-sync-watch", True, False)]
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2)  # the server stopped too
+
+
+def test_run_sync_sets_up_logging_when_nothing_else_did(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Stopped(KernelSync):
+        def run(self) -> None:  # no loops: only the set-up around them is looked at
+            self.stop()
+
+    monkeypatch.setattr(sync_mod, "KernelSync", Stopped)
+    monkeypatch.setattr(logging.root, "handlers", [])
+    monkeypatch.setattr(logging.root, "level", logging.WARNING)
+    config = SyncConfig(kernel_dir=tmp_path / "vol", kernels=("k",), port=0, host="127.0.0.1")
+    assert sync_mod.run_sync(config, api_client=object()) == 0
+    assert logging.root.level == logging.INFO
+    [handler] = logging.root.handlers
+    assert handler.formatter is not None
+    assert handler.formatter._fmt == "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def test_reconcile_without_waiting_reports_what_is_installed_now(tmp_path: Path) -> None:
+    """An event before the first list installs the Kernel; readiness waits for that first list."""
+    obj, _, _ = _ready_kernel(tmp_path, "k", 1)
+    sync = _sync(tmp_path, items=[obj])
+    try:
+        sync.apply_event({"type": "ADDED", "object": obj})
+        assert sync.reconcile() is False  # the fetch has started, nothing is installed yet
+        _until(lambda: not sync._inflight or all(f.done() for f in sync._inflight.values()), "the fetch")
+        assert sync.reconcile() is True and not sync.ready()
+        sync.list_kernels()
+        assert sync.reconcile() is True and sync.ready()
+    finally:
+        sync.stop()
