@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import threading
 import time
 import urllib.request
@@ -780,7 +781,7 @@ def test_run_sync_serves_probes_and_syncs_until_asked_to_stop(
         selector="app=x",
         namespace="team",
         port=0,
-        host="127.0.0.1",
+        host="127.0.0.2",
     )
     result: list[int] = []
     with caplog.at_level(logging.INFO, logger="esper.sidecar.sync"):
@@ -792,14 +793,17 @@ def test_run_sync_serves_probes_and_syncs_until_asked_to_stop(
             _until(lambda: bool(made) and made[0].ready(), "readiness")
             start = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("syncing"))
             port = int(start.rsplit("port ", 1)[1].rstrip(")"))
+            assert port != 9090  # port 0: any free one
             assert (
                 start
                 == f"syncing k, l selector 'app=x' in namespace team into {tmp_path / 'vol'} (port {port})"
             )
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as resp:
+            with urllib.request.urlopen(f"http://127.0.0.2:{port}/readyz", timeout=5) as resp:
                 assert resp.status == 200
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            with urllib.request.urlopen(f"http://127.0.0.2:{port}/metrics", timeout=5) as resp:
                 assert b"esper_sync_kernels_installed 1.0" in resp.read()  # this sync's own registry
+            with pytest.raises(OSError):  # bound to the configured host only
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2)
         finally:
             if made:
                 made[0].api.idle.set()  # type: ignore[attr-defined]
@@ -808,25 +812,43 @@ def test_run_sync_serves_probes_and_syncs_until_asked_to_stop(
     assert not thread.is_alive() and result == [0]
     assert [(t.name, t.daemon, t.is_alive()) for t in made[0]._threads] == [("esper-sync-watch", True, False)]
     with pytest.raises(OSError):
-        urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2)  # the server stopped too
+        urllib.request.urlopen(f"http://127.0.0.2:{port}/healthz", timeout=2)  # the server stopped too
 
 
-def test_run_sync_sets_up_logging_when_nothing_else_did(
+def test_run_sync_in_the_main_thread_sets_up_logging_and_signals(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    class Stopped(KernelSync):
-        def run(self) -> None:  # no loops: only the set-up around them is looked at
-            self.stop()
+    made: list[KernelSync] = []
 
-    monkeypatch.setattr(sync_mod, "KernelSync", Stopped)
+    class Idle(KernelSync):
+        def run(self) -> None:  # no loops: only the set-up around them is looked at
+            made.append(self)
+
+    monkeypatch.setattr(sync_mod, "KernelSync", Idle)
     monkeypatch.setattr(logging.root, "handlers", [])
     monkeypatch.setattr(logging.root, "level", logging.WARNING)
+    said: list[str] = []
+    monkeypatch.setattr(sync_mod.log, "info", lambda msg, *args: said.append(msg % args))
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     config = SyncConfig(kernel_dir=tmp_path / "vol", kernels=("k",), port=0, host="127.0.0.1")
-    assert sync_mod.run_sync(config, api_client=object()) == 0
+    try:
+        assert sync_mod.run_sync(config, api_client=object()) == 0
+        handlers = [signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)]
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
     assert logging.root.level == logging.INFO
     [handler] = logging.root.handlers
     assert handler.formatter is not None
     assert handler.formatter._fmt == "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    port = int(said[0].rsplit("port ", 1)[1].rstrip(")"))
+    assert said == [f"syncing k in namespace default into {tmp_path / 'vol'} (port {port})"]
+    made[0].stop()
+    for h in handlers:  # SIGTERM and SIGINT ask the sync to stop
+        made[0]._stop.clear()
+        assert callable(h)
+        h(signal.SIGTERM, None)
+        assert made[0]._stop.is_set()
 
 
 def test_reconcile_without_waiting_reports_what_is_installed_now(tmp_path: Path) -> None:
