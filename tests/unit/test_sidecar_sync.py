@@ -864,3 +864,92 @@ def test_reconcile_without_waiting_reports_what_is_installed_now(tmp_path: Path)
         assert sync.reconcile() is True and sync.ready()
     finally:
         sync.stop()
+
+
+def test_what_the_sidecar_logs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    obj, _, sha = _ready_kernel(tmp_path, "k", 1)
+    sync = _sync(tmp_path, items=[obj], workers=1)
+    (tmp_path / "vol" / "kernels" / "stray").mkdir()
+    try:
+        with caplog.at_level(logging.INFO, logger="esper.sidecar.sync"):
+            sync.run_once()
+            monkeypatch.setattr(
+                sync_mod, "write_index", lambda *a: (_ for _ in ()).throw(OSError(28, "disk full"))
+            )
+            sync.api.items = []  # type: ignore[attr-defined]
+            sync.run_once()
+        assert [r.getMessage() for r in caplog.records] == [
+            "index v1: (empty)",
+            "removing stray (no longer wanted)",
+            f"installed k ({sha[:12]})",
+            "index v2: k",
+            "cannot write the index: [Errno 28] disk full",
+            "removing k (no longer wanted)",
+        ]
+    finally:
+        sync.stop()
+
+
+def test_a_kernel_no_longer_wanted_goes_at_once_when_nothing_is_on_its_way(tmp_path: Path) -> None:
+    a, _, _ = _ready_kernel(tmp_path, "a", 1)
+    b, _, _ = _ready_kernel(tmp_path, "b", 2)
+    sync = _sync(tmp_path, items=[a, b], kernels=("a", "b"))
+    try:
+        assert sync.run_once()
+        sync.api.items = [b]  # type: ignore[attr-defined]
+        assert sync.run_once()
+        assert [e.name for e in read_index(tmp_path / "vol").kernels] == ["b"]
+        assert os.listdir(tmp_path / "vol" / "kernels") == ["b"]
+    finally:
+        sync.stop()
+
+
+def test_while_one_arrives_the_others_are_still_kept_or_refreshed(tmp_path: Path) -> None:
+    """Make-before-break skips only the Kernels no longer wanted: a wanted one's new size is still
+    recorded (without fetching it again), and a wanted Kernel's old directory is not removed."""
+    a, _, _ = _ready_kernel(tmp_path, "a", 1)
+    b, _, _ = _ready_kernel(tmp_path, "b", 2)
+    c, _, _ = _ready_kernel(tmp_path, "c", 3)
+    store = _Failing(LocalStore(tmp_path / "store"), None)
+    sync = _sync(tmp_path, items=[a, b], kernels=("a", "b", "c"), workers=1)
+    sync.store_factory = lambda uri: store  # type: ignore[assignment]
+    try:
+        assert sync.run_once() and store.fetches == 2
+        store.error = StorageError("down")
+        resized = {**b, "status": {**b["status"], "artifact": {**b["status"]["artifact"], "size": 1}}}
+        sync.api.items = [resized, c]  # type: ignore[attr-defined]
+        assert sync.run_once() is False  # c cannot arrive yet
+        assert store.fetches == 3  # only c was fetched
+        index = read_index(tmp_path / "vol")
+        assert [(e.name, e.size) for e in index.kernels] == [("a", a["status"]["artifact"]["size"]), ("b", 1)]
+        v2, _, _ = _ready_kernel(tmp_path, "b", 4)  # b now names another bundle, which cannot arrive either
+        sync.api.items = [v2, c]  # type: ignore[attr-defined]
+        sync.run_once()
+        assert sorted(os.listdir(tmp_path / "vol" / "kernels")) == ["a", "b"]  # b's directory is kept for it
+    finally:
+        sync.stop()
+
+
+def test_a_failed_fetch_is_retried_when_due_without_any_event(tmp_path: Path) -> None:
+    obj, _, _ = _ready_kernel(tmp_path, "k", 1)
+    store = _Failing(LocalStore(tmp_path / "store"), StorageError("down"))
+    sync = _sync(tmp_path, retry_base=0.05, retry_max=0.05)
+    sync.store_factory = lambda uri: store  # type: ignore[assignment]
+
+    class Silent(FakeApi):  # lists once; its watches never send an event
+        def list_namespaced_custom_object(self, *args: Any, watch: bool = False, **kwargs: Any) -> Any:
+            if not watch:
+                return super().list_namespaced_custom_object(*args, **kwargs)
+            time.sleep(0.05)
+            return _WatchResponse([])
+
+    sync.api = Silent([obj])  # type: ignore[assignment]
+    try:
+        sync.start()
+        _until(lambda: store.fetches >= 1, "the first fetch", seconds=5)
+        store.error = None
+        _until(lambda: read_index(tmp_path / "vol").get("k") is not None, "the retry", seconds=5)
+    finally:
+        sync.stop()
