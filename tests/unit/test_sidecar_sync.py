@@ -953,3 +953,52 @@ def test_a_failed_fetch_is_retried_when_due_without_any_event(tmp_path: Path) ->
         _until(lambda: read_index(tmp_path / "vol").get("k") is not None, "the retry", seconds=5)
     finally:
         sync.stop()
+
+
+def test_one_pass_starts_every_fetch_that_is_due(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An installed Kernel or one waiting out its backoff does not hold back the ones after it; a
+    retry is due at its time exactly."""
+    k, _, _ = _ready_kernel(tmp_path, "k", 1)
+    l_, _, _ = _ready_kernel(tmp_path, "l", 2)
+    m, _, _ = _ready_kernel(tmp_path, "m", 3)
+    store = _Failing(LocalStore(tmp_path / "store"), None)
+    sync = _sync(tmp_path, items=[k], kernels=("k", "l", "m", "n"), workers=1)
+    sync.store_factory = lambda uri: store  # type: ignore[assignment]
+    try:
+        assert sync.run_once()
+        sync.api.items = [k, l_]  # type: ignore[attr-defined]
+        assert sync.run_once() and store.fetches == 2  # k is installed: l is fetched all the same
+        store.error = StorageError("down")
+        sync.api.items = [k, l_, m]  # type: ignore[attr-defined]
+        sync.run_once()
+        store.error = None
+        sync._failures["m"].next_at = 1e12  # m waits out its backoff; n, after it, is fetched
+        n, _, _ = _ready_kernel(tmp_path, "n", 4)
+        sync.api.items = [m, n, k, l_]  # type: ignore[attr-defined]
+        assert sync.run_once() is False and store.fetches == 4
+        assert read_index(tmp_path / "vol").get("n") is not None
+        monkeypatch.setattr(sync_mod.time, "monotonic", lambda: 5000.0)
+        sync._failures["m"].next_at = 5000.0  # due now, to the tick
+        assert sync.run_once() is True and store.fetches == 5
+    finally:
+        sync.stop()
+
+
+def test_a_finished_fetch_wakes_the_reconciler(tmp_path: Path) -> None:
+    """No watch event and no failure due: the install is recorded because the fetch's end wakes it."""
+    obj, _, _ = _ready_kernel(tmp_path, "k", 1)
+    sync = _sync(tmp_path)
+
+    class Silent(FakeApi):
+        def list_namespaced_custom_object(self, *args: Any, watch: bool = False, **kwargs: Any) -> Any:
+            if not watch:
+                return super().list_namespaced_custom_object(*args, **kwargs)
+            time.sleep(0.05)
+            return _WatchResponse([])
+
+    sync.api = Silent([obj])  # type: ignore[assignment]
+    try:
+        sync.start()
+        _until(lambda: read_index(tmp_path / "vol").get("k") is not None, "the install", seconds=5)
+    finally:
+        sync.stop()
