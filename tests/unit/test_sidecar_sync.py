@@ -285,7 +285,13 @@ class _Failing(Store):
     ],
 )
 def test_a_failed_fetch_is_counted_retried_and_settles_readiness_or_not(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: Exception, outcome: str, kind: str, settled: bool
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    error: Exception,
+    outcome: str,
+    kind: str,
+    settled: bool,
 ) -> None:
     obj, _, _ = _ready_kernel(tmp_path, "k", 1)
     store = _Failing(LocalStore(tmp_path / "store"), error)
@@ -293,10 +299,13 @@ def test_a_failed_fetch_is_counted_retried_and_settles_readiness_or_not(
     sync.store_factory = lambda uri: store  # type: ignore[assignment]
     monkeypatch.setattr(sync_mod.random, "uniform", lambda lo, hi: hi)  # the backoff's jitter at its top
     try:
-        assert sync.run_once() is False
+        with caplog.at_level(logging.WARNING, logger="esper.sidecar.sync"):
+            assert sync.run_once() is False
         assert sync.ready() is settled  # a settled failure is done, for readiness
         message = str(error) if outcome != "error" or settled else repr(error)
         assert sync.failures() == {"k": message}
+        said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert said == [f"k not installed (attempt 1, retry in 10.0s): {message}"]
         assert _metric(sync, "esper_sync_downloads_total", outcome=outcome) == 1
         assert _metric(sync, "esper_sync_errors_total", kind=kind) == 1
         failure = sync._failures["k"]
@@ -1000,5 +1009,43 @@ def test_a_finished_fetch_wakes_the_reconciler(tmp_path: Path) -> None:
     try:
         sync.start()
         _until(lambda: read_index(tmp_path / "vol").get("k") is not None, "the install", seconds=5)
+    finally:
+        sync.stop()
+
+
+def test_a_fetch_asks_the_store_for_the_recorded_sha256_trusted_keys_and_size_limit(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each is checked by the store; here each one, wrong, refuses the bundle (settled)."""
+    good, _, sha = _ready_kernel(tmp_path, "k", 1)
+    unsigned_key, _ = make_fake_bundle(tmp_path / "u", seed=5, size=256, signed=False)
+    ref = LocalStore(tmp_path / "store").put_bundle(unsigned_key, tmp_path / "u")
+    unsigned = _obj("u", unsigned_key, ref.sha256, ref.uri, size=ref.size)
+    sync = _sync(tmp_path, kernels=("k", "u"), max_bundle_bytes=1000)  # four 256-byte files and more
+    sync.store_factory = lambda uri: LocalStore(tmp_path / "store")  # type: ignore[assignment]
+    try:
+        d = desired_of(good, "team")
+        assert d is not None
+        other = Desired(d.entry.model_copy(update={"sha256": C}), d.bundle_uri)
+        r = sync._fetch("k", other)
+        assert (r.outcome, r.settled) == (
+            "artifact_error",
+            True,
+        ) and f"sha256 is {sha}, expected {C}" in r.error
+        du = desired_of(unsigned, "team")
+        assert du is not None
+        r = sync._fetch("u", du)
+        assert r.outcome == "artifact_error" and "unsigned (no manifest.sig)" in r.error
+        r = sync._fetch("k", d)
+        assert r.outcome == "artifact_error" and "more than the 1000 allowed" in r.error
+        samples = sync.metrics.registry.get_sample_value("esper_sync_download_seconds_sum", {})
+        assert samples is not None and 0 <= samples < 60  # wall time of the three fetches
+        broken = _Failing(LocalStore(tmp_path / "store"), RuntimeError("a bug"))
+        sync.store_factory = lambda uri: broken  # type: ignore[assignment]
+        sync._stores.clear()
+        with caplog.at_level(logging.ERROR, logger="esper.sidecar.sync"):
+            r = sync._fetch("k", d)
+        assert (r.outcome, r.error, r.settled) == ("error", "RuntimeError('a bug')", False)
+        assert [rec.getMessage() for rec in caplog.records] == ["fetching k failed unexpectedly"]
     finally:
         sync.stop()
