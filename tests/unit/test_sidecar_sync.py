@@ -1049,3 +1049,75 @@ def test_a_fetch_asks_the_store_for_the_recorded_sha256_trusted_keys_and_size_li
         assert [rec.getMessage() for rec in caplog.records] == ["fetching k failed unexpectedly"]
     finally:
         sync.stop()
+
+
+@pytest.mark.parametrize("change", ["sha256", "key", "unsigned"])
+def test_a_restart_drops_an_entry_its_bundle_does_not_match(
+    tmp_path: Path, change: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    obj, _, _ = _ready_kernel(tmp_path, "k", 1)
+    first = _sync(tmp_path, items=[obj])
+    try:
+        first.run_once()
+    finally:
+        first.stop()
+    vol = tmp_path / "vol"
+    entry = read_index(vol).kernels[0]
+    if change == "unsigned":
+        (vol / "kernels" / "k" / "manifest.sig").unlink()
+    else:
+        write_index(vol, [entry.model_copy(update={change: C})], 5)
+    with caplog.at_level(logging.WARNING, logger="esper.sidecar.sync"):
+        second = _sync(tmp_path, items=[obj])
+    try:
+        assert second._installed == {}
+        [message] = [r.getMessage() for r in caplog.records]
+        assert message.startswith("dropping k from the index: ") and len(message) > len(
+            "dropping k from the index: "
+        )
+    finally:
+        second.stop()
+
+
+def test_a_corrupt_index_is_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "vol").mkdir()
+    (tmp_path / "vol" / "index.json").write_text("{not json")
+    with caplog.at_level(logging.ERROR, logger="esper.sidecar.sync"):
+        sync = _sync(tmp_path)
+    sync.stop()
+    [message] = [r.getMessage() for r in caplog.records]
+    assert message.endswith("; starting from an empty index") and "index.json" in message
+
+
+def test_the_sync_uses_the_given_client_and_a_named_pool_of_the_configured_size(tmp_path: Path) -> None:
+    from kubernetes.client import ApiClient
+
+    client = ApiClient()
+    sync = KernelSync(SyncConfig(kernel_dir=tmp_path / "vol", kernels=("k",), workers=2), api_client=client)
+    try:
+        assert sync.api.api_client is client and sync.ready() is False
+        assert sync._pool._max_workers == 2
+        names = [sync._pool.submit(lambda: threading.current_thread().name).result() for _ in range(3)]
+        assert all(n.startswith("esper-sync-fetch_") for n in names)
+    finally:
+        sync.stop()
+
+
+def test_what_is_desired_uses_the_configured_namespace_and_target(tmp_path: Path) -> None:
+    sync = _sync(tmp_path, kernels=("bad", "k", "gpu"), target="cpu")
+    try:
+        bare = _obj("k")
+        del bare["metadata"]["namespace"]
+        gpu = _obj("gpu")
+        gpu["spec"]["target"] = "cuda-sm90"
+        for o in (_obj("bad", sha="nope"), bare, gpu):
+            sync.apply_event({"type": "ADDED", "object": o})
+        desired = sync._desired()
+        assert list(desired) == ["k"]  # after a malformed one; not the other target's
+        assert desired["k"].entry.namespace == "team"
+    finally:
+        sync.stop()
+    targetless = _obj("k")
+    del targetless["spec"]["target"]
+    entry = desired_of(targetless, "ns")
+    assert entry is not None and entry.entry.target == ""
