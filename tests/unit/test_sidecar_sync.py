@@ -1121,3 +1121,38 @@ def test_what_is_desired_uses_the_configured_namespace_and_target(tmp_path: Path
     del targetless["spec"]["target"]
     entry = desired_of(targetless, "ns")
     assert entry is not None and entry.entry.target == ""
+
+
+def test_stop_waits_for_the_running_fetch_cancels_queued_ones_and_bounds_the_wait(tmp_path: Path) -> None:
+    a, _, _ = _ready_kernel(tmp_path, "a", 1)
+    b, _, _ = _ready_kernel(tmp_path, "b", 2)
+    release, fetched = threading.Event(), []
+
+    class Slow(_Failing):
+        def fetch_bundle(
+            self, key: str, dest_dir: Path, expected_sha256: str | None = None, **kw: Any
+        ) -> Path:
+            fetched.append(Path(dest_dir).name)
+            release.wait(10)
+            return super().fetch_bundle(key, dest_dir, expected_sha256, **kw)
+
+    store = Slow(LocalStore(tmp_path / "store"), None)
+    sync = _sync(tmp_path, items=[a, b], kernels=("a", "b"), workers=1)
+    sync.store_factory = lambda uri: store  # type: ignore[assignment]
+    sync.list_kernels()
+    sync.reconcile()  # a is fetched, b waits in the queue
+    _until(lambda: fetched == ["a"], "the first fetch")
+    stuck = threading.Event()
+    straggler = threading.Thread(target=lambda: stuck.wait(3))  # a loop that does not end at once
+    straggler.start()
+    sync._threads.append(straggler)
+    stopping = threading.Thread(target=lambda: sync.stop(timeout=0.1))
+    t0 = time.monotonic()
+    stopping.start()
+    stopping.join(0.5)
+    assert stopping.is_alive()  # waiting for a's fetch
+    release.set()
+    stopping.join(10)
+    assert not stopping.is_alive() and time.monotonic() - t0 < 2.5  # the straggler was not waited for
+    assert fetched == ["a"]  # b's fetch was cancelled, never started
+    stuck.set()
