@@ -1072,9 +1072,10 @@ def test_a_restart_drops_an_entry_its_bundle_does_not_match(
     try:
         assert second._installed == {}
         [message] = [r.getMessage() for r in caplog.records]
-        assert message.startswith("dropping k from the index: ") and len(message) > len(
-            "dropping k from the index: "
-        )
+        why = {"sha256": f"expected {C}", "key": f"expected {C}", "unsigned": "unsigned (no manifest.sig)"}[
+            change
+        ]
+        assert message.startswith("dropping k from the index: ") and why in message
     finally:
         second.stop()
 
@@ -1156,3 +1157,27 @@ def test_stop_waits_for_the_running_fetch_cancels_queued_ones_and_bounds_the_wai
     assert not stopping.is_alive() and time.monotonic() - t0 < 2.5  # the straggler was not waited for
     assert fetched == ["a"]  # b's fetch was cancelled, never started
     stuck.set()
+
+
+def test_the_index_log_lists_every_kernel(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    a, _, _ = _ready_kernel(tmp_path, "a", 1)
+    b, _, _ = _ready_kernel(tmp_path, "b", 2)
+    sync = _sync(tmp_path, items=[b, a], kernels=("a", "b"))
+    try:
+        with caplog.at_level(logging.INFO, logger="esper.sidecar.sync"):
+            assert sync.run_once()
+        assert "index v2: a, b" in [r.getMessage() for r in caplog.records]
+    finally:
+        sync.stop()
+
+
+def test_without_a_client_one_is_made(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kubernetes.client import ApiClient
+
+    made = ApiClient()
+    monkeypatch.setattr(sync_mod, "make_api_client", lambda: made)
+    sync = KernelSync(SyncConfig(kernel_dir=tmp_path / "vol", kernels=("k",)))
+    try:
+        assert sync.api.api_client is made
+    finally:
+        sync.stop()
