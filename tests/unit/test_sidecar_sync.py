@@ -635,7 +635,10 @@ def test_the_watch_relists_after_every_kind_of_failure(
     sync._backoff = lambda attempts: backoffs.append(attempts) or 0.0  # type: ignore[method-assign]
     try:
         with caplog.at_level(logging.INFO, logger="esper.sidecar.sync"):
-            sync._watch_loop()
+            loop = threading.Thread(target=sync._watch_loop, daemon=True)
+            loop.start()
+            loop.join(5)  # each retry waits its backoff, not forever
+            assert not loop.is_alive()
         assert observed == [["k", "l"]]  # the good watch's event was applied
         assert sorted(sync._observed or {}) == [
             "k"
