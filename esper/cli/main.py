@@ -15,7 +15,7 @@ import logging
 import sys
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -369,11 +369,8 @@ def _cluster_kernels(query: Any, kubeconfig: str | None, namespace: str | None, 
     """`esper kernels --cluster`: the Kernel objects matching `query` (every namespace when None)."""
     from esper.cli import catalogue
 
-    try:
+    with _cluster_errors():
         rows = catalogue.list_cluster_kernels(_custom_api(kubeconfig), query, namespace)
-    except Exception as exc:
-        typer.echo(f"cluster: {_api_error(exc)}", err=True)
-        raise typer.Exit(2) from None
     if as_json:
         console.print_json(json.dumps(rows))
         return
@@ -456,6 +453,25 @@ def _custom_api(kubeconfig: str | None) -> Any:
     return client.CustomObjectsApi(make_api_client())
 
 
+@contextlib.contextmanager
+def _cluster_errors(prefix: str = "cluster") -> Iterator[None]:
+    """The exit codes of the commands that talk to a cluster: a request the catalogue refuses (a Kernel
+    that is not Failed, no such revision) exits 1 with its reason; any other error of the API server or
+    the store exits 2 with what it said."""
+    from esper.cli import catalogue
+
+    try:
+        yield
+    except catalogue.CatalogueError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from None
+    except typer.Exit:
+        raise
+    except Exception as exc:
+        typer.echo(f"{prefix}: {_api_error(exc)}", err=True)
+        raise typer.Exit(2) from None
+
+
 def _api_error(exc: Exception) -> str:
     status, reason = getattr(exc, "status", None), getattr(exc, "reason", None)
     if status is not None:
@@ -475,14 +491,8 @@ def retry(
     """Compile Failed Kernels again (sets the esper.dev/retry annotation the operator acts on)."""
     from esper.cli import catalogue
 
-    try:
+    with _cluster_errors():
         done = catalogue.retry_kernels(_custom_api(kubeconfig), namespace, names)
-    except catalogue.CatalogueError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(1) from None
-    except Exception as exc:
-        typer.echo(f"cluster: {_api_error(exc)}", err=True)
-        raise typer.Exit(2) from None
     for name in done:
         typer.echo(f"kernel/{name}: retry requested")
 
@@ -497,14 +507,8 @@ def rollback(
     """Point a Blueprint back at a previous revision; its kept Kernels serve again at once."""
     from esper.cli import catalogue
 
-    try:
+    with _cluster_errors():
         revision = catalogue.rollback(_custom_api(kubeconfig), namespace, name, to_revision)
-    except catalogue.CatalogueError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(1) from None
-    except Exception as exc:
-        typer.echo(f"cluster: {_api_error(exc)}", err=True)
-        raise typer.Exit(2) from None
     typer.echo(f"blueprint/{name}: rolled back to the Kernels of revision {revision}")
 
 
@@ -523,15 +527,12 @@ def gc(
     except catalogue.CatalogueError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
-    try:
+    with _cluster_errors("gc"):
         api = _custom_api(kubeconfig)
         backend = open_store(store)
         orphans = catalogue.find_orphans(backend, lambda: catalogue.referenced_keys(api), age)
         deleted = set(catalogue.delete_orphans(backend, orphans, lambda: catalogue.referenced_keys(api))
                       if delete else [])  # fmt: skip
-    except Exception as exc:
-        typer.echo(f"gc: {_api_error(exc)}", err=True)
-        raise typer.Exit(2) from None
     for o in orphans:
         verb = "deleted" if o.key in deleted else ("kept (referenced again)" if delete else "unreferenced")
         typer.echo(f"{o.key}  {o.createdAt}  {_bytes(o.size)}  {verb}")

@@ -161,10 +161,9 @@ def _waits_for_a_job(status: kopf.Status, annotations: kopf.Annotations, **_: An
     """Kernels the queue's timer serves: Pending for a slot or a back-off, or Failed with a new retry
     request. kopf runs a timer only while its object matches, so Compiling and Ready Kernels (nearly
     all of them) cost no timer at all."""
-    if status.get("phase") == "Pending" and status.get("reason") in queue.WAITING:
-        return True
-    token = annotations.get(ANNOTATION_RETRY) or ""
-    return status.get("phase") == "Failed" and bool(token) and token != status.get("retryToken", "")
+    return queue.waits_for_job(status) or queue.retry_requested(
+        status, annotations.get(ANNOTATION_RETRY) or ""
+    )
 
 
 @kopf.timer(*KERNELS, id="queue", interval=QUEUE_SECONDS, initial_delay=QUEUE_SECONDS, when=_waits_for_a_job)

@@ -13,12 +13,23 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+from collections.abc import Mapping
 from typing import Any
 
 TRANSIENT_REASONS = frozenset({"OOMKilled", "DeadlineExceeded", "Evicted", "BackoffLimitExceeded"})
 RETRY_BACKOFF, QUEUED, RETRY_REQUESTED = "RetryBackoff", "Queued", "RetryRequested"
 WAITING = (RETRY_BACKOFF, QUEUED, RETRY_REQUESTED)
 """Reasons of a Pending Kernel that waits for its next Job (the periodic tick starts it)."""
+
+
+def waits_for_job(status: Mapping[str, Any]) -> bool:
+    """A Pending Kernel waiting for its next Job: a free compile slot, its back-off, a requested retry."""
+    return (status.get("phase") or "Pending") == "Pending" and status.get("reason") in WAITING
+
+
+def retry_requested(status: Mapping[str, Any], token: str) -> bool:
+    """A Failed Kernel whose retry annotation holds `token`, a request not yet acted on."""
+    return status.get("phase") == "Failed" and bool(token) and token != status.get("retryToken", "")
 
 
 def attempt_job_name(base: str, attempt: int) -> str:

@@ -277,8 +277,7 @@ class Reconciler:
         meta = kernel["metadata"]
         namespace = self.compile_namespace
         status = kernel.get("status") or {}
-        waits = _phase(kernel) == "Pending" and status.get("reason") in queue.WAITING
-        if waits and not queue.due(status, dt.datetime.now(dt.UTC)):
+        if queue.waits_for_job(status) and not queue.due(status, dt.datetime.now(dt.UTC)):
             return kernel
         attempts = int(status.get("attempts") or 0)
         attempt = max(1, attempts if _phase(kernel) == "Compiling" else attempts + 1)
@@ -364,7 +363,7 @@ class Reconciler:
         kernel = await self.kube.get("kernels", kernel_ns, kernel_name)
         ours = meta["namespace"] == self.compile_namespace and LABEL_KERNEL_UID in labels
         if kernel is None or kernel["metadata"].get("uid") != labels.get(LABEL_KERNEL_UID):
-            if ours and (kernel is None or kernel["metadata"].get("uid") != labels[LABEL_KERNEL_UID]):
+            if ours:
                 await self.kube.delete_job(meta["namespace"], meta["name"])  # its Kernel is gone
                 log.info("deleted compile Job %s/%s: its Kernel is gone", meta["namespace"], meta["name"])
             if kernel is None:
@@ -564,7 +563,7 @@ class Reconciler:
         status = kernel.get("status") or {}
         base = job_name(kernel["spec"]["target"], kernel["spec"]["key"])
         token = (meta.get("annotations") or {}).get(ANNOTATION_RETRY, "")
-        if token and token != status.get("retryToken", "") and _phase(kernel) == "Failed":
+        if queue.retry_requested(status, token):
             attempts = int(status.get("attempts") or 1)
             message = f"retry requested after {attempts} attempt(s): {status.get('reason', '')}"
             patch = kernel_status(
@@ -580,7 +579,7 @@ class Reconciler:
             self.emit(kernel, "Normal", queue.RETRY_REQUESTED, message)
             kernel = await self.kube.patch_status("kernels", meta["namespace"], meta["name"], patch) or kernel
             await self.refresh_blueprints(kernel)
-        elif not (_phase(kernel) == "Pending" and status.get("reason") in queue.WAITING):
+        elif not queue.waits_for_job(status):
             return
         kernel = await self.ensure_job(kernel, base)
         if _phase(kernel) == "Compiling":
