@@ -20,14 +20,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/esper demo
 
-REAL_PASS   ?= tests/integration/test_operator.py tests/integration/test_sidecar.py
-
-## test: lint, then the whole suite (unit, compiler round trips, emulated cluster, real_api tests on the
-## real API server), then the operator and sidecar tests again on the hybrid cluster; what CI runs
+## test: lint, then the whole suite (unit, compiler round trips, emulated cluster; the real_api tests and
+## the operator and sidecar tests on the real API server where one is found); what CI runs
 test: lint
 	$(PY) -m esper.contracts.crd --check
 	$(PY) -m pytest -ra --cov --cov-report= $(PYTEST_ARGS)
-	ESPER_CLUSTER_BACKEND=real $(PY) -m pytest -ra -p no:cacheprovider $(REAL_PASS)
 
 ## test-fast: everything but the AOTInductor compiles
 test-fast: $(STAMP)

@@ -20,7 +20,8 @@ from esper import signing
 from esper.storage import open_store
 from tests.support.cluster import Cluster, OperatorProcess, wait_for
 
-pytestmark = pytest.mark.cluster
+# On the real API server (hybrid) where one is found: Blueprints and Kernels as a cluster keeps them.
+pytestmark = [pytest.mark.cluster, pytest.mark.prefer_real]
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "blueprint.yaml"

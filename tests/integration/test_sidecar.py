@@ -38,6 +38,8 @@ from tests.support.cluster import Cluster, running_cluster, wait_for
 from tests.support.s3 import make_fake_bundle
 
 REPO = Path(__file__).resolve().parents[2]
+# Kernels on the real API server (hybrid) where one is found, as the sidecar will list and watch them.
+pytestmark = pytest.mark.prefer_real
 
 
 # ---- helpers ---------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.cluster import wants_real_server
 from tests.support.cluster.realapi import Located, _make_pki, locate_real_apiserver
 
 
@@ -66,3 +67,20 @@ def test_pki_for_a_full_server_verifies(tmp_path: Path) -> None:
         text=True,
     ).stdout
     assert "O=system:masters" in subject.replace(" = ", "=") and "CN=admin" in subject.replace(" = ", "=")
+
+
+@pytest.mark.parametrize(
+    ("backend", "prefers_real", "located", "required", "expected"),
+    [
+        ("real", False, None, False, True),  # asked for: every cluster is real
+        ("emulator", True, Located("apiextensions", Path("/k8s")), True, False),  # asked for: never
+        (None, False, Located("apiextensions", Path("/k8s")), True, False),  # unmarked: the emulator
+        (None, True, Located("apiextensions", Path("/k8s")), False, True),  # marked and found
+        (None, True, "no real API server: ...", False, False),  # marked, none here: fall back
+        (None, True, "no real API server: ...", True, True),  # required: fail on the real fixture
+    ],
+)
+def test_which_tests_run_on_the_real_server(
+    backend: str | None, prefers_real: bool, located: object, required: bool, expected: bool
+) -> None:
+    assert wants_real_server(backend, prefers_real, located, required) is expected

@@ -7,7 +7,8 @@ relies on (/work/shared/FACTS.md lists what stock kmock lacks). It is served ove
 `kopf run` process, the real `kubectl` and the `kubernetes` client all talk to it without
 blocking a test's loop.
 
-Backends (`ESPER_CLUSTER_BACKEND`, default `emulator`):
+Backends (`ESPER_CLUSTER_BACKEND`; unset: the real server for tests marked `prefer_real` where
+one is found, the emulator for the rest):
 
 - `emulator`: everything emulated; fresh per test.
 - `real`: a real API server (realapi.py) started once per session. With apiextensions-apiserver
@@ -59,12 +60,26 @@ from .server import Cluster, OperatorProcess
 BACKENDS = ("emulator", "real")
 
 
-def cluster_backend() -> str:
-    """`ESPER_CLUSTER_BACKEND`: which backend the `cluster` fixture gives (`emulator` or `real`)."""
-    backend = os.environ.get("ESPER_CLUSTER_BACKEND", "emulator")
-    if backend not in BACKENDS:
+def cluster_backend() -> str | None:
+    """`ESPER_CLUSTER_BACKEND`: the backend asked for (`emulator` or `real`), None when unset."""
+    backend = os.environ.get("ESPER_CLUSTER_BACKEND") or None
+    if backend is not None and backend not in BACKENDS:
         raise pytest.UsageError(f"ESPER_CLUSTER_BACKEND={backend!r}: expected one of {', '.join(BACKENDS)}")
     return backend
+
+
+def wants_real_server(backend: str | None, prefers_real: bool, located: object, required: bool) -> bool:
+    """Whether a `cluster` runs on the real API server.
+
+    An explicit backend decides. Unset, tests marked `prefer_real` take the real server where this
+    machine has one (or where `ESPER_REQUIRE_REAL_APISERVER` demands it, so a missing one fails
+    instead of quietly falling back); everything else stays on the fresh-per-test emulator.
+    """
+    if backend is not None:
+        return backend == "real"
+    if not prefers_real:
+        return False
+    return required or not isinstance(located, str)
 
 
 # --------------------------------------------------------------------------------------------
@@ -106,10 +121,15 @@ def _cluster(workdir: Path, real: RealApiServer | None) -> Iterator[Cluster]:
 def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """A fresh cluster per test: namespace `default`, Esper's CRDs, kubeconfig, kubectl.
 
-    Emulated, or on the real API server when `ESPER_CLUSTER_BACKEND=real` (hybrid where only
-    apiextensions-apiserver is available); the real server's objects are removed after each test.
+    Emulated, or on the real API server (hybrid where only apiextensions-apiserver is available)
+    when `ESPER_CLUSTER_BACKEND=real` or, with the variable unset, for tests marked `prefer_real`
+    where a server is found; the real server's objects are removed after each test.
     """
-    real = request.getfixturevalue("real_apiserver") if cluster_backend() == "real" else None
+    prefers_real = request.node.get_closest_marker("prefer_real") is not None
+    located = locate_real_apiserver() if prefers_real and cluster_backend() is None else None
+    required = bool(os.environ.get("ESPER_REQUIRE_REAL_APISERVER"))
+    use_real = wants_real_server(cluster_backend(), prefers_real, located, required)
+    real = request.getfixturevalue("real_apiserver") if use_real else None
     yield from _cluster(tmp_path_factory.mktemp("cluster"), real)
 
 
