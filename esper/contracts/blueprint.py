@@ -76,6 +76,16 @@ class Revision(Model):
     kernels: list[RevisionKernel] = Field(default_factory=list, max_length=8, description="Its Kernels.")
 
 
+class OperatorState(Model):
+    """The operator's own bookkeeping on a Blueprint: not an API, read by nothing else."""
+
+    lastHandledConfiguration: str = Field(
+        default="",
+        description="The spec, labels and annotations the operator last acted on (JSON): an edit is told "
+        "from a restart by comparing with it. Kept in the status, which the operator writes anyway.",
+    )
+
+
 class BlueprintStatus(Model):
     """Observed state, written by the operator."""
 
@@ -99,6 +109,7 @@ class BlueprintStatus(Model):
     message: str = Field(default="", max_length=32768, description="Why the phase is what it is.")
     observedGeneration: int = Field(default=0, ge=0, description="The generation last reconciled.")
     conditions: list[Condition] = Field(default_factory=list, max_length=16, description="Conditions.")
+    operatorState: OperatorState | None = Field(default=None, description="The operator's bookkeeping.")
 
 
 class Blueprint(Model):

@@ -28,6 +28,7 @@ RETRY_SECONDS: float = OperatorConfig.setting_from_env("retry_seconds")
 API_TIMEOUT_SECONDS: float = OperatorConfig.setting_from_env("api_timeout_seconds")
 OBSERVE_ATTEMPTS = 6  # then the periodic resync carries a finished Job over
 QUEUE_SECONDS: float = OperatorConfig.setting_from_env("queue_seconds")
+DIFF_BASE_FIELD = "status.operatorState.lastHandledConfiguration"
 
 survive_any_body()  # before kopf decodes its first body
 
@@ -36,13 +37,38 @@ def _emit(body: dict[str, Any], type_: str, reason: str, message: str) -> None:
     kopf.event(cast(kopf.Body, body), type=type_, reason=reason, message=message[:1024])
 
 
-class BlueprintsOnlyDiffBase(kopf.AnnotationsDiffBaseStorage):
-    """kopf's last-handled-configuration annotation, kept on Blueprints only: no create or update
-    handler reads it on a Kernel, and writing it there would cost a write per Kernel."""
+class BlueprintDiffBase(kopf.StatusDiffBaseStorage):
+    """kopf's last-handled configuration, kept in the Blueprint's status and on Blueprints only.
+
+    In the status it travels in the one status patch the reconcile handler makes anyway; as an
+    annotation (kopf's default) it cost a write of its own per Blueprint. Kernels get none: no create
+    or update handler reads it there. Blueprints handled by an earlier operator still carry it as the
+    annotation `esper.dev/last-handled-configuration`: it is read from there until the first store,
+    which moves it into the status.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(field=DIFF_BASE_FIELD)
+        self.legacy = kopf.AnnotationsDiffBaseStorage(prefix=API_GROUP, key="last-handled-configuration")
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        essence = super().build(body=body, extra_fields=extra_fields)
+        annotations = cast(dict[str, Any], essence).get("metadata", {}).get("annotations", {})
+        for key in self.legacy.make_keys(self.legacy.key, body=body):
+            annotations.pop(key, None)
+        self.remove_empty_stanzas(essence)
+        return essence
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return super().fetch(body=body) or self.legacy.fetch(body=body)
 
     def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
-        if body.get("kind") != "Kernel":
-            super().store(body=body, patch=patch, essence=essence)
+        if body.get("kind") == "Kernel":
+            return
+        super().store(body=body, patch=patch, essence=essence)
+        for key in self.legacy.make_keys(self.legacy.key, body=body):
+            if key in body.metadata.annotations:
+                patch.metadata.annotations[key] = None
 
 
 # kopf's handler protocols spell out every keyword a handler may take; handlers here take what they use
@@ -57,9 +83,7 @@ async def configure(
     # nobody reads; the operator's Events say what happened, and kopf's warnings and errors still post.
     settings.posting.level = logging.WARNING
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
-    settings.persistence.diffbase_storage = BlueprintsOnlyDiffBase(
-        prefix=API_GROUP, key="last-handled-configuration"
-    )
+    settings.persistence.diffbase_storage = BlueprintDiffBase()
     settings.posting.reporting_component = OPERATOR_NAME
     settings.posting.event_name_prefix = "esper-"
     settings.watching.server_timeout = 300

@@ -290,7 +290,7 @@ class Reconciler:
         job = await self.kube.get_job(namespace, name) if cap or status.get("jobUid") else None
         if job is None:
             if not cap:
-                job = await self._create_job(kernel, spec, namespace, name)
+                job = await self._create_job(kernel, spec, namespace, name, attempt)
             else:
                 async with self._job_slots:  # counting running Jobs and creating one is a single step
                     job = await self.kube.get_job(namespace, name)  # a concurrent pass may have made it
@@ -298,7 +298,7 @@ class Reconciler:
                         running = await self.kube.active_jobs(namespace, f"{MANAGED_BY}={OPERATOR_NAME}")
                         if running >= cap:
                             return await self._queued(kernel, running)
-                        job = await self._create_job(kernel, spec, namespace, name)
+                        job = await self._create_job(kernel, spec, namespace, name, attempt)
             if attempt > 1:  # the failed attempt's Job (and its Pods) go
                 await self.kube.delete_job(namespace, queue.attempt_job_name(first, attempt - 1))
         if job is None or (job["metadata"].get("labels") or {}).get(LABEL_KERNEL_UID) != meta["uid"]:
@@ -326,7 +326,9 @@ class Reconciler:
             return await self.kube.get("kernels", meta["namespace"], meta["name"]) or kernel
         return kernel
 
-    async def _create_job(self, kernel: Body, spec: KernelSpec, namespace: str, name: str) -> Body | None:
+    async def _create_job(
+        self, kernel: Body, spec: KernelSpec, namespace: str, name: str, attempt: int
+    ) -> Body | None:
         meta = kernel["metadata"]
         manifest = build_job(
             name=name,
@@ -344,7 +346,8 @@ class Reconciler:
             return await self.kube.get_job(namespace, name)  # created by an earlier attempt: adopt it
         crash_point("job-created")
         metrics.JOBS_CREATED.labels(spec.target).inc()
-        self.emit(kernel, "Normal", "JobCreated", f"compile Job {namespace}/{name}")
+        if attempt > 1:  # the first Job is in the status this pass writes (reason JobCreated); a retry is news
+            self.emit(kernel, "Normal", "JobCreated", f"compile Job {namespace}/{name}, attempt {attempt}")
         return job
 
     async def observe_job(self, job: Body) -> None:

@@ -195,9 +195,11 @@ def test_blueprint_becomes_a_ready_kernel_with_a_verified_artifact(esper: Esper,
     assert table[0].split() == ["NAME", "BLUEPRINT", "TARGET", "PHASE", "SPEEDUP", "AGE"]
     assert table[1].split()[:4] == [kernel["metadata"]["name"], name, "cpu", "Ready"]
     assert kubectl("get", "blueprints").stdout.splitlines()[1].split()[:3] == [name, "Ready", "1/1"]
-    # One Event per thing that happened to the Kernel (no creation chatter), and the Blueprint's Ready.
+    # One Event per thing that happened to the Kernel (no creation chatter: the first Job is in the
+    # status), and the Blueprint's Ready.
     reasons = sorted(e["reason"] for e in esper.events(kernel["metadata"]["name"]))
-    assert reasons == ["Compiled", "JobCreated"]
+    assert reasons == ["Compiled"]
+    assert kernel["status"]["reason"] == "Compiled"
     blueprint_reasons = {e["reason"] for e in esper.events(name)}
     assert "Ready" in blueprint_reasons and "KernelCreated" not in blueprint_reasons
     assert 'esper_kernels{phase="Ready"} 1.0' in esper.metrics()
