@@ -346,7 +346,7 @@ class Reconciler:
             return await self.kube.get_job(namespace, name)  # created by an earlier attempt: adopt it
         crash_point("job-created")
         metrics.JOBS_CREATED.labels(spec.target).inc()
-        if attempt > 1:  # the first Job is in the status this pass writes (reason JobCreated); a retry is news
+        if attempt > 1:  # the first Job is named in the status this pass writes; a retry is news
             self.emit(kernel, "Normal", "JobCreated", f"compile Job {namespace}/{name}, attempt {attempt}")
         return job
 
