@@ -71,6 +71,31 @@ class BlueprintDiffBase(kopf.StatusDiffBaseStorage):
                 patch.metadata.annotations[key] = None
 
 
+class ProgressAnnotations(kopf.AnnotationsProgressStorage):
+    """kopf's handler progress in `esper.dev/*` annotations, with kopf's `esper.dev/kopf-managed`
+    marker written only beside a record that stays.
+
+    kopf stores a record (and the marker) for every handler outcome, then purges the records of a
+    cause whose handlers are all done, in the same patch; the marker stayed, and with it a write of
+    its own for every Blueprint whose handler succeeded at once. A retried handler's record stays,
+    and so does the marker beside it.
+    """
+
+    def purge(self, *, key: kopf.HandlerId, body: kopf.Body, patch: kopf.Patch) -> None:
+        super().purge(key=key, body=body, patch=patch)
+        marker = f"{self.prefix}/kopf-managed"
+        annotations = cast(dict[str, Any], patch).get("metadata", {}).get("annotations", {})
+        if marker not in annotations or marker in body.metadata.annotations:
+            return
+        ours = [k for k, v in annotations.items() if k != marker and k.startswith(f"{self.prefix}/") and v]
+        if not ours:
+            del annotations[marker]
+            if not annotations:
+                del patch["metadata"]["annotations"]
+            if not patch["metadata"]:
+                del patch["metadata"]
+
+
 # kopf's handler protocols spell out every keyword a handler may take; handlers here take what they use
 # and `**_`, which kopf supports but its stubs cannot express (hence the arg-type ignores).
 @kopf.on.startup()  # type: ignore[arg-type]
@@ -82,7 +107,7 @@ async def configure(
     # kopf's own "Handler succeeded" / "Creation is processed" Events are two writes per Blueprint that
     # nobody reads; the operator's Events say what happened, and kopf's warnings and errors still post.
     settings.posting.level = logging.WARNING
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
+    settings.persistence.progress_storage = ProgressAnnotations(prefix=API_GROUP)
     settings.persistence.diffbase_storage = BlueprintDiffBase()
     settings.posting.reporting_component = OPERATOR_NAME
     settings.posting.event_name_prefix = "esper-"

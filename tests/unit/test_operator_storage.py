@@ -1,4 +1,4 @@
-"""Where kopf's last-handled configuration lives: the Blueprint's status, read from the old annotation."""
+"""What kopf keeps on Esper's objects: the diff base in the Blueprint's status, progress while it matters."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import kopf
 
-from esper_operator.handlers import BlueprintDiffBase
+from esper_operator.handlers import BlueprintDiffBase, ProgressAnnotations
 
 LEGACY = "esper.dev/last-handled-configuration"
 
@@ -73,3 +73,46 @@ def test_nothing_is_stored_on_kernels() -> None:
     kernel = kopf.Body({**raw, "kind": "Kernel"})
     assert stored(storage, kernel) == {}
     assert storage.fetch(body=kernel) is None
+
+
+MARKER = "esper.dev/kopf-managed"
+RECORD = {"started": "2026-11-26T07:00:00.000000+00:00", "success": True}
+RECONCILE, RELEASE = kopf.HandlerId("reconcile"), kopf.HandlerId("release")
+
+
+def progress() -> ProgressAnnotations:
+    return ProgressAnnotations(prefix="esper.dev")
+
+
+def test_a_handler_done_at_once_leaves_no_progress_and_no_marker_to_write() -> None:
+    storage, body, patch = progress(), blueprint(), kopf.Patch()
+    storage.store(key=RECONCILE, record=RECORD, body=body, patch=patch)  # kopf: every outcome
+    assert patch["metadata"]["annotations"][MARKER] == "yes"
+    storage.purge(key=RECONCILE, body=body, patch=patch)  # kopf: all handlers done, same patch
+    assert dict(patch) == {}  # nothing to write
+
+
+def test_a_retried_handlers_record_stays_with_the_marker() -> None:
+    storage, body, patch = progress(), blueprint(), kopf.Patch()
+    storage.store(key=RECONCILE, record={**RECORD, "success": False, "retries": 1}, body=body, patch=patch)
+    storage.store(key=RELEASE, record=RECORD, body=body, patch=patch)
+    storage.purge(key=RELEASE, body=body, patch=patch)
+    annotations = patch["metadata"]["annotations"]
+    assert set(annotations) == {MARKER, "esper.dev/reconcile"}
+    assert json.loads(annotations["esper.dev/reconcile"])["retries"] == 1
+
+
+def test_a_stored_record_is_deleted_and_the_existing_marker_left_alone() -> None:
+    storage, patch = progress(), kopf.Patch()
+    body = blueprint(annotations={MARKER: "yes", "esper.dev/reconcile": json.dumps(RECORD)})
+    storage.store(key=RECONCILE, record=RECORD, body=body, patch=patch)
+    storage.purge(key=RECONCILE, body=body, patch=patch)
+    assert patch["metadata"]["annotations"] == {"esper.dev/reconcile": None}
+
+
+def test_other_annotations_in_the_patch_are_kept() -> None:
+    storage, body, patch = progress(), blueprint(), kopf.Patch()
+    patch.metadata.annotations["team.example/owner"] = "x"
+    storage.store(key=RECONCILE, record=RECORD, body=body, patch=patch)
+    storage.purge(key=RECONCILE, body=body, patch=patch)
+    assert dict(patch) == {"metadata": {"annotations": {"team.example/owner": "x"}}}
