@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -1489,3 +1490,214 @@ async def test_retention_delete_in_a_namespaced_install_looks_in_its_namespace(t
     world.kube.put("kernels", "other-team", {"metadata": {"name": "copy"}, "spec": {"key": key}})
     await world.rec.kernel_deleted(kernel)
     assert not (world.store_dir / "kernels" / key).exists()  # the other namespace is not visible
+
+
+# ---- what operators of the operator see: crash points, metrics, logs ---------------------------------
+
+
+async def test_each_crash_point_is_reached_at_its_step(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fault-injection tests arm these names: each must be passed where faults.POINTS says."""
+    reached: list[str] = []
+    monkeypatch.setattr("esper_operator.reconcile.crash_point", reached.append)
+    kernel, job = await compiling(world)
+    assert reached == [
+        "plan",
+        "kernel-created",
+        "job-create",
+        "job-created",
+        "kernel-compiling",
+        "blueprint-status",
+    ]
+    reached.clear()
+    key = key_of(SPEC)
+    await world.rec.observe_job(world.succeed(job, world.result(key, world.store_manifest(key))))
+    assert reached == ["job-observed", "kernel-finishing", "kernel-finished", "blueprint-refresh"]
+    reached.clear()
+    world.blueprint("b")
+    await world.reconcile("b")
+    assert reached == ["plan", "kernel-adopted", "blueprint-status"]
+    reached.clear()
+    await world.rec.kernel_deleted(world.kernel(kernel["metadata"]["name"]))
+    assert reached == ["kernel-cleanup"]
+
+
+def counter(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_reconciles_and_created_jobs_are_counted(world: World) -> None:
+    ok = counter("esper_reconciles_total", resource="blueprint", outcome="ok")
+    invalid = counter("esper_reconciles_total", resource="blueprint", outcome="invalid")
+    jobs = counter("esper_compile_jobs_created_total", target="cpu")
+    await compiling(world)
+    world.blueprint("bad", {"targets": ["cpu"]})
+    await world.reconcile("bad")
+    await world.rec.refuse_blueprint(world.kube.peek("blueprints", NS, "bad"), "refused")  # type: ignore[arg-type]
+    assert counter("esper_reconciles_total", resource="blueprint", outcome="ok") == ok + 1
+    assert counter("esper_reconciles_total", resource="blueprint", outcome="invalid") == invalid + 2
+    assert counter("esper_compile_jobs_created_total", target="cpu") == jobs + 1
+
+
+@pytest.mark.parametrize(
+    ("times", "seconds"),
+    [
+        ({"startTime": STARTED, "completionTime": COMPLETED}, 42.0),
+        ({"startTime": COMPLETED, "completionTime": STARTED}, 0.0),  # a skewed clock: not negative
+        ({"startTime": STARTED}, 0.0),
+        ({"completionTime": COMPLETED}, 0.0),
+        ({"startTime": "yesterday", "completionTime": COMPLETED}, 0.0),
+    ],
+)
+async def test_the_job_duration_is_observed_from_its_status(
+    world: World, times: dict[str, str], seconds: float
+) -> None:
+    _kernel, job = await compiling(world)
+    world.fail(job, code=65)
+    status = {**world.job(job)["status"], **times}
+    finished_job = world.kube.set_status("jobs", COMPILE_NS, job, status)
+    total = counter("esper_compile_job_seconds_sum", target="cpu", outcome="failed")
+    count = counter("esper_compile_job_seconds_count", target="cpu", outcome="failed")
+    await world.rec.observe_job(finished_job)
+    assert counter("esper_compile_job_seconds_sum", target="cpu", outcome="failed") - total == pytest.approx(
+        seconds
+    )
+    assert counter("esper_compile_job_seconds_count", target="cpu", outcome="failed") == count + 1
+
+
+async def test_the_log_says_why_a_job_or_bundle_was_deleted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    world = World(tmp_path, retention="delete")
+    caplog.set_level(logging.INFO, logger="esper.operator")
+    kernel = await ready(world)
+    name, key = kernel["metadata"]["name"], kernel["spec"]["key"]
+    world.kube.put("kernels", "other", {"metadata": {"name": "copy"}, "spec": {"key": key}})
+    await world.rec.kernel_deleted(kernel)
+    assert caplog.messages[-1] == f"kept artifact {key[:16]} of Kernel {name}: still used by ['other/copy']"
+    del world.kube.objects[("kernels", "other", "copy")]
+    await world.rec.kernel_deleted(kernel)
+    assert caplog.messages[-1] == f"deleted artifact of Kernel {name} (retention=delete)"
+    kernel2, job = await compiling(world, "b", SPEC_2)
+    del world.kube.objects[("kernels", NS, kernel2["metadata"]["name"])]
+    await world.rec.observe_job(world.fail(job))
+    assert caplog.messages[-1] == f"deleted compile Job esper/{job}: its Kernel is gone"
+
+
+async def test_the_log_names_at_most_three_users_of_a_kept_bundle(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    world = World(tmp_path, retention="delete")
+    caplog.set_level(logging.INFO, logger="esper.operator")
+    kernel = await ready(world)
+    for i in range(4):
+        world.kube.put(
+            "kernels", f"ns{i}", {"metadata": {"name": "copy"}, "spec": {"key": kernel["spec"]["key"]}}
+        )
+    await world.rec.kernel_deleted(kernel)
+    assert caplog.messages[-1].endswith("still used by ['ns0/copy', 'ns1/copy', 'ns2/copy']")
+
+
+# ---- generations, defaults and odd bodies --------------------------------------------------------------
+
+
+def set_generation(world: World, name: str, generation: int | None) -> None:
+    meta = world.kube.objects[("kernels", NS, name)]["metadata"]
+    if generation is None:
+        del meta["generation"]
+    else:
+        meta["generation"] = generation
+
+
+@pytest.mark.parametrize(("generation", "observed"), [(3, 3), (None, 1)])
+async def test_kernel_status_writes_carry_the_kernels_generation(
+    tmp_path: Path, generation: int | None, observed: int
+) -> None:
+    """Every status write names the Kernel generation it saw (absent: 1), so `kubectl wait` trusts it."""
+    world = World(tmp_path, max_concurrent_jobs=1)
+    kernel, job = await compiling(world)
+    name = kernel["metadata"]["name"]
+    set_generation(world, name, generation)
+    await world.rec.observe_pod(waiting_pod(world, job, "ErrImagePull"))  # observe_pod
+    await world.rec.observe_job(world.fail(job, code=65))  # _finish
+    world.kube.objects[("kernels", NS, name)]["metadata"]["annotations"] = {"esper.dev/retry": "r"}
+    world.kube.put(
+        "jobs", COMPILE_NS, {"metadata": {"name": "busy", "labels": world.job(job)["metadata"]["labels"]}}
+    )
+    await world.rec.kernel_tick(world.kernel(name))  # the retry request, then queued behind "busy"
+    world.kube.objects.pop(("jobs", COMPILE_NS, "busy"))
+    await world.rec.kernel_tick(world.kernel(name))  # ensure_job
+    generations = [w.body["observedGeneration"] for w in world.kube.written("patch_status", "kernels")]
+    reasons = [w.body.get("reason") for w in world.kube.written("patch_status", "kernels")]
+    assert reasons[-5:] == ["ErrImagePull", "InvalidBlueprint", "RetryRequested", "Queued", "JobCreated"]
+    assert generations[-5:] == [observed] * 5
+
+
+async def test_a_failure_without_a_recorded_attempt_counts_as_the_first(tmp_path: Path) -> None:
+    world = World(tmp_path, retry_base_seconds=100, retry_max_seconds=1000)
+    kernel, job = await compiling(world)
+    name = kernel["metadata"]["name"]
+    status = world.kernel(name)["status"]
+    del status["attempts"]
+    world.kube.set_status("kernels", NS, name, status)
+    t0 = dt.datetime.now(dt.UTC)
+    await world.rec.observe_job(world.fail(job))
+    status = world.kernel(name)["status"]
+    assert status["message"].startswith("attempt 1 failed (BackoffLimitExceeded: ")
+    assert t0 + dt.timedelta(seconds=50) - dt.timedelta(milliseconds=1) <= _at(status["retryAt"])
+    assert _at(status["retryAt"]) <= dt.datetime.now(dt.UTC) + dt.timedelta(seconds=100)
+
+
+async def test_a_failed_kernel_without_a_retry_request_is_left_alone(world: World) -> None:
+    kernel, _job = await failed(world)
+    writes = len(world.kube.writes)
+    await world.rec.kernel_tick(kernel)
+    assert world.kube.writes[writes:] == []
+
+
+async def test_a_blueprint_without_a_spec_is_invalid(world: World) -> None:
+    body = world.blueprint()
+    del body["spec"]
+    status = await world.rec.reconcile_blueprint(body)
+    assert status["phase"] == "Invalid" and world.kube.writes == []
+
+
+async def test_an_artifact_uri_with_a_trailing_slash_is_not_the_stores(world: World) -> None:
+    """The store records bundles at exactly bundle_uri(key): another spelling is another place."""
+    kernel, job = await compiling(world)
+    key = key_of(SPEC)
+    result = world.result(key, world.store_manifest(key), uri=world.uri(key) + "/")
+    await world.rec.observe_job(world.succeed(job, result))
+    status = world.kernel(kernel["metadata"]["name"])["status"]
+    assert (status["phase"], status["reason"]) == ("Failed", "BadResult")
+    assert status["message"] == f"artifact URI {world.uri(key)}/ is outside the store"
+
+
+async def test_a_burst_of_blueprints_is_planned_a_few_dozen_at_a_time(world: World) -> None:
+    """At most 32 reconciles run at once; the others wait their turn and then complete."""
+    import asyncio
+
+    gate = asyncio.Event()
+    inside = 0
+    most = 0
+    create = world.kube.create
+
+    async def slow_create(plural: str, namespace: str, body: Body) -> Body:
+        nonlocal inside, most
+        inside += 1
+        most = max(most, inside)
+        await gate.wait()
+        inside -= 1
+        return await create(plural, namespace, body)
+
+    world.kube.create = slow_create  # type: ignore[method-assign]
+    bodies = [world.blueprint(f"bp{i}", mlp(8 + i)) for i in range(40)]
+    tasks = [asyncio.create_task(world.rec.reconcile_blueprint(b)) for b in bodies]
+    deadline = asyncio.get_running_loop().time() + 10
+    while inside < 32 and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0)
+    for _ in range(50):  # give any that would wrongly start the chance to
+        await asyncio.sleep(0)
+    assert (inside, most) == (32, 32)
+    gate.set()
+    statuses = await asyncio.gather(*tasks)
+    assert [s["phase"] for s in statuses] == ["Compiling"] * 40 and most == 32
