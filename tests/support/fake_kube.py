@@ -60,6 +60,14 @@ def _selector(selector: str) -> dict[str, str]:
     return {k: v for k, v in pairs}
 
 
+def _check_names(*names: object) -> None:
+    """The client refuses a name or namespace that is not a string (a pydantic ValidationError, a
+    ValueError); an empty one would address the collection instead, which no caller means."""
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a name or namespace must be a non-empty string, got {name!r}")
+
+
 def _finished(job: Body) -> bool:
     conditions = (job.get("status") or {}).get("conditions") or []
     return any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True" for c in conditions)
@@ -85,6 +93,7 @@ class FakeKube:
         return str(uuid.UUID(int=self._uids.getrandbits(128), version=4))
 
     def _store_new(self, plural: str, namespace: str, body: Body, *, keep_status: bool) -> Body:
+        _check_names(namespace)
         name = (body.get("metadata") or {}).get("name")
         if not name:
             raise ValueError(f"{plural} in {namespace}: metadata.name is required")
@@ -152,6 +161,7 @@ class FakeKube:
     # --- Kube's interface ----------------------------------------------------------------------------
 
     async def get(self, plural: str, namespace: str, name: str) -> Body | None:
+        _check_names(namespace, name)
         return self.peek(plural, namespace, name)
 
     async def create(self, plural: str, namespace: str, body: Body) -> Body:
@@ -160,6 +170,7 @@ class FakeKube:
 
     async def patch(self, plural: str, namespace: str, name: str, patch: Body) -> Body | None:
         """Merge patch of the main resource; a resourceVersion in the patch must match (else Conflict)."""
+        _check_names(namespace, name)
         self.writes.append(Write("patch", plural, namespace, name, copy.deepcopy(patch)))
         old = self.objects.get((plural, namespace, name))
         if old is None:
@@ -175,6 +186,7 @@ class FakeKube:
         return self._update(plural, namespace, name, new)
 
     async def patch_status(self, plural: str, namespace: str, name: str, status: Body) -> Body | None:
+        _check_names(namespace, name)
         self.writes.append(Write("patch_status", plural, namespace, name, copy.deepcopy(status)))
         old = self.objects.get((plural, namespace, name))
         if old is None:
@@ -194,6 +206,7 @@ class FakeKube:
         ]
 
     async def delete(self, plural: str, namespace: str, name: str) -> None:
+        _check_names(namespace, name)
         self.writes.append(Write("delete", plural, namespace, name))
         self._delete(plural, namespace, name)
 
@@ -209,6 +222,7 @@ class FakeKube:
             self._update(plural, namespace, name, new)
 
     async def get_job(self, namespace: str, name: str) -> Body | None:
+        _check_names(namespace, name)
         return self.peek("jobs", namespace, name)
 
     async def create_job(self, namespace: str, body: Body) -> Body:
@@ -217,6 +231,7 @@ class FakeKube:
 
     async def delete_job(self, namespace: str, name: str) -> None:
         """Delete the Job; its Pods go with it (propagation Background: the garbage collector's work)."""
+        _check_names(namespace, name)
         self.writes.append(Write("delete", "jobs", namespace, name))
         job = self.objects.get(("jobs", namespace, name))
         if job is None:
@@ -229,6 +244,7 @@ class FakeKube:
                 self._delete("pods", ns, pod)
 
     async def active_jobs(self, namespace: str, label_selector: str) -> int:
+        _check_names(namespace)
         wanted = _selector(label_selector)
         return sum(
             1
@@ -240,6 +256,7 @@ class FakeKube:
         )
 
     async def job_pods(self, namespace: str, job_name: str) -> list[Body]:
+        _check_names(namespace, job_name)
         return [
             copy.deepcopy(obj)
             for (p, ns, _), obj in sorted(self.objects.items())

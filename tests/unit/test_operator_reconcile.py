@@ -1306,7 +1306,7 @@ async def test_refusing_counts_a_blueprint_without_generation_as_one(world: Worl
 async def test_a_kernels_other_owners_are_not_refreshed(world: World) -> None:
     kernel, _job = await compiling(world)
     name = kernel["metadata"]["name"]
-    owners = [{"kind": "ConfigMap", "name": "mlp", "uid": "x"}, *kernel["metadata"]["ownerReferences"]]
+    owners = [{"kind": "ConfigMap", "name": "settings", "uid": "x"}, *kernel["metadata"]["ownerReferences"]]
     world.kube.objects[("kernels", NS, name)]["metadata"]["ownerReferences"] = owners
     world.kube.set_status("kernels", NS, name, {**world.kernel(name)["status"], "phase": "Ready"})
     await world.rec.refresh_blueprints(world.kernel(name))
@@ -1315,11 +1315,15 @@ async def test_a_kernels_other_owners_are_not_refreshed(world: World) -> None:
 
 @pytest.mark.parametrize("state", ["gone", "deleting", "invalid", "no-kernels"])
 async def test_blueprints_that_cannot_be_refreshed_are_left_alone(world: World, state: str) -> None:
-    kernel, _job = await compiling(world)
+    """Blueprint a cannot take a refresh; b, which shares the Kernel, still gets its own."""
+    kernel, _job = await compiling(world, "a")
+    world.blueprint("b")
+    await world.reconcile("b")
     name = kernel["metadata"]["name"]
-    blueprint = world.kube.objects[("blueprints", NS, "mlp")]
+    assert [o["name"] for o in world.kernel(name)["metadata"]["ownerReferences"]] == ["a", "b"]
+    blueprint = world.kube.objects[("blueprints", NS, "a")]
     if state == "gone":
-        del world.kube.objects[("blueprints", NS, "mlp")]
+        del world.kube.objects[("blueprints", NS, "a")]
     elif state == "deleting":
         blueprint["metadata"]["deletionTimestamp"] = "2026-11-26T10:00:00Z"
     elif state == "invalid":
@@ -1329,7 +1333,8 @@ async def test_blueprints_that_cannot_be_refreshed_are_left_alone(world: World, 
     world.kube.set_status("kernels", NS, name, {**world.kernel(name)["status"], "phase": "Ready"})
     writes = len(world.kube.writes)
     await world.rec.refresh_blueprints(world.kernel(name))
-    assert world.kube.writes[writes:] == []
+    assert [w.name for w in world.kube.writes[writes:] if w.plural == "blueprints"] == ["b"]
+    assert world.kube.peek("blueprints", NS, "b")["status"]["phase"] == "Ready"  # type: ignore[index]
 
 
 async def test_a_refresh_without_change_writes_nothing(world: World) -> None:
@@ -1363,11 +1368,12 @@ async def test_a_refresh_keeps_the_observed_generation_and_history_limit(world: 
 async def test_a_refresh_of_a_status_without_generation_uses_the_blueprints(world: World) -> None:
     _kernel, job = await compiling(world)
     blueprint = world.kube.objects[("blueprints", NS, "mlp")]
-    del blueprint["status"]["observedGeneration"]
+    del blueprint["status"]["observedGeneration"], blueprint["status"]["digest"]  # an older operator's
     blueprint["metadata"]["generation"] = 5
     key = key_of(SPEC)
     await world.rec.observe_job(world.succeed(job, world.result(key, world.store_manifest(key))))
-    assert world.kube.peek("blueprints", NS, "mlp")["status"]["observedGeneration"] == 5  # type: ignore[index]
+    status = world.kube.peek("blueprints", NS, "mlp")["status"]  # type: ignore[index]
+    assert (status["observedGeneration"], status["digest"], status["phase"]) == (5, "", "Ready")
 
 
 async def test_a_refresh_defaults_to_a_history_of_three(world: World) -> None:
@@ -1701,3 +1707,33 @@ async def test_a_burst_of_blueprints_is_planned_a_few_dozen_at_a_time(world: Wor
     gate.set()
     statuses = await asyncio.gather(*tasks)
     assert [s["phase"] for s in statuses] == ["Compiling"] * 40 and most == 32
+
+
+async def test_the_owner_reference_names_the_blueprints_own_api_version(world: World) -> None:
+    """A Blueprint read at another served version is owned under that version, as the API server has it."""
+    body = world.blueprint()
+    body["apiVersion"] = "esper.dev/v1beta1"
+    await world.rec.reconcile_blueprint(body)
+    [ref] = world.kernel(kernel_name(SPEC))["metadata"]["ownerReferences"]
+    assert ref == {**owner(world), "apiVersion": "esper.dev/v1beta1"}
+
+
+async def test_a_refused_blueprint_says_which_generation_was_refused(world: World) -> None:
+    body = world.blueprint(generation=4)
+    status = await world.rec.refuse_blueprint(body, "refused")
+    assert (
+        status["observedGeneration"] == 4
+        and condition({"status": status}, "Valid")["observedGeneration"] == 4
+    )
+
+
+async def test_a_compiling_kernel_whose_job_vanished_queues_for_a_new_one(tmp_path: Path) -> None:
+    """Someone deleted the Job while every slot is taken: the Blueprint shows its Kernel waiting."""
+    world = World(tmp_path, max_concurrent_jobs=1)
+    kernel, job = await compiling(world)
+    world.kube.objects.pop(("jobs", COMPILE_NS, job))
+    labels = {"app.kubernetes.io/managed-by": "esper-operator"}
+    world.kube.put("jobs", COMPILE_NS, {"metadata": {"name": "busy", "labels": labels}})
+    status = await world.reconcile()
+    assert status["kernels"] == [{"target": "cpu", "name": kernel["metadata"]["name"], "phase": "Pending"}]
+    assert world.kernel(kernel["metadata"]["name"])["status"]["reason"] == "Queued"
