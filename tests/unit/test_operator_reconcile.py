@@ -1743,3 +1743,33 @@ async def test_a_compiling_kernel_whose_job_vanished_queues_for_a_new_one(tmp_pa
     status = await world.reconcile()
     assert status["kernels"] == [{"target": "cpu", "name": kernel["metadata"]["name"], "phase": "Pending"}]
     assert world.kernel(kernel["metadata"]["name"])["status"]["reason"] == "Queued"
+
+
+async def test_each_attempt_removes_the_one_before(world: World) -> None:
+    """Attempt 3 starts in Job `-3` and removes attempt 2's; attempt 1's went when 2 started."""
+    kernel, job = await compiling(world)
+    name = kernel["metadata"]["name"]
+    for attempt in (1, 2):
+        await world.rec.observe_job(world.fail(world.job_of(kernel, attempt)))
+        past = {**world.kernel(name)["status"], "retryAt": "2020-01-01T00:00:00.000Z"}
+        world.kube.set_status("kernels", NS, name, past)
+        await world.rec.kernel_tick(world.kernel(name))
+        assert world.kube.names("jobs", COMPILE_NS) == [world.job_of(kernel, attempt + 1)]
+    deleted = [w.name for w in world.kube.written("delete", "jobs")]
+    assert deleted == [job, world.job_of(kernel, 2)]
+    assert world.kernel(name)["status"]["attempts"] == 3
+
+
+async def test_a_job_deleted_while_compiling_is_made_again_and_recorded(world: World) -> None:
+    """Someone deleted the compile Job: the next pass makes it again and the Kernel records its uid,
+    so the new Job's result is not taken for a stranger's."""
+    kernel, job = await compiling(world)
+    name = kernel["metadata"]["name"]
+    old_uid = world.job(job)["metadata"]["uid"]
+    world.kube.objects.pop(("jobs", COMPILE_NS, job))
+    await world.reconcile()
+    new_uid = world.job(job)["metadata"]["uid"]
+    assert new_uid != old_uid and world.kernel(name)["status"]["jobUid"] == new_uid
+    assert world.kernel(name)["status"]["attempts"] == 1  # the same attempt, not a retry
+    await world.rec.observe_job(world.fail(job, code=65))
+    assert world.kernel(name)["status"]["phase"] == "Failed"
