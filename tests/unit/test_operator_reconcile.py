@@ -1773,3 +1773,16 @@ async def test_a_job_deleted_while_compiling_is_made_again_and_recorded(world: W
     assert world.kernel(name)["status"]["attempts"] == 1  # the same attempt, not a retry
     await world.rec.observe_job(world.fail(job, code=65))
     assert world.kernel(name)["status"]["phase"] == "Failed"
+
+
+@pytest.mark.parametrize("spec", [{"target": "cpu"}, {"key": "a" * 64}, {}])
+async def test_a_malformed_kernel_is_still_cleaned_up(world: World, spec: dict[str, str]) -> None:
+    """A Kernel missing its target or key must not fail its own finalizer forever: the Job its
+    status names goes; no other name can be derived."""
+    kernel = {
+        "metadata": {"name": "k", "namespace": NS, "uid": "u"},
+        "spec": spec,
+        "status": {"jobName": "j"},
+    }
+    await world.rec.kernel_deleted(kernel)
+    assert [(w.namespace, w.name) for w in world.kube.written("delete", "jobs")] == [(NS, "j")]
