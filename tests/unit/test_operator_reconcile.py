@@ -483,6 +483,10 @@ async def test_a_succeeded_job_makes_the_kernel_ready_with_its_artifact(world: W
     }
     assert {k: status[k] for k in expected} == expected
     assert condition(world.kernel(name), "Ready")["status"] == "True"
+    [ready_write] = [
+        w.body for w in world.kube.written("patch_status", "kernels") if w.body.get("phase") == "Ready"
+    ]
+    assert {k: v for k, v in ready_write.items() if k != "conditions"} == expected  # and nothing else
     assert world.kernel_events()[-1] == (
         name,
         "Normal",
@@ -536,7 +540,9 @@ async def test_a_result_whose_manifest_differs_in_the_store_fails_the_kernel(wor
     kernel, job = await compiling(world)
     key = key_of(SPEC)
     world.store_manifest(key)
+    failures = histogram("esper_compile_job_seconds_count", target="cpu", outcome="failed")
     await world.rec.observe_job(world.succeed(job, world.result(key, "f" * 64)))
+    assert histogram("esper_compile_job_seconds_count", target="cpu", outcome="failed") == failures + 1
     status = world.kernel(kernel["metadata"]["name"])["status"]
     message = "manifest in the store does not match " + "f" * 64
     assert (status["phase"], status["reason"], status["message"]) == ("Failed", "ArtifactMismatch", message)
@@ -551,7 +557,9 @@ async def test_a_result_outside_the_store_fails_the_kernel(world: World, tmp_pat
     key = key_of(SPEC)
     sha = world.store_manifest(key)
     elsewhere = f"file://{tmp_path}/other/kernels/{key}"
+    failures = histogram("esper_compile_job_seconds_count", target="cpu", outcome="failed")
     await world.rec.observe_job(world.succeed(job, world.result(key, sha, uri=elsewhere)))
+    assert histogram("esper_compile_job_seconds_count", target="cpu", outcome="failed") == failures + 1
     status = world.kernel(kernel["metadata"]["name"])["status"]
     assert (status["phase"], status["reason"]) == ("Failed", "BadResult")
     assert status["message"] == f"artifact URI {elsewhere} is outside the store"
@@ -1638,9 +1646,8 @@ async def test_kernel_status_writes_carry_the_kernels_generation(
     await world.rec.kernel_tick(world.kernel(name))  # ensure_job
     generations = [w.body["observedGeneration"] for w in world.kube.written("patch_status", "kernels")]
     reasons = [w.body.get("reason") for w in world.kube.written("patch_status", "kernels")]
-    assert reasons[1:] == [
-        "ErrImagePull", "RetryBackoff", "JobCreated", "InvalidBlueprint", "RetryRequested", "Queued", "JobCreated"
-    ]  # fmt: skip
+    expected = ["ErrImagePull", "RetryBackoff", "JobCreated", "InvalidBlueprint", "RetryRequested", "Queued"]
+    assert reasons[1:] == [*expected, "JobCreated"]
     assert generations[1:] == [observed] * 7
 
 
@@ -1786,3 +1793,50 @@ async def test_a_malformed_kernel_is_still_cleaned_up(world: World, spec: dict[s
     }
     await world.rec.kernel_deleted(kernel)
     assert [(w.namespace, w.name) for w in world.kube.written("delete", "jobs")] == [(NS, "j")]
+
+
+@pytest.mark.parametrize(("generation", "observed"), [(3, 3), (None, 1)])
+async def test_the_ready_write_carries_the_kernels_generation(
+    world: World, generation: int | None, observed: int
+) -> None:
+    kernel, job = await compiling(world)
+    name = kernel["metadata"]["name"]
+    set_generation(world, name, generation)
+    key = key_of(SPEC)
+    await world.rec.observe_job(world.succeed(job, world.result(key, world.store_manifest(key))))
+    status = world.kernel(name)["status"]
+    assert (status["phase"], status["observedGeneration"]) == ("Ready", observed)
+    assert condition(world.kernel(name), "Ready")["observedGeneration"] == observed
+
+
+async def test_a_user_retry_after_the_automatic_ones_counts_them(tmp_path: Path) -> None:
+    """Two attempts failed (one automatic retry): the request says so, and the next Job is attempt 3."""
+    world = World(tmp_path, retry_limit=1)
+    kernel, job = await compiling(world)
+    name = kernel["metadata"]["name"]
+    await world.rec.observe_job(world.fail(job))
+    world.kube.set_status(
+        "kernels", NS, name, {**world.kernel(name)["status"], "retryAt": "2020-01-01T00:00:00Z"}
+    )
+    await world.rec.kernel_tick(world.kernel(name))
+    await world.rec.observe_job(world.fail(world.job_of(kernel, 2)))
+    status = world.kernel(name)["status"]
+    assert (status["phase"], status["attempts"]) == ("Failed", 2)  # out of automatic retries
+    world.kube.objects[("kernels", NS, name)]["metadata"]["annotations"] = {"esper.dev/retry": "again"}
+    await world.rec.kernel_tick(world.kernel(name))
+    [request] = [
+        w.body for w in world.kube.written("patch_status") if w.body.get("reason") == "RetryRequested"
+    ]
+    assert (request["message"], request["retryBase"]) == (
+        "retry requested after 2 attempt(s): BackoffLimitExceeded",
+        2,
+    )
+    status = world.kernel(name)["status"]
+    assert (status["phase"], status["attempts"], status["jobName"]) == (
+        "Compiling",
+        3,
+        world.job_of(kernel, 3),
+    )
+    # the automatic retries start over: attempt 3's transient failure is retried
+    await world.rec.observe_job(world.fail(world.job_of(kernel, 3)))
+    assert world.kernel(name)["status"]["reason"] == "RetryBackoff"
