@@ -19,7 +19,7 @@ import copy
 import datetime as dt
 import random
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from esper_operator.kube import Body, Conflict
@@ -36,7 +36,7 @@ class Write:
     plural: str
     namespace: str
     name: str
-    body: Body | None = None
+    body: Body = field(default_factory=dict)  # empty for a delete
 
 
 def merge_patch(target: Any, patch: Any) -> Any:

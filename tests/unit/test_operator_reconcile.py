@@ -79,7 +79,7 @@ class World:
             store_uri=self.store_dir.as_uri(), compile_namespace=COMPILE_NS, **config
         )
         self.events: list[tuple[str, str, str, str, str]] = []  # (kind, name, type, reason, message)
-        self.rec = Reconciler(self.kube, self.config, self._emit)
+        self.rec = Reconciler(self.kube, self.config, self._emit)  # type: ignore[arg-type]  # Kube's double
 
     def _emit(self, body: Body, type_: str, reason: str, message: str) -> None:
         self.events.append((body.get("kind", "?"), body["metadata"]["name"], type_, reason, message))
@@ -87,7 +87,7 @@ class World:
     def blueprint(self, name: str = "mlp", spec: dict[str, Any] | None = None, **meta: Any) -> Body:
         """A Blueprint as `kubectl apply` leaves it (the API server adds uid, generation, ...)."""
         stored = self.kube.peek("blueprints", NS, name)
-        body = {
+        body: Body = {
             "apiVersion": "esper.dev/v1alpha1",
             "kind": "Blueprint",
             "metadata": {"name": name, "namespace": NS, **meta},
