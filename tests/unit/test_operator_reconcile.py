@@ -1373,15 +1373,21 @@ async def test_a_refresh_keeps_the_observed_generation_and_history_limit(world: 
     assert kernel_name(specs[0]) not in live_kernels(world)
 
 
-async def test_a_refresh_of_a_status_without_generation_uses_the_blueprints(world: World) -> None:
+@pytest.mark.parametrize(("generation", "observed"), [(5, 5), (None, 1)])
+async def test_a_refresh_of_a_status_without_generation_uses_the_blueprints(
+    world: World, generation: int | None, observed: int
+) -> None:
     _kernel, job = await compiling(world)
     blueprint = world.kube.objects[("blueprints", NS, "mlp")]
     del blueprint["status"]["observedGeneration"], blueprint["status"]["digest"]  # an older operator's
-    blueprint["metadata"]["generation"] = 5
+    if generation is None:
+        del blueprint["metadata"]["generation"]
+    else:
+        blueprint["metadata"]["generation"] = generation
     key = key_of(SPEC)
     await world.rec.observe_job(world.succeed(job, world.result(key, world.store_manifest(key))))
     status = world.kube.peek("blueprints", NS, "mlp")["status"]  # type: ignore[index]
-    assert (status["observedGeneration"], status["digest"], status["phase"]) == (5, "", "Ready")
+    assert (status["observedGeneration"], status["digest"], status["phase"]) == (observed, "", "Ready")
 
 
 async def test_a_refresh_defaults_to_a_history_of_three(world: World) -> None:
@@ -1840,3 +1846,92 @@ async def test_a_user_retry_after_the_automatic_ones_counts_them(tmp_path: Path)
     # the automatic retries start over: attempt 3's transient failure is retried
     await world.rec.observe_job(world.fail(world.job_of(kernel, 3)))
     assert world.kernel(name)["status"]["reason"] == "RetryBackoff"
+
+
+async def test_a_refresh_writes_a_kernels_new_phase_when_the_blueprints_stays(world: World) -> None:
+    """Two targets compiling; one backs off: the Blueprint stays Compiling but lists that Kernel Pending."""
+    spec = {**SPEC, "targets": ["cpu", "cuda-sm90"]}
+    world.blueprint(spec=spec)
+    await world.reconcile()
+    plan = plan_blueprint("mlp", spec, torch_version="2.13.0")
+    cpu, gpu = (world.kernel(k.name) for k in plan.kernels)
+    await world.rec.observe_job(world.fail(world.job_of(cpu)))
+    status = world.kube.peek("blueprints", NS, "mlp")["status"]  # type: ignore[index]
+    assert status["phase"] == "Compiling"
+    assert status["kernels"] == [
+        {"target": "cpu", "name": cpu["metadata"]["name"], "phase": "Pending"},
+        {"target": "cuda-sm90", "name": gpu["metadata"]["name"], "phase": "Compiling"},
+    ]
+
+
+async def _edited_with_history_limit(world: World, limit: int) -> tuple[str, str]:
+    """Revision 1 (Kernel old) Ready, then revision 2 (Kernel new), both with `historyLimit: limit`."""
+    old = (await ready(world, spec=mlp(32, historyLimit=limit)))["metadata"]["name"]
+    world.blueprint(spec=mlp(48, historyLimit=limit))
+    await world.reconcile()
+    return old, kernel_name(mlp(48, historyLimit=limit))
+
+
+async def test_a_refresh_drops_a_served_kernel_that_is_being_deleted(world: World) -> None:
+    """No history kept (limit 0): the old Kernel serves alone until someone deletes it; then nothing does."""
+    old, new = await _edited_with_history_limit(world, 0)
+    status = world.kube.peek("blueprints", NS, "mlp")["status"]  # type: ignore[index]
+    assert status["serving"] == [{"target": "cpu", "name": old, "phase": "Ready"}] and status["history"] == []
+    world.kube.objects[("kernels", NS, old)]["metadata"]["deletionTimestamp"] = "2026-11-26T10:00:00Z"
+    await world.rec.refresh_blueprints(world.kernel(new))
+    status = world.kube.peek("blueprints", NS, "mlp")["status"]  # type: ignore[index]
+    assert (status["serving"], status["servingSummary"]) == ([], "0/1")
+
+
+async def test_a_refresh_drops_a_retained_kernel_that_is_being_deleted(world: World) -> None:
+    old, new = await _edited_with_history_limit(world, 3)
+    key = key_of(mlp(48, historyLimit=3))
+    await world.rec.observe_job(
+        world.succeed(world.job_of(world.kernel(new)), world.result(key, world.store_manifest(key)))
+    )
+    status = world.kube.peek("blueprints", NS, "mlp")["status"]  # type: ignore[index]
+    assert [h["kernels"][0]["name"] for h in status["history"]] == [old]
+    world.kube.objects[("kernels", NS, old)]["metadata"]["deletionTimestamp"] = "2026-11-26T10:00:00Z"
+    await world.rec.refresh_blueprints(world.kernel(new))
+    assert world.kube.peek("blueprints", NS, "mlp")["status"]["history"] == []  # type: ignore[index]
+
+
+async def test_a_failure_is_written_in_one_status_patch(world: World) -> None:
+    """The patch names the Job it read, so the status stands on its own."""
+    _kernel, job = await compiling(world)
+    await world.rec.observe_job(world.fail(job, code=65))
+    [body] = [
+        w.body for w in world.kube.written("patch_status", "kernels") if w.body.get("phase") == "Failed"
+    ]
+    message = "compile Job failed (BackoffLimitExceeded) after 1 attempt(s); exit code 65; boom"
+    expected = {
+        "phase": "Failed",
+        "reason": "InvalidBlueprint",
+        "message": message,
+        "observedGeneration": 1,
+        "jobName": job,
+    }
+    assert {k: v for k, v in body.items() if k != "conditions"} == expected
+    assert [(c["type"], c["status"], c["reason"]) for c in body["conditions"]] == [
+        ("Ready", "False", "InvalidBlueprint")
+    ]
+
+
+async def test_a_back_off_is_written_in_one_status_patch(world: World) -> None:
+    _kernel, job = await compiling(world)
+    await world.rec.observe_job(world.fail(job))
+    [body] = [
+        w.body
+        for w in world.kube.written("patch_status", "kernels")
+        if w.body.get("reason") == "RetryBackoff"
+    ]
+    assert sorted(body) == [
+        "conditions",
+        "jobName",
+        "message",
+        "observedGeneration",
+        "phase",
+        "reason",
+        "retryAt",
+    ]
+    assert (body["phase"], body["jobName"], body["observedGeneration"]) == ("Pending", job, 1)
