@@ -8,9 +8,9 @@ gives them: a uid and creationTimestamp on create, a new resourceVersion on ever
 ignores all else. Delete honours finalizers (a deletionTimestamp, then gone when the last finalizer is
 removed). Objects go in and out as deep copies, so a caller cannot change what is stored.
 
-Every write made through the `Kube` interface is recorded in `writes` (verb, plural, name, body); what
-the cluster itself does (the Job controller finishing a Job, a Pod appearing) goes through `put` and
-`set_status`, which are not recorded.
+Every write made through the `Kube` interface is recorded in `writes` (verb, plural, name, body) and
+every read in `reads` (each is a round trip to the API server). What the cluster itself does (the Job
+controller finishing a Job, a Pod appearing) goes through `put` and `set_status`, not recorded.
 """
 
 from __future__ import annotations
@@ -79,6 +79,7 @@ class FakeKube:
     def __init__(self, *, cluster_list_forbidden: bool = False, seed: int = 0) -> None:
         self.objects: dict[tuple[str, str, str], Body] = {}  # (plural, namespace, name) -> object
         self.writes: list[Write] = []
+        self.reads: list[Write] = []  # get, list and job_pods calls, without a body
         self.cluster_list_forbidden = cluster_list_forbidden  # list_all then sees one namespace, as Kube
         self._revision = 0
         self._uids = random.Random(seed)
@@ -162,6 +163,7 @@ class FakeKube:
 
     async def get(self, plural: str, namespace: str, name: str) -> Body | None:
         _check_names(namespace, name)
+        self.reads.append(Write("get", plural, namespace, name))
         return self.peek(plural, namespace, name)
 
     async def create(self, plural: str, namespace: str, body: Body) -> Body:
@@ -198,6 +200,7 @@ class FakeKube:
         return self._update(plural, namespace, name, new)
 
     async def list_all(self, plural: str, fallback_namespace: str) -> list[Body]:
+        self.reads.append(Write("list", plural, fallback_namespace, ""))
         namespace = fallback_namespace if self.cluster_list_forbidden else None
         return [
             copy.deepcopy(obj)
@@ -223,6 +226,7 @@ class FakeKube:
 
     async def get_job(self, namespace: str, name: str) -> Body | None:
         _check_names(namespace, name)
+        self.reads.append(Write("get", "jobs", namespace, name))
         return self.peek("jobs", namespace, name)
 
     async def create_job(self, namespace: str, body: Body) -> Body:
@@ -245,6 +249,7 @@ class FakeKube:
 
     async def active_jobs(self, namespace: str, label_selector: str) -> int:
         _check_names(namespace)
+        self.reads.append(Write("list", "jobs", namespace, label_selector))
         wanted = _selector(label_selector)
         return sum(
             1
@@ -257,6 +262,7 @@ class FakeKube:
 
     async def job_pods(self, namespace: str, job_name: str) -> list[Body]:
         _check_names(namespace, job_name)
+        self.reads.append(Write("list", "pods", namespace, job_name))
         return [
             copy.deepcopy(obj)
             for (p, ns, _), obj in sorted(self.objects.items())

@@ -1185,20 +1185,24 @@ def role(world: World, kernel: str, blueprint: str = "mlp") -> str | None:
     return world.kernel(kernel)["metadata"]["labels"].get(f"blueprint.esper.dev/{blueprint}")
 
 
-async def test_an_edit_keeps_the_last_ready_kernel_serving_until_the_new_one_is_ready(world: World) -> None:
-    old = (await ready(world))["metadata"]["name"]
-    world.blueprint(spec=SPEC_2)
+@pytest.mark.parametrize("first", [SPEC, SPEC_2], ids=["to-48", "to-32"])  # both orders of the names
+async def test_an_edit_keeps_the_last_ready_kernel_serving_until_the_new_one_is_ready(
+    world: World, first: dict[str, Any]
+) -> None:
+    second = SPEC_2 if first is SPEC else SPEC
+    old = (await ready(world, spec=first))["metadata"]["name"]
+    world.blueprint(spec=second)
     status = await world.reconcile()
-    new = kernel_name(SPEC_2)
+    new = kernel_name(second)
     assert status["phase"] == "Compiling" and status["revision"] == 2
     assert status["serving"] == [{"target": "cpu", "name": old, "phase": "Ready"}]
     assert status["servingSummary"] == "1/1"
     assert status["history"] == [
-        {"revision": 1, "digest": digest_of(SPEC), "kernels": [{"target": "cpu", "name": old}]}
+        {"revision": 1, "digest": digest_of(first), "kernels": [{"target": "cpu", "name": old}]}
     ]
     assert (role(world, old), role(world, new)) == ("serving", "candidate")
     # the new Kernel Ready: it serves, the old one is kept as history
-    key = key_of(SPEC_2)
+    key = key_of(second)
     writes = len(world.kube.writes)
     await world.rec.observe_job(
         world.succeed(world.job_of(world.kernel(new)), world.result(key, world.store_manifest(key)))
@@ -1935,3 +1939,59 @@ async def test_a_back_off_is_written_in_one_status_patch(world: World) -> None:
         "retryAt",
     ]
     assert (body["phase"], body["jobName"], body["observedGeneration"]) == ("Pending", job, 1)
+
+
+async def test_a_new_blueprint_costs_no_reads(world: World) -> None:
+    """Everything its rollout needs it has just written: the API server is the bottleneck of a burst."""
+    world.blueprint()
+    await world.reconcile()
+    assert world.kube.reads == []
+    assert [(w.verb, w.plural) for w in world.kube.writes] == [
+        ("create", "kernels"),
+        ("create", "jobs"),
+        ("patch_status", "kernels"),
+    ]
+
+
+async def test_a_kernel_that_is_gone_shows_as_pending(world: World) -> None:
+    """Deleted behind the operator's back, a Kernel is listed Pending until a reconcile makes it again."""
+    spec = {**SPEC, "targets": ["cpu", "cuda-sm90"]}
+    world.blueprint(spec=spec)
+    await world.reconcile()
+    cpu, gpu = (k.name for k in plan_blueprint("mlp", spec, torch_version="2.13.0").kernels)
+    del world.kube.objects[("kernels", NS, gpu)]
+    await world.rec.observe_job(world.fail(world.job_of(world.kernel(cpu)), code=65))
+    status = world.kube.peek("blueprints", NS, "mlp")["status"]  # type: ignore[index]
+    assert status["kernels"] == [
+        {"target": "cpu", "name": cpu, "phase": "Failed"},
+        {"target": "cuda-sm90", "name": gpu, "phase": "Pending"},
+    ]
+
+
+class RacedJob(FakeKube):
+    """Another operator replica creates the compile Job right after this one first looked for it."""
+
+    async def get_job(self, namespace: str, name: str) -> Body | None:
+        job = await super().get_job(namespace, name)
+        if job is None and not getattr(self, "raced", False):
+            self.raced = True
+            kernel = next(o for (p, _, _), o in self.objects.items() if p == "kernels")
+            labels = {
+                "app.kubernetes.io/managed-by": "esper-operator",
+                "esper.dev/kernel-uid": kernel["metadata"]["uid"],
+            }
+            self.put("jobs", namespace, {"metadata": {"name": name, "labels": labels}})
+        return job
+
+
+async def test_with_a_cap_a_job_made_by_a_concurrent_pass_is_adopted_not_queued(tmp_path: Path) -> None:
+    """It holds the only slot: it must be found as this Kernel's Job, not counted against it."""
+    world = World(tmp_path, max_concurrent_jobs=1)
+    world.kube = world.rec.kube = RacedJob()  # type: ignore[assignment]
+    world.blueprint()
+    await world.reconcile()
+    kernel = world.kernel(kernel_name(SPEC))
+    status = kernel["status"]
+    assert (status["phase"], status["jobName"]) == ("Compiling", world.job_of(kernel))
+    assert status["jobUid"] == world.job(world.job_of(kernel))["metadata"]["uid"]
+    assert world.kube.written("create", "jobs") == []
