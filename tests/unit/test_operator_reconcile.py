@@ -259,6 +259,7 @@ async def test_the_compile_job_runs_in_the_compile_namespace_and_names_its_kerne
     job_name = f"tezzeret-{kernel_name(SPEC)}-{uid.replace('-', '')[:8]}"
     [create] = world.kube.written("create", "jobs")
     assert (create.namespace, create.name) == (COMPILE_NS, job_name)
+    assert (create.body["metadata"]["namespace"], create.body["metadata"]["name"]) == (COMPILE_NS, job_name)
     assert create.body["metadata"]["labels"] == {
         "app.kubernetes.io/managed-by": "esper-operator",
         "esper.dev/kernel": kernel_name(SPEC),
@@ -1995,3 +1996,17 @@ async def test_with_a_cap_a_job_made_by_a_concurrent_pass_is_adopted_not_queued(
     assert (status["phase"], status["jobName"]) == ("Compiling", world.job_of(kernel))
     assert status["jobUid"] == world.job(world.job_of(kernel))["metadata"]["uid"]
     assert world.kube.written("create", "jobs") == []
+
+
+async def test_a_reconcile_keeps_when_the_blueprints_conditions_last_changed(world: World) -> None:
+    """`kubectl describe` shows since when a Blueprint is Valid and not Ready: a resync must not reset it."""
+    world.blueprint()
+    await world.reconcile()
+    stored = world.kube.objects[("blueprints", NS, "mlp")]
+    for c in stored["status"]["conditions"]:
+        c["lastTransitionTime"] = "2026-01-01T00:00:00Z"
+    status = await world.reconcile()
+    assert {c["type"]: c["lastTransitionTime"] for c in status["conditions"]} == {
+        "Valid": "2026-01-01T00:00:00Z",
+        "Ready": "2026-01-01T00:00:00Z",
+    }
