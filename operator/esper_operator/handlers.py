@@ -163,6 +163,27 @@ def _metadata_and_status(body: kopf.Body) -> dict[str, Any]:
         return plain(body, parts=())
 
 
+def _never_reconciled(body: kopf.Body, **_: Any) -> bool:
+    return not body.get("status") and not body.get("metadata", {}).get("deletionTimestamp")
+
+
+@kopf.on.event(*BLUEPRINTS, id="prepare", when=_never_reconciled)  # type: ignore[arg-type]
+async def prepare_blueprint(
+    type: str, body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any
+) -> None:
+    """A new Blueprint's Kernels and Jobs, made in the cycle where kopf adds its finalizer.
+
+    Only a head start: whatever fails here, the reconcile handler that follows does again and
+    reports, so nothing is raised (kopf would post an error Event and never retry an event handler).
+    """
+    if type == "DELETED":
+        return
+    try:
+        await memo.reconciler.prepare_blueprint(plain(body))
+    except Exception as exc:
+        logger.info("no head start for this Blueprint (%s); the reconcile handler takes it", exc)
+
+
 @kopf.on.delete(*BLUEPRINTS, id="release", backoff=RETRY_SECONDS)
 async def release_blueprint(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     await memo.reconciler.blueprint_deleted(_metadata_and_status(body))

@@ -13,6 +13,7 @@ import functools
 import hashlib
 import json
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -59,6 +60,7 @@ Emit = Callable[[Body, str, str, str], None]
 FINAL = ("Ready", "Failed")
 OWNER_RETRIES = 8
 CONCURRENT_RECONCILES = 32
+PREPARED_LIMIT = 4096  # prepared Blueprints not yet reconciled (deleted at once, say) are forgotten beyond
 
 
 def _owner_ref(body: Body) -> Body:
@@ -83,6 +85,9 @@ class Reconciler:
         # A burst of new Blueprints is planned a few dozen at a time, not all at once: as fast (the API
         # server is the bottleneck) with a fraction of the memory (plans hold expanded graphs).
         self._planning = asyncio.Semaphore(CONCURRENT_RECONCILES)
+        # (Blueprint uid, generation) -> its Kernels' bodies, from `prepare_blueprint`. The same uid and
+        # generation is the same spec, so the same plan.
+        self._prepared: OrderedDict[tuple[str, int], dict[str, Body]] = OrderedDict()
 
     @functools.cached_property
     def store(self) -> Store:
@@ -96,11 +101,40 @@ class Reconciler:
         async with self._planning:
             return await self._reconcile_blueprint(body)
 
+    async def prepare_blueprint(self, body: Body) -> None:
+        """Create the Kernels and compile Jobs of a Blueprint that was never reconciled.
+
+        Called from the watch event that announces a new Blueprint: kopf spends that event's cycle
+        adding its finalizer and runs the reconcile handler only on the next one, so the compile
+        starts a cycle earlier this way. The reconcile that follows finds the Kernels here (for the
+        same uid and generation) and only writes the status. Not reached: a Blueprint that
+        does not plan (the reconcile reports it), or one with a status (reconciled before).
+        """
+        meta = body["metadata"]
+        generation = int(meta.get("generation") or 1)
+        if (meta["uid"], generation) in self._prepared:  # kopf's finalizer write brings a second event
+            return
+        try:
+            plan = plan_blueprint(
+                meta["name"], body.get("spec") or {}, torch_version=self.config.torch_version
+            )
+        except BlueprintInvalid:
+            return
+        async with self._planning:
+            bodies = {}
+            for planned in plan.kernels:
+                kernel = await self.ensure_kernel(body, planned)
+                bodies[planned.name] = await self.ensure_job(kernel, planned.job_name)
+        self._prepared[(meta["uid"], generation)] = bodies
+        while len(self._prepared) > PREPARED_LIMIT:
+            self._prepared.popitem(last=False)
+
     async def _reconcile_blueprint(self, body: Body) -> Body:
         meta = body["metadata"]
         name = meta["name"]
         generation = int(meta.get("generation") or 1)
         previous = body.get("status") or {}
+        prepared = self._prepared.pop((meta["uid"], generation), {})
         try:
             plan = plan_blueprint(name, body.get("spec") or {}, torch_version=self.config.torch_version)
         except BlueprintInvalid as exc:
@@ -108,8 +142,10 @@ class Reconciler:
         crash_point("plan")
         refs, bodies = [], {}
         for planned in plan.kernels:
-            kernel = await self.ensure_kernel(body, planned)
-            kernel = await self.ensure_job(kernel, planned.job_name)
+            kernel = prepared.get(planned.name)
+            if kernel is None:
+                kernel = await self.ensure_kernel(body, planned)
+                kernel = await self.ensure_job(kernel, planned.job_name)
             refs.append({"target": planned.spec.target, "name": planned.name, "phase": _phase(kernel)})
             bodies[planned.name] = kernel
         metrics.RECONCILES.labels("blueprint", "ok").inc()

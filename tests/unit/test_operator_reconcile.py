@@ -235,6 +235,50 @@ async def test_a_new_blueprint_creates_its_kernel_with_owner_labels_and_finalize
     assert expected_spec["key"] == key and expected_spec["blueprint"] == "mlp"
 
 
+async def test_a_head_start_makes_the_kernel_and_job_and_the_reconcile_only_the_status(world: World) -> None:
+    """A new Blueprint's first watch event creates its Kernel and Job; the reconcile that follows (kopf's
+    next cycle) asks the API server for nothing and returns the status a plain reconcile would."""
+    world.blueprint()
+    await world.rec.prepare_blueprint(world.kube.peek("blueprints", NS, "mlp"))  # type: ignore[arg-type]
+    kernel = world.kernel(kernel_name(SPEC))
+    assert [(w.verb, w.plural) for w in world.kube.writes] == [
+        ("create", "kernels"), ("create", "jobs"), ("patch_status", "kernels")
+    ]  # fmt: skip
+    assert kernel["status"]["jobName"] == world.job_of(kernel) and world.job(world.job_of(kernel))
+    writes, reads = len(world.kube.writes), len(world.kube.reads)
+    status = await world.reconcile()
+    assert world.kube.writes[writes:] == [] and world.kube.reads[reads:] == []
+    ref = {"target": "cpu", "name": kernel_name(SPEC), "phase": "Compiling"}
+    assert (status["phase"], status["kernels"], status["revision"]) == ("Compiling", [ref], 1)
+    assert status["digest"] == digest_of(SPEC)
+
+
+async def test_a_head_start_is_made_once_per_generation(world: World) -> None:
+    """kopf's finalizer write brings a second event before the reconcile: it adds no request."""
+    world.blueprint()
+    body = world.kube.peek("blueprints", NS, "mlp")
+    await world.rec.prepare_blueprint(body)  # type: ignore[arg-type]
+    writes, reads = len(world.kube.writes), len(world.kube.reads)
+    await world.rec.prepare_blueprint(body)  # type: ignore[arg-type]
+    assert world.kube.writes[writes:] == [] and world.kube.reads[reads:] == []
+
+
+async def test_a_head_start_for_another_generation_or_plan_is_not_used(world: World) -> None:
+    """The reconcile uses a head start only for the same uid and generation; else it does it all."""
+    world.blueprint()
+    await world.rec.prepare_blueprint(world.kube.peek("blueprints", NS, "mlp"))  # type: ignore[arg-type]
+    world.blueprint(spec=SPEC_2)  # edited before kopf's reconcile ran: generation 2, another Kernel
+    status = await world.reconcile()
+    assert [k["name"] for k in status["kernels"]] == [kernel_name(SPEC_2)]
+    assert world.kernel(kernel_name(SPEC_2))["status"]["phase"] == "Compiling"
+
+
+async def test_an_invalid_blueprint_gets_no_head_start(world: World) -> None:
+    world.blueprint(spec={"template": {"name": "no-such-template"}, "targets": ["cpu"]})
+    await world.rec.prepare_blueprint(world.kube.peek("blueprints", NS, "mlp"))  # type: ignore[arg-type]
+    assert world.kube.writes == [] and world.events == []
+
+
 async def test_an_explicit_graph_has_no_template_label(world: World) -> None:
     world.blueprint(spec=GRAPH_SPEC)
     await world.reconcile()
@@ -1050,13 +1094,15 @@ async def test_a_job_of_a_deleted_kernel_is_left_to_the_cleanup(world: World) ->
 
 
 async def test_an_earlier_attempts_job_is_ignored_silently(tmp_path: Path) -> None:
-    world = World(tmp_path, retry_base_seconds=0.001, retry_max_seconds=0.001)
+    world = World(tmp_path)
     kernel, job = await compiling(world)
     name = kernel["metadata"]["name"]
     world.fail(job)
     first = world.job(job)
     await world.rec.observe_job(first)
-    await world.rec.kernel_tick(world.kernel(name))  # attempt 2 (the back-off is a millisecond)
+    past = {**world.kernel(name)["status"], "retryAt": "2020-01-01T00:00:00.000Z"}  # the back-off is over
+    world.kube.set_status("kernels", NS, name, past)
+    await world.rec.kernel_tick(world.kernel(name))  # attempt 2
     assert world.kernel(name)["status"]["jobName"] == world.job_of(kernel, 2)
     writes, events = len(world.kube.writes), len(world.events)
     await world.rec.observe_job(first)  # a late event of attempt 1's Job
