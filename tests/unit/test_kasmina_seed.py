@@ -6,6 +6,7 @@ import copy
 import io
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -16,11 +17,13 @@ from esper.kasmina import (
     EagerKernel,
     IllegalTransition,
     KasminaMetrics,
+    KernelModule,
     KernelRestoreError,
     KernelShapeError,
     KernelShapeWarning,
     SeedSlot,
     SeedState,
+    Transition,
     set_kernel_resolver,
     slots,
     status_json,
@@ -486,3 +489,280 @@ def test_a_blend_of_no_steps_is_refused_and_changes_nothing() -> None:
     slot.start_blending(blend_steps=1)
     slot.step()
     assert (slot.state, slot.blend_steps, slot.alpha) == (S.BLENDING, 1, 1.0)
+
+
+def test_status_reports_the_counters_and_the_seed_size() -> None:
+    slot = SeedSlot("s", nn.Linear(F, F), blend_steps=4, metrics=metrics())
+    for _ in range(3):
+        slot.step()
+    slot.germinate(make_seed(), key="k")
+    slot.start_training()
+    slot.start_blending()
+    slot.step()
+    slot.step()
+    (status,) = status_json(nn.Sequential(slot))["seeds"]
+    seed_params = (F * 32 + 32) + (32 * F + F)  # make_seed's two Linear layers
+    fields = ("name", "state", "kernelKey", "alpha", "stepsInState", "globalStep", "seedParams")
+    assert tuple(status[f] for f in fields) == ("s", "blending", "k", 0.5, 2, 5, seed_params)
+    idle = SeedSlot("idle", nn.Linear(F, F), metrics=metrics()).status()
+    assert tuple(idle[f] for f in fields) == ("idle", "dormant", None, 0.0, 0, 0, 0)
+
+
+def test_slot_state_is_the_lifecycle_and_counters_as_plain_json() -> None:
+    slot = SeedSlot("s", nn.Linear(F, F), blend_steps=4, per_token=True, metrics=metrics())
+    slot.step()
+    slot.germinate(make_seed(), key="k", step=7)
+    slot.start_training()
+    slot.step()
+    assert slot.slot_state() == {
+        "version": 1,
+        "name": "s",
+        "state": "training",
+        "alpha": 0.0,
+        "blendStep": 0,
+        "blendSteps": 4,
+        "globalStep": 2,
+        "stepsInState": 1,
+        "kernelKey": "k",
+        "history": [
+            {"step": 7, "from_state": "dormant", "to_state": "germinated", "reason": "kernel k"},
+            {"step": 1, "from_state": "germinated", "to_state": "training", "reason": "train in isolation"},
+        ],
+        "perToken": True,
+        "causal": False,
+    }
+
+
+def test_an_older_dict_slot_state_loads_and_keeps_what_it_does_not_say() -> None:
+    old = {"version": 1, "state": "dormant", "alpha": 0.0, "blendStep": 0, "blendSteps": 9}
+    old |= {"globalStep": 12, "stepsInState": 5}  # no history, perToken or causal
+    slot = SeedSlot("s", nn.Linear(F, F), per_token=True, causal=True, metrics=metrics())
+    slot.set_extra_state(old)
+    assert (slot.state, slot.blend_steps, slot.global_step, slot.steps_in_state) == (S.DORMANT, 9, 12, 5)
+    assert slot.lifecycle.history == [] and slot.per_token is True and slot.causal is True
+    plain = SeedSlot("s", nn.Linear(F, F), metrics=metrics())
+    plain.set_extra_state(old | {"perToken": True, "causal": True})  # what the checkpoint says wins
+    assert plain.per_token is True and plain.causal is True
+
+
+def _as_tensor(data: bytes) -> torch.Tensor:
+    return torch.tensor(list(data), dtype=torch.uint8)
+
+
+def _decode_error(data: bytes) -> str:
+    try:
+        json.loads(data.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        return str(e)
+    raise AssertionError("readable")
+
+
+NEWER = {"version": 2, "state": "dormant", "pad": "x" * 300}
+NOT_UTF8, NOT_JSON = b"\xff\xfe", b'{"version": 1'
+UINT8_2D = torch.zeros(2, 2, dtype=torch.uint8)
+BAD_SLOT_STATES = {  # what set_extra_state is given -> the refusal, in its documented wording
+    "not-utf8": (_as_tensor(NOT_UTF8), "slot s: unreadable slot state: " + _decode_error(NOT_UTF8)),
+    "not-json": (_as_tensor(NOT_JSON), "slot s: unreadable slot state: " + _decode_error(NOT_JSON)),
+    "newer-dict": (NEWER, "slot s: unknown slot state " + repr(NEWER)[:200]),
+    "newer-bytes": (
+        _as_tensor(json.dumps(NEWER).encode()),
+        "slot s: unknown slot state " + repr(NEWER)[:200],
+    ),
+    "float-tensor": (torch.zeros(3), "slot s: unknown slot state " + repr(torch.zeros(3))[:200]),
+    "2d-bytes": (UINT8_2D, "slot s: unknown slot state " + repr(UINT8_2D)[:200]),
+    "list": (["version", 1], "slot s: unknown slot state ['version', 1]"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SLOT_STATES))
+def test_an_unreadable_or_unknown_slot_state_is_refused_and_changes_nothing(case: str) -> None:
+    given, expected = BAD_SLOT_STATES[case]
+    slot = SeedSlot("s", nn.Linear(F, F), metrics=metrics())
+    slot.step()
+    with pytest.raises(KernelRestoreError) as raised:
+        slot.set_extra_state(given)
+    assert str(raised.value) == expected
+    assert (slot.state, slot.global_step, slot.lifecycle.history) == (S.DORMANT, 1, [])
+
+
+def _state_with_kernel(key: str) -> dict[str, object]:
+    src = SeedSlot("s", nn.Linear(F, F), metrics=metrics())
+    src.germinate(make_seed(), key=key)
+    return src.slot_state()
+
+
+def test_a_restored_slot_rebuilds_its_kernel_only_when_the_key_differs() -> None:
+    m = metrics()
+    asked: list[str] = []
+
+    def resolve(key: str) -> nn.Module:
+        asked.append(key)
+        return make_seed(5)  # a plain module: it becomes the kernel of the key asked for
+
+    slot = SeedSlot("s", nn.Linear(F, F), metrics=m, kernel_resolver=resolve)
+    slot.set_extra_state(_state_with_kernel("a"))
+    assert (asked, slot.kernel_key, slot.state) == (["a"], "a", S.GERMINATED)
+    get = m.registry.get_sample_value
+    assert get("esper_seed_state", {"seed": "s", "state": "germinated"}) == 1
+    assert get("esper_seed_state", {"seed": "s", "state": "dormant"}) == 0
+    seed = slot.seed
+    slot.set_extra_state(_state_with_kernel("a"))  # the kernel it holds: kept, not rebuilt
+    assert asked == ["a"] and slot.seed is seed
+    slot.set_extra_state(_state_with_kernel("b"))
+    assert (asked, slot.kernel_key) == (["a", "b"], "b")
+
+
+NO_RESOLVER = (
+    "slot s: the checkpoint holds seed kernel a; set a kernel_resolver "
+    "(set_kernel_resolver(model, fn)) before load_state_dict"
+)
+
+
+def _failing(e: Exception) -> object:
+    def resolve(key: str) -> nn.Module:
+        raise e
+
+    return resolve
+
+
+@pytest.mark.parametrize(
+    ("resolver", "message"),
+    [
+        (None, NO_RESOLVER),
+        (_failing(OSError("bundle gone")), "slot s: cannot rebuild kernel a: bundle gone"),
+        (lambda key: EagerKernel(make_seed(), "b"), "slot s: resolver returned kernel b, not a"),
+    ],
+    ids=["no-resolver", "resolver-fails", "wrong-kernel"],
+)
+def test_a_kernel_that_cannot_be_rebuilt_is_refused_by_name(resolver: object, message: str) -> None:
+    slot = SeedSlot("s", nn.Linear(F, F), metrics=metrics(), kernel_resolver=resolver)  # type: ignore[arg-type]
+    with pytest.raises(KernelRestoreError) as raised:
+        slot.set_extra_state(_state_with_kernel("a"))
+    assert str(raised.value) == message
+    assert (slot.state, slot.seed) == (S.DORMANT, None)
+
+
+def test_a_restored_compiled_kernel_is_adopted_by_its_slot() -> None:
+    kernel = KernelModule(None, None, [], key="c" * 64)  # never called here: no runners needed
+    slot = SeedSlot("s", nn.Linear(F, F), metrics=metrics(), kernel_resolver=lambda key: kernel)
+    slot.set_extra_state(_state_with_kernel("c" * 64))
+    assert slot.seed is kernel and kernel.slot_name == "s"  # its shape errors will name the slot
+
+
+class LongName(nn.Module):
+    """Fits a one-sample probe; for larger batches returns an object whose type name is 600 long."""
+
+    def forward(self, x: torch.Tensor) -> object:
+        return x if x.shape[0] == 1 else type("L" * 600, (), {})()
+
+
+def test_a_misfit_is_reported_in_full_once_then_counted_and_truncated_in_telemetry() -> None:
+    slot = SeedSlot("s", nn.Linear(F, F), metrics=metrics())
+    slot(torch.randn(1, F))  # seen: germination probes the kernel
+    assert slot.germinate(LongName(), key="k")
+    slot.start_training()
+    slot.start_blending()
+    full = f"ShapeMismatch: slot s: kernel k: seed returned {'L' * 600}, the activation is (8, {F})"
+    x = torch.randn(8, F)
+    slot.eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            assert torch.equal(slot(x), slot.host(x))
+    assert [str(w.message) for w in caught if w.category is KernelShapeWarning] == [
+        f"{full}. The seed is left out of this blending call (eval mode or no_grad) and the slot returns "
+        "the host's output; further such calls are only counted (telemetry skipped_calls)"
+    ]
+    assert (slot.telemetry.skipped_calls, slot.telemetry.last_skip) == (3, full[:500])
+    slot.train()
+    assert torch.equal(slot(x), slot.host(x))
+    assert (slot.state, slot.telemetry.last_error) == (S.CULLED, full[:500])
+
+
+def test_an_unseen_slot_leaves_a_misfit_out_of_evaluation_and_culls_it_in_training() -> None:
+    slot = SeedSlot("s", nn.Linear(F, F), blend_steps=1, metrics=metrics())
+    assert slot.germinate(nn.Linear(F, 8), key="narrow")  # nothing known yet: accepted
+    slot.start_training()
+    slot.start_blending()
+    slot.step()  # alpha 1: the seed's output would replace y
+    x = torch.randn(4, F)
+    misfit = f"ShapeMismatch: slot s: kernel narrow: kernel maps (1, ({F},)) to (1, 8)"
+    slot.eval()
+    with pytest.warns(KernelShapeWarning):
+        assert torch.equal(slot(x), slot.host(x))
+    assert (slot.state, slot.telemetry.skipped_calls, slot.telemetry.last_skip) == (S.BLENDING, 1, misfit)
+    slot.train()
+    assert torch.equal(slot(x), slot.host(x))
+    assert (slot.state, slot.telemetry.last_error, slot.telemetry.skipped_calls) == (S.CULLED, misfit, 1)
+
+
+def test_an_unseen_slot_checks_a_compiled_kernel_against_the_activation_device() -> None:
+    kernel = KernelModule(None, None, [], key="c" * 64, input_shapes=[["batch", F]],
+                          output_shapes=[["batch", F]], device="meta")  # fmt: skip
+    slot = SeedSlot("s", nn.Linear(F, F), metrics=metrics())
+    assert slot.germinate(kernel)
+    slot.eval()
+    with pytest.warns(KernelShapeWarning), torch.no_grad():
+        slot(torch.randn(2, F))
+    expected = f"ShapeMismatch: slot s: kernel {'c' * 16}: kernel runs on meta, the activation is on cpu"
+    assert slot.telemetry.last_skip == expected
+
+
+class Crash(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("x" * 600)
+
+
+def test_an_unseen_slot_culls_a_crashing_training_seed_with_a_truncated_reason() -> None:
+    slot = SeedSlot("s", nn.Linear(F, F), metrics=metrics())
+    assert slot.germinate(Crash(), key="crash")
+    slot.start_training()
+    x = torch.randn(2, F)
+    assert torch.equal(slot(x), slot.host(x))
+    expected = ("ProbeFailed: slot s: RuntimeError: " + "x" * 600)[:500]
+    assert (slot.state, slot.seed, slot.telemetry.last_error) == (S.CULLED, None, expected)
+
+
+def test_cull_and_reset_record_their_step_and_clear_the_seed() -> None:
+    slot = SeedSlot("s", nn.Linear(F, F), blend_steps=4, metrics=metrics())
+    slot.germinate(make_seed(), key="k")
+    slot.start_training()
+    slot.start_blending()
+    slot.step()
+    slot.step()
+    assert slot.alpha == 0.5
+    slot.cull("worse than the host", step=40)
+    assert (slot.state, slot.alpha, slot.seed, slot.telemetry.last_error) == (
+        S.CULLED, 0.0, None, "worse than the host")  # fmt: skip
+    assert slot.lifecycle.history[-1] == Transition(40, S.BLENDING, S.CULLED, "worse than the host")
+    slot.reset(step=41)
+    assert slot.lifecycle.history[-1] == Transition(41, S.CULLED, S.DORMANT, "slot reused")
+    assert slot.telemetry.kernel_key is None and slot.status()["kernelKey"] is None
+
+
+def test_a_seed_culled_before_its_first_forward_leaves_nothing_to_check() -> None:
+    slot = SeedSlot("s", nn.Linear(F, F), metrics=metrics())
+    assert slot.germinate(make_seed())  # unseen: to be checked at the first forward
+    slot.cull("dropped")
+    x = torch.randn(2, F)
+    assert torch.equal(slot(x), slot.host(x))
+    assert slot._passthrough  # the idle fast path: no pending check of a kernel that is gone
+
+
+def test_step_slots_walks_the_model_only_after_a_slot_was_created(monkeypatch: pytest.MonkeyPatch) -> None:
+    _, model, ss = pair()
+    walks: list[int] = []
+    walk = model.modules
+
+    def counted() -> object:
+        walks.append(1)
+        return walk()
+
+    monkeypatch.setattr(model, "modules", counted)
+    for _ in range(3):
+        step_slots(model)
+    assert len(walks) == 1 and [s.global_step for s in ss.values()] == [3, 3]
+    SeedSlot("elsewhere", metrics=metrics())  # any new slot may be in the model: walk again, once
+    step_slots(model)
+    step_slots(model)
+    assert len(walks) == 2 and [s.global_step for s in ss.values()] == [5, 5]
