@@ -6,6 +6,7 @@ import copy
 import io
 import json
 import math
+import pathlib
 import warnings
 
 import pytest
@@ -766,3 +767,31 @@ def test_step_slots_walks_the_model_only_after_a_slot_was_created(monkeypatch: p
     step_slots(model)
     step_slots(model)
     assert len(walks) == 2 and [s.global_step for s in ss.values()] == [5, 5]
+
+
+def test_checkpoint_bytes_are_json_with_sorted_keys() -> None:
+    slot = SeedSlot("s", nn.Linear(F, F), metrics=metrics())
+    data = bytes(slot.get_extra_state().tolist())
+    assert list(json.loads(data)) == sorted(slot.slot_state())  # the same state, the same bytes
+
+
+def test_a_bundle_is_loaded_for_the_device_shape_and_dtype_the_slot_knows(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+) -> None:
+    calls: list[tuple[object, ...]] = []
+
+    def load(bundle: object, sha: object, device: torch.device, **kw: object) -> nn.Module:
+        calls.append((bundle, sha, device, kw["sample_shape"], kw["sample_dtype"], kw["metrics"]))
+        return EagerKernel(nn.Identity(), "bundled")
+
+    monkeypatch.setattr("esper.kasmina.seed.load_kernel", load)
+    free = SeedSlot("free", metrics=metrics())  # no host, nothing seen: the CPU
+    assert free.germinate(tmp_path, expected_sha256="ab" * 32)
+    assert calls[-1] == (tmp_path, "ab" * 32, torch.device("cpu"), None, None, free.metrics)
+    on_meta = SeedSlot("meta", nn.Linear(F, F, device="meta"), shape=(F,), metrics=metrics())
+    assert on_meta.germinate(str(tmp_path))  # nothing seen: the host's device and the declared shape
+    assert calls[-1] == (str(tmp_path), None, torch.device("meta"), (F,), None, on_meta.metrics)
+    seen = SeedSlot("seen", per_token=True, metrics=metrics())  # no host: its input is its activation
+    seen(torch.zeros(2, 3, F, device="meta"))
+    assert seen.germinate(tmp_path)  # what the first forward recorded; one position per token
+    assert calls[-1] == (tmp_path, None, torch.device("meta"), (F,), "float32", seen.metrics)
