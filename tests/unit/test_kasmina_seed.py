@@ -795,3 +795,22 @@ def test_a_bundle_is_loaded_for_the_device_shape_and_dtype_the_slot_knows(
     seen(torch.zeros(2, 3, F, device="meta"))
     assert seen.germinate(tmp_path)  # what the first forward recorded; one position per token
     assert calls[-1] == (tmp_path, None, torch.device("meta"), (F,), "float32", seen.metrics)
+
+
+def test_a_sampled_step_records_alpha_and_the_seed_gradient_norm() -> None:
+    m = metrics()
+    slot = SeedSlot("s", nn.Linear(F, F), blend_steps=4, sample_every=2, metrics=m)
+    slot.germinate(make_seed(), key="k")
+    slot.start_training()
+    slot.start_blending()
+    slot.step()  # global step 1: not sampled
+    slot(torch.randn(3, F)).pow(2).sum().backward()
+    assert slot.telemetry.alpha == 0.0 and slot.telemetry.grad_norm is None
+    slot.step()  # global step 2: sampled
+    grads = torch.cat([p.grad.flatten() for p in slot.seed_parameters()])  # type: ignore[union-attr]
+    expected = float(grads.pow(2).sum().sqrt())
+    assert slot.telemetry.alpha == 0.5
+    assert float(slot.telemetry.grad_norm) == pytest.approx(expected, rel=1e-6)  # type: ignore[arg-type]
+    get = m.registry.get_sample_value
+    assert get("esper_seed_alpha", {"seed": "s"}) == 0.5
+    assert get("esper_seed_grad_norm", {"seed": "s"}) == pytest.approx(expected, rel=1e-6)
