@@ -8,7 +8,7 @@ import pytest
 
 from esper.contracts.job import REQUEST_ENV, CompileRequest
 from esper_operator.config import ConfigError, OperatorConfig
-from esper_operator.jobs import build_job, interpret, own_pods, parse_result
+from esper_operator.jobs import build_job, interpret, job_name_for, own_pods, parse_result, waiting
 from esper_operator.plan import plan_blueprint
 
 SPEC = {
@@ -260,3 +260,47 @@ def test_config_from_env_names_the_bad_variable() -> None:
         }
     )
     assert config.node_selector == {"a": "b"} and config.verify_artifacts is False
+
+
+def test_job_name_is_the_base_plus_the_first_eight_hex_digits_of_the_kernel_uid() -> None:
+    uid = "0a1b2c3d-4e5f-6789-abcd-ef0123456789"
+    assert job_name_for("compile-abc", uid) == "compile-abc-0a1b2c3d"
+    assert job_name_for("compile-abc", "0a-1b-2c-3d-4e") == "compile-abc-0a1b2c3d"  # dashes dropped first
+    assert job_name_for("b", "abc") == "b-abc"  # a short uid is used whole
+
+
+def _waiting_pod(*states: dict[str, object]) -> dict[str, object]:
+    return {"status": {"containerStatuses": [{"name": f"c{i}", "state": s} for i, s in enumerate(states)]}}
+
+
+@pytest.mark.parametrize(
+    "reason",
+    [
+        "CreateContainerConfigError",
+        "CreateContainerError",
+        "ErrImagePull",
+        "ImagePullBackOff",
+        "InvalidImageName",
+    ],
+)
+def test_a_container_stuck_in_a_state_that_does_not_heal_is_reported(reason: str) -> None:
+    pod = _waiting_pod({"running": {}}, {"waiting": {"reason": reason, "message": 'secret "s3" not found'}})
+    assert waiting(pod) == (reason, 'secret "s3" not found')
+    assert waiting(_waiting_pod({"waiting": {"reason": reason}})) == (reason, "")  # no message given
+
+
+@pytest.mark.parametrize(
+    "pod",
+    [
+        {},
+        {"status": None},
+        {"status": {"containerStatuses": None}},
+        _waiting_pod({}),
+        _waiting_pod({"waiting": None}),
+        _waiting_pod({"waiting": {"reason": "ContainerCreating"}}),  # heals by waiting
+        _waiting_pod({"terminated": {"reason": "Error"}}),
+    ],
+    ids=["no-status", "null-status", "null-statuses", "no-state", "null-waiting", "creating", "terminated"],
+)
+def test_a_container_that_may_still_start_is_not_reported(pod: dict[str, object]) -> None:
+    assert waiting(pod) is None
