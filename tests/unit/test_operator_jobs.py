@@ -8,7 +8,15 @@ import pytest
 
 from esper.contracts.job import REQUEST_ENV, CompileRequest
 from esper_operator.config import ConfigError, OperatorConfig
-from esper_operator.jobs import build_job, interpret, job_name_for, own_pods, parse_result, waiting
+from esper_operator.jobs import (
+    build_job,
+    controller_uid,
+    interpret,
+    job_name_for,
+    own_pods,
+    parse_result,
+    waiting,
+)
 from esper_operator.plan import plan_blueprint
 
 SPEC = {
@@ -304,3 +312,49 @@ def test_a_container_stuck_in_a_state_that_does_not_heal_is_reported(reason: str
 )
 def test_a_container_that_may_still_start_is_not_reported(pod: dict[str, object]) -> None:
     assert waiting(pod) is None
+
+
+def test_a_replaced_bundle_is_reported_with_the_outcome() -> None:
+    why = "the bundle under the key failed verification: sha256 mismatch"
+    outcome = parse_result(json.dumps({**RESULT, "replaced": why}), expected_key=KEY)
+    assert (outcome.state, outcome.reason, outcome.message) == ("succeeded", "Compiled", "")
+    assert outcome.replaced == why
+    assert parse_result(json.dumps(RESULT), expected_key=KEY).replaced is None
+
+
+def _owned(labels: dict[str, str], *refs: dict[str, object]) -> dict[str, object]:
+    return {"metadata": {"name": "p", "labels": labels, "ownerReferences": list(refs)}}
+
+
+JOB_REF = {"kind": "Job", "name": "j", "uid": "u1", "controller": True}
+
+
+@pytest.mark.parametrize(
+    ("pod", "uid"),
+    [
+        (_owned({"batch.kubernetes.io/controller-uid": "u1"}, JOB_REF), "u1"),
+        (_owned({"controller-uid": "u1"}, JOB_REF), "u1"),  # the label's older name
+        (_owned({"controller-uid": "u1"}, {**JOB_REF, "kind": "ReplicaSet"}, JOB_REF), "u1"),
+        (_owned({}, JOB_REF), ""),  # no label: not made by the Job controller
+        (_owned({"controller-uid": "u2"}, JOB_REF), ""),  # the label names another Job
+        (_owned({"controller-uid": "u1"}, {**JOB_REF, "controller": False}), ""),  # not the controller
+        (_owned({"controller-uid": "u1"}, {**JOB_REF, "kind": "ReplicaSet"}), ""),
+        (_owned({"controller-uid": ""}, {**JOB_REF, "uid": ""}), ""),
+        ({"metadata": {"name": "bare"}}, ""),
+        ({}, ""),
+    ],
+    ids=[
+        "label",
+        "old-label",
+        "second-ref",
+        "no-label",
+        "other-uid",
+        "not-controller",
+        "not-a-job",
+        "empty",
+        "bare",
+        "no-metadata",
+    ],
+)
+def test_controller_uid_needs_the_job_controller_reference_and_its_label(pod: dict, uid: str) -> None:
+    assert controller_uid(pod) == uid
