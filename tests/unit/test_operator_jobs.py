@@ -177,12 +177,22 @@ def test_a_bad_result_fails_the_kernel_instead_of_marking_it_ready(message: str,
 
 @pytest.mark.parametrize(
     "result",
-    [{**RESULT, "key": "c" * 64}, {**RESULT, "uri": f"s3://bucket/kernels/kernels/{'c' * 64}"}],
-    ids=["result-key", "uri-key"],
+    [
+        {**RESULT, "key": "c" * 64},
+        {**RESULT, "uri": f"s3://bucket/kernels/kernels/{'c' * 64}"},
+        {**RESULT, "uri": f"s3://bucket/kernels/{KEY}X"},  # the last part only starts with the key
+        {**RESULT, "uri": "no-path"},
+    ],
+    ids=["result-key", "uri-key", "uri-key-prefix", "uri-without-slash"],
 )
 def test_a_result_for_another_key_is_rejected_not_applied(result: dict) -> None:
     outcome = parse_result(json.dumps(result), expected_key=KEY)
     assert (outcome.state, outcome.reason) == ("rejected", "KeyMismatch") and outcome.artifact is None
+
+
+def test_a_trailing_slash_after_the_key_is_still_the_key() -> None:
+    outcome = parse_result(json.dumps({**RESULT, "uri": f"s3://bucket/kernels/{KEY}/"}), expected_key=KEY)
+    assert (outcome.state, outcome.reason) == ("succeeded", "Compiled")
 
 
 def test_signing_key_is_mounted_from_its_secret_into_compile_pods_only() -> None:
