@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -162,3 +163,91 @@ def test_manifest_is_readable_by_other_users(tmp_path: Path) -> None:
     """mkstemp makes 0600 files; the trainer reading a bundle may run as another user than its writer."""
     make_fake_bundle(tmp_path, seed=2)
     assert (tmp_path / MANIFEST).stat().st_mode & 0o777 == 0o644
+
+
+class Trust:
+    """A Verifier that records what it was asked and accepts, or refuses with `refusal`."""
+
+    def __init__(self, refusal: str | None = None) -> None:
+        self.calls: list[tuple[bytes, bytes | None, str]] = []
+        self.refusal = refusal
+
+    def verify(self, manifest_bytes: bytes, signature_bytes: bytes | None, source: str = "") -> str:
+        self.calls.append((manifest_bytes, signature_bytes, source))
+        if self.refusal is not None:
+            raise ArtifactError(self.refusal)
+        return "k1"
+
+
+def test_private_copy_copies_only_the_listed_files_and_verifies_the_copy(tmp_path: Path) -> None:
+    src, dest = tmp_path / "shared", tmp_path / "private"
+    make_fake_bundle(src, seed=3)
+    (src / "planted.py").write_text("print('hi')")  # not listed: not copied
+    trust = Trust()
+    manifest = artifact.private_copy(src, dest, hashlib.sha256((src / MANIFEST).read_bytes()).hexdigest(),
+                                     trusted=trust)  # fmt: skip
+    assert manifest == read_manifest(src)
+    assert trust.calls == [((src / MANIFEST).read_bytes(), (src / "manifest.sig").read_bytes(), str(src))]
+    assert sorted(p.name for p in dest.iterdir()) == sorted([*artifact.DATA_FILES, MANIFEST, "manifest.sig"])
+    for p in dest.iterdir():
+        assert p.read_bytes() == (src / p.name).read_bytes()
+    assert dest.stat().st_mode & 0o777 == 0o700  # only this process writes it
+
+
+def test_private_copy_of_an_unsigned_bundle_has_no_signature(tmp_path: Path) -> None:
+    src, dest = tmp_path / "shared", tmp_path / "private"
+    make_fake_bundle(src, signed=False)
+    trust = Trust()
+    artifact.private_copy(src, dest, trusted=trust)
+    assert trust.calls == [((src / MANIFEST).read_bytes(), None, str(src))]
+    assert not (dest / "manifest.sig").exists() and (dest / MANIFEST).is_file()
+
+
+def _tamper(src: Path, how: str) -> tuple[Path, str]:
+    """Change one listed file of the bundle at `src`; returns it and the error private_copy must give."""
+    path = src / artifact.DATA_FILES[0]
+    data = path.read_bytes()
+    entry = read_manifest(src).files[path.name]
+    if how == "missing":
+        path.unlink()
+        return path, f"{path}: listed in the manifest but missing"
+    if how == "symlink":
+        (src / "elsewhere").write_bytes(data)
+        path.unlink()
+        path.symlink_to(src / "elsewhere")
+        return path, f"{path}: listed in the manifest but missing"
+    if how == "larger":
+        path.write_bytes(data + b"x")
+        return path, f"{path}: larger than the {entry.size} bytes the manifest records"
+    if how == "smaller":
+        path.write_bytes(data[:-1])
+        return path, f"{path}: size is {entry.size - 1} bytes, manifest says {entry.size}"
+    changed = bytes([data[0] ^ 1]) + data[1:]  # "changed": same size, other bytes
+    path.write_bytes(changed)
+    return path, f"{path}: sha256 is {hashlib.sha256(changed).hexdigest()}, manifest says {entry.sha256}"
+
+
+@pytest.mark.parametrize("how", ["missing", "symlink", "larger", "smaller", "changed"])
+def test_private_copy_refuses_a_listed_file_that_does_not_match(tmp_path: Path, how: str) -> None:
+    src = tmp_path / "shared"
+    make_fake_bundle(src, seed=4)
+    _, message = _tamper(src, how)
+    with pytest.raises(ArtifactError) as raised:
+        artifact.private_copy(src, tmp_path / "private", trusted=Trust())
+    assert str(raised.value) == message
+
+
+def test_private_copy_checks_the_signature_and_sha256_before_reading_anything_else(tmp_path: Path) -> None:
+    src, dest = tmp_path / "shared", tmp_path / "private"
+    make_fake_bundle(src, seed=5)
+    (src / artifact.DATA_FILES[0]).unlink()  # would fail later: the manifest checks come first
+    with pytest.raises(ArtifactError, match=r"^untrusted$"):
+        artifact.private_copy(src, dest, trusted=Trust(refusal="untrusted"))
+    sha = hashlib.sha256((src / MANIFEST).read_bytes()).hexdigest()
+    with pytest.raises(ArtifactError) as raised:
+        artifact.private_copy(src, dest, "0" * 64, trusted=Trust())
+    assert str(raised.value) == f"{src / MANIFEST}: sha256 is {sha}, expected {'0' * 64}"
+    assert not dest.exists()
+    with pytest.raises(ArtifactError) as raised:
+        artifact.private_copy(tmp_path / "absent", dest, trusted=Trust())
+    assert str(raised.value) == f"{tmp_path / 'absent'}: bundle directory does not exist"
