@@ -190,6 +190,15 @@ def test_a_result_for_another_key_is_rejected_not_applied(result: dict) -> None:
     assert (outcome.state, outcome.reason) == ("rejected", "KeyMismatch") and outcome.artifact is None
 
 
+def test_a_rejected_result_says_which_key_or_uri_was_wrong() -> None:
+    other = "c" * 64
+    uri = f"s3://bucket/kernels/{other}"
+    by_key = parse_result(json.dumps({**RESULT, "key": other}), expected_key=KEY)
+    assert by_key.message == f"Job reported key '{other}', Kernel has {KEY}"
+    by_uri = parse_result(json.dumps({**RESULT, "uri": uri}), expected_key=KEY)
+    assert by_uri.message == f"Job reported artifact '{uri}', not under key {KEY}"
+
+
 def test_a_trailing_slash_after_the_key_is_still_the_key() -> None:
     outcome = parse_result(json.dumps({**RESULT, "uri": f"s3://bucket/kernels/{KEY}/"}), expected_key=KEY)
     assert (outcome.state, outcome.reason) == ("succeeded", "Compiled")
