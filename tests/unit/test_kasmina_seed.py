@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import logging
 import math
 import pathlib
 import warnings
@@ -31,6 +32,7 @@ from esper.kasmina import (
     step_slots,
     wrap,
 )
+from esper.kasmina.telemetry import default_metrics
 
 S = SeedState
 F = 16
@@ -814,3 +816,152 @@ def test_a_sampled_step_records_alpha_and_the_seed_gradient_norm() -> None:
     get = m.registry.get_sample_value
     assert get("esper_seed_alpha", {"seed": "s"}) == 0.5
     assert get("esper_seed_grad_norm", {"seed": "s"}) == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_slot_s_defaults() -> None:
+    slot = SeedSlot("defaults")
+    assert (slot.blend_steps, slot.sample_every, slot.idle_sample_every) == (100, 10, 200)
+    assert (slot.per_token, slot.causal, slot.declared_shape, slot.kernel_resolver) == (
+        False,
+        False,
+        None,
+        None,
+    )
+    assert slot.metrics is default_metrics() and slot.host is None and slot.seed is None
+    counters = (slot.alpha, slot.blend_step, slot.global_step, slot.steps_in_state, slot.state)
+    assert counters == (0.0, 0, 0, 0, S.DORMANT)
+
+
+def test_a_zero_sampling_interval_never_samples() -> None:
+    slot = SeedSlot("s", nn.Linear(F, F), sample_every=0, idle_sample_every=0, metrics=metrics())
+    x = torch.randn(2, F)
+    slot(x)  # the first forward records the activation whatever the interval
+    for _ in range(5):
+        slot.step()
+        slot(x)
+    assert slot.telemetry.samples == 1 and slot._passthrough
+    slot.germinate(make_seed())
+    slot.start_training()
+    for _ in range(3):
+        slot(x).sum().backward()
+        slot.step()
+    assert slot.telemetry.samples == 1 and slot.telemetry.grad_norm is None
+
+
+def test_transitions_and_refusals_are_logged(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="esper.kasmina")
+    slot = SeedSlot("s", nn.Linear(F, F), metrics=metrics())
+    slot(torch.randn(2, F))
+    assert not slot.germinate(nn.Linear(8, 8))
+    refusal = slot.telemetry.last_error
+    assert refusal is not None and refusal.startswith("ProbeFailed: ")
+    assert slot.germinate(make_seed(), key="k", step=3)
+    slot.start_training(step=4)
+    assert [r.getMessage() for r in caplog.records if r.name == "esper.kasmina"] == [
+        f"seed s: kernel refused, slot stays dormant: {refusal}",
+        "seed s: dormant -> germinated at step 3 (kernel k)",
+        "seed s: germinated -> training at step 4 (train in isolation)",
+    ]
+
+
+def test_blending_records_its_length_in_the_history() -> None:
+    slot = SeedSlot("s", nn.Linear(F, F), blend_steps=5, metrics=metrics())
+    slot.germinate(make_seed())
+    slot.start_training()
+    slot.start_blending()
+    assert slot.lifecycle.history[-1].reason == "blend over 5 steps"
+    again = SeedSlot("t", nn.Linear(F, F), blend_steps=5, metrics=metrics())
+    again.germinate(make_seed())
+    again.start_training()
+    again.start_blending(blend_steps=7)
+    assert again.lifecycle.history[-1].reason == "blend over 7 steps" and again.blend_steps == 7
+
+
+def test_a_seed_takes_the_slot_s_mode_and_the_probe_gives_it_back() -> None:
+    slot = SeedSlot("s", nn.Linear(F, F), metrics=metrics())
+    slot.eval()
+    seed = nn.Sequential(nn.Linear(F, F), nn.Dropout(0.5))
+    assert slot.germinate(seed) and not seed.training  # installed in the slot's (eval) mode
+    training = SeedSlot("t", nn.Linear(F, F), metrics=metrics())
+    seed = nn.Sequential(nn.Linear(F, F), nn.Dropout(0.5))
+    assert training.germinate(seed) and seed.training
+    training.start_training()
+    training(torch.randn(2, F))  # unseen: the first forward probes the seed in eval mode
+    assert seed.training  # and puts it back in training mode
+
+
+def test_a_missing_attribute_names_the_slot_and_its_host() -> None:
+    slot = SeedSlot("blocks.0", nn.Linear(F, F), metrics=metrics())
+    assert slot.in_features == F  # the host's
+    with pytest.raises(AttributeError) as raised:
+        _ = slot.nope
+    assert str(raised.value) == (
+        "'SeedSlot' object (slot 'blocks.0') and its host 'Linear' have no attribute 'nope'"
+    )
+    with pytest.raises(AttributeError) as raised:
+        _ = SeedSlot("free", metrics=metrics()).nope  # no host: nn.Module's own error
+    assert str(raised.value) == "'SeedSlot' object has no attribute 'nope'"
+
+
+class Clash(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seed = nn.Linear(2, 2)
+        self.host = nn.Linear(2, 2)
+        self.w = nn.Linear(2, 2)
+
+
+def test_wrap_refuses_a_slot_twice_and_host_names_that_are_the_slot_s_own() -> None:
+    model = Host()
+    ss = wrap(model, at=["head"], metrics=metrics())  # a top-level submodule
+    assert model.head is ss["head"] and isinstance(model.head.host, nn.Linear)
+    with pytest.raises(ValueError) as raised:
+        wrap(model, at=["head"], metrics=metrics())
+    assert str(raised.value) == "head is already a seed slot"
+    with pytest.raises(ValueError) as raised:
+        SeedSlot("c", Clash(), metrics=metrics())
+    assert (
+        str(raised.value) == "cannot wrap c: top-level state_dict names ['host', 'seed'] are the slot's own"
+    )
+
+
+class Causal(nn.Module):
+    def __init__(self, causal: bool) -> None:
+        super().__init__()
+        self.causal = causal
+        self.f = nn.Linear(F, F)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.f(x)
+
+
+def _broken_loader() -> nn.Module:
+    raise OSError("disk on fire")
+
+
+HINT = "(compile it with a causal Blueprint, or use a per-token slot for a position-wise kernel)"
+
+
+@pytest.mark.parametrize(
+    ("kernel", "refusal"),
+    [
+        (lambda: 42, "NotAModule: loader returned int"),
+        (_broken_loader, "LoadFailed: OSError: disk on fire"),
+        (Causal(False), f"NotCausal: slot s is causal; kernel k lets positions see later ones {HINT}"),
+        (make_seed(), f"NotCausal: slot s is causal; kernel k does not say if it is causal {HINT}"),
+    ],
+    ids=["not-a-module", "loader-fails", "not-causal", "unknown-causality"],
+)
+def test_a_refused_kernel_says_why(kernel: object, refusal: str) -> None:
+    m = metrics()
+    slot = SeedSlot("s", nn.Linear(F, F), causal=True, metrics=m)
+    assert not slot.germinate(kernel, key="k")  # type: ignore[arg-type]
+    assert (slot.state, slot.seed, slot.telemetry.last_error) == (S.DORMANT, None, refusal)
+    failures = m.registry.get_sample_value("esper_kernel_load_failures_total", {"reason": "LoadFailed"})
+    assert failures == (1 if refusal.startswith("LoadFailed") else None)
+
+
+def test_a_causal_slot_takes_a_causal_kernel_and_a_per_token_one_takes_any() -> None:
+    assert SeedSlot("s", nn.Linear(F, F), causal=True, metrics=metrics()).germinate(Causal(True))
+    per_token = SeedSlot("p", nn.Linear(F, F), causal=True, per_token=True, metrics=metrics())
+    assert per_token.germinate(Causal(False))
