@@ -965,3 +965,19 @@ def test_a_causal_slot_takes_a_causal_kernel_and_a_per_token_one_takes_any() -> 
     assert SeedSlot("s", nn.Linear(F, F), causal=True, metrics=metrics()).germinate(Causal(True))
     per_token = SeedSlot("p", nn.Linear(F, F), causal=True, per_token=True, metrics=metrics())
     assert per_token.germinate(Causal(False))
+
+
+def test_a_fossil_is_kept_at_alpha_one_with_its_reason() -> None:
+    slot = SeedSlot("s", nn.Linear(F, F), blend_steps=4, metrics=metrics())
+    slot.germinate(make_seed())
+    slot.start_training()
+    slot.start_blending()
+    slot.step()
+    slot.fossilize()
+    assert (slot.state, slot.alpha, slot.lifecycle.history[-1].reason) == (S.FOSSILIZED, 1.0, "kept")
+    other = SeedSlot("t", nn.Linear(F, F), metrics=metrics())
+    other.germinate(make_seed())
+    other.start_training()
+    other.start_blending()
+    other.fossilize(step=9, reason="policy: kept at +3%")
+    assert other.lifecycle.history[-1] == Transition(9, S.BLENDING, S.FOSSILIZED, "policy: kept at +3%")
