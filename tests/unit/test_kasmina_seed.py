@@ -818,7 +818,7 @@ def test_a_sampled_step_records_alpha_and_the_seed_gradient_norm() -> None:
     assert get("esper_seed_grad_norm", {"seed": "s"}) == pytest.approx(expected, rel=1e-6)
 
 
-def test_a_slot_s_defaults() -> None:
+def test_the_slot_defaults() -> None:
     slot = SeedSlot("defaults")
     assert (slot.blend_steps, slot.sample_every, slot.idle_sample_every) == (100, 10, 200)
     assert (slot.per_token, slot.causal, slot.declared_shape, slot.kernel_resolver) == (
@@ -877,7 +877,7 @@ def test_blending_records_its_length_in_the_history() -> None:
     assert again.lifecycle.history[-1].reason == "blend over 7 steps" and again.blend_steps == 7
 
 
-def test_a_seed_takes_the_slot_s_mode_and_the_probe_gives_it_back() -> None:
+def test_a_seed_takes_the_slots_mode_and_the_probe_gives_it_back() -> None:
     slot = SeedSlot("s", nn.Linear(F, F), metrics=metrics())
     slot.eval()
     seed = nn.Sequential(nn.Linear(F, F), nn.Dropout(0.5))
@@ -911,7 +911,7 @@ class Clash(nn.Module):
         self.w = nn.Linear(2, 2)
 
 
-def test_wrap_refuses_a_slot_twice_and_host_names_that_are_the_slot_s_own() -> None:
+def test_wrap_refuses_a_slot_twice_and_host_names_that_are_the_slots_own() -> None:
     model = Host()
     ss = wrap(model, at=["head"], metrics=metrics())  # a top-level submodule
     assert model.head is ss["head"] and isinstance(model.head.host, nn.Linear)
