@@ -981,3 +981,22 @@ def test_a_fossil_is_kept_at_alpha_one_with_its_reason() -> None:
     other.start_blending()
     other.fossilize(step=9, reason="policy: kept at +3%")
     assert other.lifecycle.history[-1] == Transition(9, S.BLENDING, S.FOSSILIZED, "policy: kept at +3%")
+
+
+@pytest.mark.parametrize("shape", [(0,), (F, -1), (16.0,), ("16",)], ids=["zero", "negative", "float", "str"])
+def test_a_declared_shape_must_be_positive_ints(shape: tuple[object, ...]) -> None:
+    with pytest.raises(ValueError) as raised:
+        SeedSlot("s", nn.Linear(F, F), shape=shape, metrics=metrics())  # type: ignore[arg-type]
+    assert str(raised.value) == f"shape must be positive ints (the per-sample shape, no batch), got {shape!r}"
+
+
+def test_a_new_slot_is_dormant_in_its_metrics_and_names_itself_in_errors() -> None:
+    m = metrics()
+    slot = SeedSlot("blocks.3", nn.Linear(F, F), shape=(1, F), blend_steps=1, metrics=m)
+    assert (slot.declared_shape, slot.blend_steps) == ((1, F), 1)  # ones are positive
+    get = m.registry.get_sample_value
+    states = {s.value: get("esper_seed_state", {"seed": "blocks.3", "state": s.value}) for s in S}
+    assert states == {s.value: (1.0 if s is S.DORMANT else 0.0) for s in S}
+    with pytest.raises(IllegalTransition) as raised:
+        slot.fossilize()
+    assert str(raised.value).startswith("blocks.3: illegal seed transition dormant -> fossilized")
