@@ -1000,3 +1000,39 @@ def test_a_new_slot_is_dormant_in_its_metrics_and_names_itself_in_errors() -> No
     with pytest.raises(IllegalTransition) as raised:
         slot.fossilize()
     assert str(raised.value).startswith("blocks.3: illegal seed transition dormant -> fossilized")
+
+
+def test_an_idle_slot_does_step_work_only_at_its_sampling_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    slot = SeedSlot("s", nn.Linear(F, F), idle_sample_every=100, metrics=metrics())
+    advanced: list[int] = []
+    advance = slot._advance
+
+    def counted() -> None:
+        advanced.append(slot.global_step)
+        advance()
+
+    monkeypatch.setattr(slot, "_advance", counted)
+    x = torch.randn(2, F)
+    for _ in range(250):
+        slot.step()
+        slot(x)
+    assert advanced == [1, 100, 200]  # the first step finds its wake-up step, then every 100th
+    every_step = SeedSlot("t", nn.Linear(F, F), idle_sample_every=1, metrics=metrics())
+    for _ in range(3):
+        every_step(x)
+        every_step.step()
+    assert every_step.telemetry.samples == 3
+
+
+def test_a_new_seed_starts_its_counters_at_zero() -> None:
+    slot = SeedSlot("s", nn.Linear(F, F), blend_steps=4, metrics=metrics())
+    slot.germinate(make_seed())
+    slot.start_training()
+    slot.start_blending()
+    slot.step()
+    slot.step()
+    slot.cull("worse")
+    slot.reset()
+    slot.germinate(make_seed(2))
+    state = slot.slot_state()
+    assert (state["state"], state["alpha"], state["blendStep"]) == ("germinated", 0.0, 0)
