@@ -1036,3 +1036,18 @@ def test_a_new_seed_starts_its_counters_at_zero() -> None:
     slot.germinate(make_seed(2))
     state = slot.slot_state()
     assert (state["state"], state["alpha"], state["blendStep"]) == ("germinated", 0.0, 0)
+
+
+def test_a_per_token_slot_checks_a_kernel_against_one_position() -> None:
+    flat = SeedSlot("flat", nn.Linear(F, F), per_token=True, metrics=metrics())
+    flat(torch.randn(4, F))  # [batch, F]: a position is the whole sample
+    assert flat.germinate(make_seed()), flat.telemetry.last_error
+    seq = SeedSlot("seq", nn.Linear(F, F), per_token=True, metrics=metrics())
+    seq(torch.randn(2, 5, F))  # [batch, T, F]: the kernel sees [batch*T, F]
+    assert seq.germinate(make_seed()), seq.telemetry.last_error
+    seq.start_training()
+    seq.start_blending(blend_steps=1)
+    seq.step()
+    x = torch.randn(3, 7, F)  # another sequence length
+    y = seq.host(x)
+    assert torch.equal(seq(x), seq.seed(y.reshape(-1, F)).reshape(3, 7, F))
