@@ -1051,3 +1051,123 @@ def test_a_per_token_slot_checks_a_kernel_against_one_position() -> None:
     x = torch.randn(3, 7, F)  # another sequence length
     y = seq.host(x)
     assert torch.equal(seq(x), seq.seed(y.reshape(-1, F)).reshape(3, 7, F))
+
+
+class Rows(nn.Module):
+    """A position-wise kernel that takes only [rows, F], as one compiled for [batch, F] does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = nn.Linear(F, F)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2:
+            raise ValueError(f"takes [rows, {F}], got {tuple(x.shape)}")
+        return self.f(x)
+
+
+def test_a_per_token_slot_probes_one_position_and_refuses_a_misfit() -> None:
+    slot = SeedSlot("s", nn.Linear(F, F), per_token=True, metrics=metrics())
+    slot(torch.randn(2, 5, F))
+    assert not slot.germinate(nn.Linear(8, 8))  # does not fit one position of 16
+    assert (slot.telemetry.last_error or "").startswith("ProbeFailed: ")
+    assert slot.germinate(Rows(), key="rows"), slot.telemetry.last_error  # probed with [1, F]
+
+
+class Tupled(nn.Module):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+        return (x,)
+
+
+def test_a_probe_that_returns_no_tensor_is_refused_by_name() -> None:
+    slot = SeedSlot("s", nn.Linear(F, F), metrics=metrics())
+    slot(torch.randn(2, F))
+    assert not slot.germinate(Tupled(), key="k")
+    assert slot.telemetry.last_error == f"ShapeMismatch: kernel k: kernel maps (1, ({F},)) to tuple"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_an_eager_seed_is_moved_to_the_activation_s_dtype(dtype: torch.dtype) -> None:
+    slot = SeedSlot("s", metrics=metrics())  # no host: its input is the activation
+    slot(torch.randn(2, F, dtype=dtype))
+    seed = make_seed()
+    assert slot.germinate(seed), slot.telemetry.last_error
+    assert {p.dtype for p in seed.parameters()} == {dtype}
+
+
+def test_an_eager_seed_is_moved_to_the_activation_s_device() -> None:
+    slot = SeedSlot("s", metrics=metrics())
+    slot(torch.zeros(2, F, device="meta"))
+    seed = make_seed()
+    assert slot.germinate(seed), slot.telemetry.last_error
+    assert {p.device for p in seed.parameters()} == {torch.device("meta")}
+
+
+def _compiled(**kw: object) -> KernelModule:
+    """A compiled kernel's shell (no runners: never called) with manifest shapes for [batch, F]."""
+    shapes = {"input_shapes": [["batch", F]], "output_shapes": [["batch", F]], "device": "cpu"}
+    return KernelModule(None, None, [], key="c" * 64, **{**shapes, **kw})  # type: ignore[arg-type]
+
+
+def test_a_compiled_kernel_is_checked_against_its_manifest_before_any_probe() -> None:
+    declared = SeedSlot("s", nn.Linear(F, F), shape=(F,), metrics=metrics())  # shape known, dtype not
+    assert declared.germinate(_compiled())  # fits; the probe waits for the first forward's dtype
+    narrow = SeedSlot("s", nn.Linear(F, F), shape=(8,), metrics=metrics())
+    assert not narrow.germinate(_compiled())
+    expected = f"ShapeMismatch: slot s: kernel {'c' * 16}: kernel input shape (batch >=1, {F}) does not fit "
+    assert narrow.telemetry.last_error == expected + "activation (batch, 8)"
+    seen = SeedSlot("s", nn.Linear(F, F), metrics=metrics())
+    seen(torch.randn(2, F))
+    assert not seen.germinate(_compiled(input_dtypes=["float64"]))
+    assert seen.telemetry.last_error == (
+        f"ShapeMismatch: slot s: kernel {'c' * 16}: "
+        "kernel input dtype float64 is not the activation's float32"
+    )
+
+
+class RaisesOnBatches(nn.Module):
+    """Passes the one-sample probe; raises with a long message on a real batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = nn.Linear(F, F)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 1:
+            raise RuntimeError("x" * 600)
+        return self.f(x)
+
+
+def test_a_seed_that_raises_in_training_is_culled_with_a_truncated_reason() -> None:
+    slot = SeedSlot("s", nn.Linear(F, F), metrics=metrics())
+    slot(torch.randn(1, F))
+    assert slot.germinate(RaisesOnBatches())
+    slot.start_training()
+    x = torch.randn(4, F)
+    assert torch.equal(slot(x), slot.host(x))
+    expected = ("SeedError: RuntimeError: " + "x" * 600)[:500]
+    assert (slot.state, slot.telemetry.last_error) == (S.CULLED, expected)
+
+
+class Opaque(nn.Module):
+    """Fits the one-sample probe; returns a plain object for larger inputs."""
+
+    def forward(self, x: torch.Tensor) -> object:
+        return x if x.shape[0] == 1 else object()
+
+
+def test_a_per_token_seed_that_returns_no_tensor_or_the_wrong_rows_is_left_out() -> None:
+    for seed, got in [(Opaque(), "object"), (FirstFour(), (4, F))]:
+        slot = SeedSlot("s", nn.Linear(F, F), per_token=True, metrics=metrics())
+        slot(torch.randn(1, 1, F))
+        assert slot.germinate(seed, key="k")
+        slot.start_training()
+        slot.start_blending(blend_steps=1)
+        slot.step()
+        slot.eval()
+        x = torch.randn(2, 3, F)
+        with pytest.warns(KernelShapeWarning):
+            assert torch.equal(slot(x), slot.host(x))
+        assert slot.telemetry.last_skip == (
+            f"ShapeMismatch: slot s: kernel k: seed returned {got}, the activation is (2, 3, {F})"
+        )
