@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -251,3 +252,81 @@ def test_private_copy_checks_the_signature_and_sha256_before_reading_anything_el
     with pytest.raises(ArtifactError) as raised:
         artifact.private_copy(tmp_path / "absent", dest, trusted=Trust())
     assert str(raised.value) == f"{tmp_path / 'absent'}: bundle directory does not exist"
+
+
+def test_a_manifest_of_an_unknown_format_names_the_known_ones_and_its_file(tmp_path: Path) -> None:
+    src = tmp_path / "shared"
+    make_fake_bundle(src, signed=False)
+    (src / MANIFEST).write_text(json.dumps({"format": 99}))
+    expected = (
+        f"{src / MANIFEST}: unknown format 99 (expected one of {artifact.FORMAT_V1}, {artifact.FORMAT})"
+    )
+    with pytest.raises(ArtifactError) as raised:
+        artifact.private_copy(src, tmp_path / "private", trusted=Trust())
+    assert str(raised.value) == expected
+
+
+class Reads(io.BytesIO):
+    """A source that records how much each read asked for."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.sizes: list[int | None] = []
+
+    def read(self, size: int | None = -1) -> bytes:
+        self.sizes.append(size)
+        return super().read(size)
+
+
+def test_copy_capped_never_reads_more_than_one_byte_past_the_cap() -> None:
+    data = os.urandom(10)
+    fin, fout = Reads(data), io.BytesIO()
+    assert artifact.copy_capped(fin, fout, 10, "src") == (hashlib.sha256(data).hexdigest(), 10)
+    assert fin.sizes == [11, 1] and fout.getvalue() == data  # the cap plus one, then one to see the end
+    planted = Reads(os.urandom(10_000_000))
+    with pytest.raises(ArtifactError) as raised:
+        artifact.copy_capped(planted, io.BytesIO(), 10, "src")
+    assert str(raised.value) == "src: larger than the 10 bytes the manifest records"
+    assert planted.sizes == [11]  # refused after one read of 11 bytes, not the whole file
+
+
+def test_a_signature_is_read_up_to_its_size_limit(tmp_path: Path) -> None:
+    sig = tmp_path / "manifest.sig"
+    sig.write_bytes(b"s" * artifact.MAX_SIGNATURE_BYTES)
+    assert artifact.read_signature_bytes(tmp_path) == b"s" * artifact.MAX_SIGNATURE_BYTES
+    sig.write_bytes(b"s" * (artifact.MAX_SIGNATURE_BYTES + 1))
+    with pytest.raises(ArtifactError) as raised:
+        artifact.read_signature_bytes(tmp_path)
+    assert str(raised.value) == f"{sig}: larger than {artifact.MAX_SIGNATURE_BYTES} bytes"
+
+
+def test_verify_bundle_asks_the_verifier_about_the_bundle_it_names(tmp_path: Path) -> None:
+    make_fake_bundle(tmp_path, seed=6)
+    trust = Trust()
+    verify_bundle(tmp_path, trusted=trust)
+    assert trust.calls == [
+        ((tmp_path / MANIFEST).read_bytes(), (tmp_path / "manifest.sig").read_bytes(), str(tmp_path))
+    ]
+
+
+def test_a_signature_that_is_a_symlink_is_refused(tmp_path: Path) -> None:
+    make_fake_bundle(tmp_path, seed=7)
+    sig = tmp_path / "manifest.sig"
+    (tmp_path.parent / "sig-copy").write_bytes(sig.read_bytes())
+    sig.unlink()
+    sig.symlink_to(tmp_path.parent / "sig-copy")
+    with pytest.raises(ArtifactError) as raised:
+        verify_bundle(tmp_path)
+    assert str(raised.value) == f"{sig}: not a regular file"
+
+
+def test_a_file_that_changes_size_while_hashed_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_fake_bundle(tmp_path, seed=8)
+    path = tmp_path / artifact.DATA_FILES[0]
+    size = path.stat().st_size
+    monkeypatch.setattr(artifact, "hash_file", lambda p: ("0" * 64, size + 5))  # it grew after the stat
+    with pytest.raises(ArtifactError) as raised:
+        verify_bundle(tmp_path)
+    assert str(raised.value) == f"{path}: size is {size + 5} bytes, manifest says {size}"

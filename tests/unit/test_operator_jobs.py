@@ -210,6 +210,12 @@ def test_signing_key_is_mounted_from_its_secret_into_compile_pods_only() -> None
     container = pod["containers"][0]
     volume = next(v for v in pod["volumes"] if v["name"] == "signing-key")
     assert volume["secret"]["secretName"] == "esper-signing" and volume["secret"]["defaultMode"] == 0o400
+    only_the_private_key = [{"key": "signing.key", "path": "signing.key"}]  # not the rest of the Secret
+    assert volume["secret"] == {
+        "secretName": "esper-signing",
+        "items": only_the_private_key,
+        "defaultMode": 0o400,
+    }
     mount = next(m for m in container["volumeMounts"] if m["name"] == "signing-key")
     assert mount["readOnly"] is True
     env = {e["name"]: e.get("value") for e in container["env"]}
