@@ -873,8 +873,9 @@ def test_blending_records_its_length_in_the_history() -> None:
     again = SeedSlot("t", nn.Linear(F, F), blend_steps=5, metrics=metrics())
     again.germinate(make_seed())
     again.start_training()
-    again.start_blending(blend_steps=7)
-    assert again.lifecycle.history[-1].reason == "blend over 7 steps" and again.blend_steps == 7
+    again.start_blending(step=12, blend_steps=7)
+    assert again.lifecycle.history[-1] == Transition(12, S.TRAINING, S.BLENDING, "blend over 7 steps")
+    assert again.blend_steps == 7
 
 
 def test_a_seed_takes_the_slots_mode_and_the_probe_gives_it_back() -> None:
