@@ -238,7 +238,7 @@ async def test_a_new_blueprint_creates_its_kernel_with_owner_labels_and_finalize
 async def test_a_head_start_makes_the_kernel_and_job_and_the_reconcile_only_the_status(world: World) -> None:
     """A new Blueprint's first watch event creates its Kernel and Job; the reconcile that follows (kopf's
     next cycle) asks the API server for nothing and returns the status a plain reconcile would."""
-    world.blueprint()
+    world.blueprint(generation=4)  # the key is this generation, not the first
     await world.rec.prepare_blueprint(world.kube.peek("blueprints", NS, "mlp"))  # type: ignore[arg-type]
     kernel = world.kernel(kernel_name(SPEC))
     assert [(w.verb, w.plural) for w in world.kube.writes] == [
@@ -271,6 +271,33 @@ async def test_a_head_start_for_another_generation_or_plan_is_not_used(world: Wo
     status = await world.reconcile()
     assert [k["name"] for k in status["kernels"]] == [kernel_name(SPEC_2)]
     assert world.kernel(kernel_name(SPEC_2))["status"]["phase"] == "Compiling"
+
+
+async def test_a_head_start_without_a_generation_counts_as_generation_one(world: World) -> None:
+    world.blueprint()
+    body = world.kube.peek("blueprints", NS, "mlp")
+    del body["metadata"]["generation"]  # type: ignore[index]
+    await world.rec.prepare_blueprint(body)  # type: ignore[arg-type]
+    writes, reads = len(world.kube.writes), len(world.kube.reads)
+    await world.rec.reconcile_blueprint(body)  # type: ignore[arg-type]
+    assert world.kube.writes[writes:] == [] and world.kube.reads[reads:] == []
+
+
+async def test_head_starts_beyond_the_limit_are_forgotten_oldest_first(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prepared Blueprints whose reconcile never comes (deleted at once) cannot pile up."""
+    monkeypatch.setattr("esper_operator.reconcile.PREPARED_LIMIT", 2)
+    specs = {"a": mlp(32), "b": mlp(40), "c": mlp(48)}
+    for name, spec in specs.items():
+        world.blueprint(name, spec=spec)
+        await world.rec.prepare_blueprint(world.kube.peek("blueprints", NS, name))  # type: ignore[arg-type]
+    asked = {}
+    for name in specs:
+        writes, reads = len(world.kube.writes), len(world.kube.reads)
+        await world.reconcile(name)
+        asked[name] = len(world.kube.writes) - writes + len(world.kube.reads) - reads > 0
+    assert asked == {"a": True, "b": False, "c": False}  # "a" was forgotten: its reconcile does it all
 
 
 async def test_an_invalid_blueprint_gets_no_head_start(world: World) -> None:
