@@ -90,10 +90,7 @@ class ProgressAnnotations(kopf.AnnotationsProgressStorage):
         ours = [k for k, v in annotations.items() if k != marker and k.startswith(f"{self.prefix}/") and v]
         if not ours:
             del annotations[marker]
-            if not annotations:
-                del patch["metadata"]["annotations"]
-            if not patch["metadata"]:
-                del patch["metadata"]
+            self.remove_empty_stanzas(cast(kopf.BodyEssence, patch))
 
 
 # kopf's handler protocols spell out every keyword a handler may take; handlers here take what they use

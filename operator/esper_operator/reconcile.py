@@ -50,7 +50,7 @@ from esper_operator.jobs import (
     waiting,
 )
 from esper_operator.kube import Body, Conflict, Kube
-from esper_operator.plan import PlannedKernel, plan_blueprint
+from esper_operator.plan import Plan, PlannedKernel, plan_blueprint
 from esper_operator.requesters import requesters_status, set_role
 from esper_operator.rollout import CANDIDATE, CARRIED, SERVING, advance, held
 from esper_operator.status import blueprint_status, invalid_status, kernel_status
@@ -85,9 +85,9 @@ class Reconciler:
         # A burst of new Blueprints is planned a few dozen at a time, not all at once: as fast (the API
         # server is the bottleneck) with a fraction of the memory (plans hold expanded graphs).
         self._planning = asyncio.Semaphore(CONCURRENT_RECONCILES)
-        # (Blueprint uid, generation) -> its Kernels' bodies, from `prepare_blueprint`. The same uid and
-        # generation is the same spec, so the same plan.
-        self._prepared: OrderedDict[tuple[str, int], dict[str, Body]] = OrderedDict()
+        # (Blueprint uid, generation) -> its plan and its Kernels' bodies, from `prepare_blueprint`. The
+        # same uid and generation is the same spec, so the same plan.
+        self._prepared: OrderedDict[tuple[str, int], tuple[Plan, dict[str, Body]]] = OrderedDict()
 
     @functools.cached_property
     def store(self) -> Store:
@@ -111,8 +111,8 @@ class Reconciler:
         does not plan (the reconcile reports it), or one with a status (reconciled before).
         """
         meta = body["metadata"]
-        generation = int(meta.get("generation") or 1)
-        if (meta["uid"], generation) in self._prepared:  # kopf's finalizer write brings a second event
+        key = (meta["uid"], int(meta.get("generation") or 1))
+        if key in self._prepared:  # kopf's finalizer write brings a second event
             return
         try:
             plan = plan_blueprint(
@@ -121,11 +121,8 @@ class Reconciler:
         except BlueprintInvalid:
             return
         async with self._planning:
-            bodies = {}
-            for planned in plan.kernels:
-                kernel = await self.ensure_kernel(body, planned)
-                bodies[planned.name] = await self.ensure_job(kernel, planned.job_name)
-        self._prepared[(meta["uid"], generation)] = bodies
+            kernels = {planned.name: await self._kernel_with_job(body, planned) for planned in plan.kernels}
+        self._prepared[key] = (plan, kernels)
         while len(self._prepared) > PREPARED_LIMIT:
             self._prepared.popitem(last=False)
 
@@ -134,18 +131,16 @@ class Reconciler:
         name = meta["name"]
         generation = int(meta.get("generation") or 1)
         previous = body.get("status") or {}
-        prepared = self._prepared.pop((meta["uid"], generation), {})
-        try:
-            plan = plan_blueprint(name, body.get("spec") or {}, torch_version=self.config.torch_version)
-        except BlueprintInvalid as exc:
-            return await self.keep_last_good(body, str(exc))
+        plan, prepared = self._prepared.pop((meta["uid"], generation), (None, {}))
+        if plan is None:
+            try:
+                plan = plan_blueprint(name, body.get("spec") or {}, torch_version=self.config.torch_version)
+            except BlueprintInvalid as exc:
+                return await self.keep_last_good(body, str(exc))
         crash_point("plan")
         refs, bodies = [], {}
         for planned in plan.kernels:
-            kernel = prepared.get(planned.name)
-            if kernel is None:
-                kernel = await self.ensure_kernel(body, planned)
-                kernel = await self.ensure_job(kernel, planned.job_name)
+            kernel = prepared.get(planned.name) or await self._kernel_with_job(body, planned)
             refs.append({"target": planned.spec.target, "name": planned.name, "phase": _phase(kernel)})
             bodies[planned.name] = kernel
         metrics.RECONCILES.labels("blueprint", "ok").inc()
@@ -235,6 +230,11 @@ class Reconciler:
         else:
             crash_point("kernel-created")  # no Event: the Blueprint's status lists its Kernels
         return kernel
+
+    async def _kernel_with_job(self, blueprint: Body, planned: PlannedKernel) -> Body:
+        """The planned Kernel, created or adopted, with its compile Job (unless Ready or Failed)."""
+        kernel = await self.ensure_kernel(blueprint, planned)
+        return await self.ensure_job(kernel, planned.job_name)
 
     async def _adopt(self, namespace: str, name: str, owner: Body) -> Body:
         for _ in range(OWNER_RETRIES):

@@ -20,9 +20,9 @@ import datetime as dt
 import random
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
 
 from esper_operator.kube import Body, Conflict
+from tests.support.merge_patch import merge_patch
 
 STATUS_PLURALS = frozenset({"blueprints", "kernels", "jobs"})
 """Resources with a status subresource: their create and main-resource patches ignore `status`."""
@@ -37,19 +37,6 @@ class Write:
     namespace: str
     name: str
     body: Body = field(default_factory=dict)  # empty for a delete
-
-
-def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386: objects merge key by key, null removes a key, anything else (lists too) replaces."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    out = dict(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            out.pop(key, None)
-        else:
-            out[key] = merge_patch(out.get(key), value)
-    return out
 
 
 def _selector(selector: str) -> dict[str, str]:

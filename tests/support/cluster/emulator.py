@@ -24,6 +24,7 @@ import yaml
 from kmock._internal import rendering
 from kmock._internal.k8s import KubernetesError
 
+from ..merge_patch import merge_patch
 from .base import (
     BUILTIN_SELECTABLE,
     CRD_RESOURCE,
@@ -632,7 +633,7 @@ class EsperEmulator(GarbageCollectorMixin, TablesMixin, kmock.KubernetesEmulator
             raise bad_request("a merge patch must be a JSON object")
         # merge-patch, strategic-merge-patch and apply-patch are all merged as RFC 7386 merge
         # patches: lists are replaced, `$patch` directives dropped (an approximation, see module doc).
-        return _merge_patch(old, _strip_directives(data))
+        return merge_patch(old, _strip_directives(data))
 
     # ---- delete ------------------------------------------------------------------------------
 
@@ -806,19 +807,6 @@ def _strip_directives(patch: Any) -> Any:
     if isinstance(patch, dict):
         return {k: _strip_directives(v) for k, v in patch.items() if not k.startswith("$")}
     return patch
-
-
-def _merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386 JSON merge patch: null deletes, objects merge, everything else replaces."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    result = copy.deepcopy(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            result.pop(key, None)
-        else:
-            result[key] = _merge_patch(result.get(key), value)
-    return result
 
 
 # --------------------------------------------------------------------------------------------
