@@ -157,7 +157,7 @@ def _worker(spec_path: Path, out_path: Path) -> int:
         tmp = out_path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"run": run, "events": policy.events, "figures": figures}, default=str))
         tmp.replace(out_path)
-    dist.barrier()
+    coord.close()  # a barrier, then lets go of its process groups (one torn down at exit can abort)
     del ddp  # before the process group: a DDP that outlives it aborts the process at exit
     dist.destroy_process_group()
     return 0

@@ -146,6 +146,7 @@ def train(options: TrainerOptions) -> int:
     if coord is not None:
         import torch.distributed as dist
 
+        coord.close()  # lets go of its process groups: one torn down at interpreter exit can abort
         del forward  # before the process group: a DDP that outlives it aborts the process
         dist.destroy_process_group()
     return 0

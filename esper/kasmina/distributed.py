@@ -123,27 +123,55 @@ class SeedCoordinator:
         )
         self._seeds = seed_group if seed_group is not None else dist.new_group(timeout=timeout)
         self._local_evaluate = policy.evaluate
+        self._local_contribution = policy.contribution
         policy.evaluate = self.evaluate
         if policy.contribution is not None:  # a held-out split: judged on the mean over ranks too
-            local_contribution = policy.contribution
-            policy.contribution = lambda: self.mean(float(local_contribution()))
+            policy.contribution = self._mean_contribution
         policy.agreement = self
         self._tracked: dict[str, list[nn.Parameter]] = {}
         self.common_keys: dict[str, str] = {}  # kernels every rank holds, as of the last evaluation
         self.collectives = 0  # control collectives issued (a test's and a benchmark's counter)
         self.attach()
 
+    def close(self) -> None:
+        """Detach from the policy and let go of both process groups (collective; idempotent).
+
+        Call it before `dist.destroy_process_group()`. The coordinator and its policy refer to each
+        other, so without it the groups outlive `destroy_process_group()` until the interpreter's
+        last garbage collection, and a gloo group torn down there can abort a process whose training
+        succeeded ("terminate called without an active exception"). The barrier first: no rank lets
+        go while a peer is still in a collective with it.
+        """
+        if self._ctrl is None:
+            return
+        dist.barrier(group=self._ctrl)
+        self.policy.evaluate = self._local_evaluate
+        self.policy.contribution = self._local_contribution
+        self.policy.agreement = None
+        self._ctrl = self._seeds = None
+        self._tracked = {}
+
+    def _mean_contribution(self) -> float:
+        assert self._local_contribution is not None
+        return self.mean(float(self._local_contribution()))
+
+    def _group(self, group: Any) -> Any:
+        """A group to issue a collective on; never None, which torch would read as the whole world."""
+        if group is None:
+            raise RuntimeError("this SeedCoordinator is closed")
+        return group
+
     # ---- small collectives ---------------------------------------------------------------------
 
     def _all_gather(self, obj: Any) -> list[Any]:
         out: list[Any] = [None] * self.world
-        dist.all_gather_object(out, obj, group=self._ctrl)
+        dist.all_gather_object(out, obj, group=self._group(self._ctrl))
         self.collectives += 1
         return out
 
     def _bcast(self, obj: Any = None) -> Any:
         box = [obj]
-        dist.broadcast_object_list(box, src=0, group=self._ctrl)
+        dist.broadcast_object_list(box, src=0, group=self._group(self._ctrl))
         self.collectives += 1
         return box[0]
 
@@ -151,7 +179,7 @@ class SeedCoordinator:
         """The mean of one float over the ranks, bit-identical on every rank (summed in rank order)."""
         t = torch.tensor([float(local)], dtype=torch.float64)
         out = [torch.empty_like(t) for _ in range(self.world)]
-        dist.all_gather(out, t, group=self._ctrl)
+        dist.all_gather(out, t, group=self._group(self._ctrl))
         self.collectives += 1
         return sum(float(x.item()) for x in out) / self.world
 
@@ -159,7 +187,7 @@ class SeedCoordinator:
         if not tensors:
             return
         flat = _flat(tensors)
-        dist.broadcast(flat, src=0, group=self._seeds)
+        dist.broadcast(flat, src=0, group=self._group(self._seeds))
         with torch.no_grad():
             i = 0
             for t in tensors:
@@ -312,7 +340,7 @@ class SeedCoordinator:
                 flags.append(0.0 if p.grad is None else 1.0)
                 grads.append(torch.zeros_like(p) if p.grad is None else p.grad)
         flat = torch.cat([_flat(grads), torch.tensor(flags, dtype=grads[0].dtype)])
-        dist.all_reduce(flat, group=self._seeds)
+        dist.all_reduce(flat, group=self._group(self._seeds))
         n = sum(g.numel() for g in grads)
         summed, counts = flat[:n], flat[n:].tolist()
         summed /= self.world

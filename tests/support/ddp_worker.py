@@ -226,6 +226,8 @@ def grow_run(args: argparse.Namespace, world: int = 1) -> dict[str, Any]:
              "digest": state_digest(model)},
             Path(args.out) / "ckpt.pt",
         )  # fmt: skip
+    if coord is not None:
+        coord.close()  # lets go of its process groups before they are destroyed
     if opt_model is not model:
         del opt_model  # before the process group goes: a DDP outliving it aborts the process
     return out

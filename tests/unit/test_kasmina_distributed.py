@@ -141,6 +141,34 @@ def test_a_world_of_one_grows_exactly_as_one_process(world_of_one: None) -> None
     assert collectives > 0
 
 
+def test_closing_detaches_from_the_policy_and_refuses_later_collectives(world_of_one: None) -> None:
+    """After close() the policy is its own again and nothing holds the coordinator (or its groups)."""
+    import gc
+    import weakref
+
+    policy = _policy(_model())
+    local_evaluate, local_contribution = policy.evaluate, lambda: 2.0
+    policy.contribution = local_contribution
+    coord = SeedCoordinator(policy)
+    assert policy.agreement is coord and policy.contribution() == 2.0  # the mean over a world of one
+    assert policy.contribution is not local_contribution
+    coord.close()
+    coord.close()  # idempotent: a second close issues no collective
+    assert policy.agreement is None and policy.evaluate == local_evaluate
+    assert policy.contribution is local_contribution
+    with pytest.raises(RuntimeError, match="this SeedCoordinator is closed"):
+        coord.mean(1.0)  # never a collective on the whole world by accident
+    with pytest.raises(RuntimeError, match="this SeedCoordinator is closed"):
+        coord.on_eval(1.0, 2)
+    gc.disable()  # freed by reference counting alone: no cycle keeps the groups to interpreter exit
+    try:
+        ref = weakref.ref(coord)
+        del coord
+        assert ref() is None
+    finally:
+        gc.enable()
+
+
 def test_rank_states_that_differ_are_refused(world_of_one: None, monkeypatch: pytest.MonkeyPatch) -> None:
     policy = _policy(_model())
     real = dist.all_gather_object
