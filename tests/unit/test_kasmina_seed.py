@@ -296,6 +296,72 @@ def grow_and_fossilize(model: nn.Module, slot: SeedSlot, opt: torch.optim.Optimi
     train_steps(model, opt, 2)
 
 
+class Raises(nn.Module):
+    """A seed that fails on any call but the 1-sample load probe."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(F, F)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 1:
+            raise RuntimeError("seed broke")
+        return self.lin(x)
+
+
+def test_a_live_seed_that_fails_under_an_alpha_override_is_culled_and_y_returned() -> None:
+    _, _, ss = pair(blend_steps=4)
+    slot = ss["blocks.0"]
+    x = torch.randn(3, F)
+    slot(x)  # the slot learns its activation shape
+    assert slot.germinate(Raises())
+    slot.start_training()
+    slot.start_blending()
+    with slot.alpha_override(0.5):
+        assert torch.equal(slot(x), slot.host(x))
+    assert slot.state is S.CULLED and "seed broke" in str(slot.telemetry.last_error)
+
+
+def test_a_fossil_that_fails_under_an_alpha_override_raises() -> None:
+    """A fossil is part of the model: its failure is the model's, never quietly dropped."""
+    _, _, ss = pair(blend_steps=1)
+    slot = ss["blocks.0"]
+    x = torch.randn(3, F)
+    slot(x)
+    assert slot.germinate(Raises())
+    slot.start_training()
+    slot.start_blending()
+    slot.step()
+    slot.fossilize()
+    with slot.alpha_override(0.5), pytest.raises(RuntimeError, match="seed broke"):
+        slot(x)
+    assert slot.state is S.FOSSILIZED
+
+
+def test_keyword_arguments_reach_the_host() -> None:
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(F, F)
+
+        def forward(self, x: torch.Tensor, *, scale: float = 1.0) -> torch.Tensor:
+            return self.lin(x) * scale
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Scaled())
+    bare = copy.deepcopy(model[0])
+    wrap(model, at=["0"], metrics=metrics())
+    x = torch.randn(2, F)
+    assert torch.equal(model[0](x, scale=3.0), bare(x, scale=3.0))
+
+
+def test_a_host_whose_nested_names_start_with_a_slot_name_is_refused() -> None:
+    model = nn.Sequential(nn.Module())
+    model[0].seed = nn.Sequential(nn.Linear(F, F))  # state_dict key "seed.0.weight"
+    with pytest.raises(ValueError, match=r"cannot wrap 0: top-level state_dict names \['seed'\] are the slot's own"):
+        wrap(model, at=["0"], metrics=metrics())
+
+
 def test_hot_load_between_steps_keeps_training() -> None:
     _, model, ss = pair()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -314,6 +380,12 @@ def test_deferred_germination_swaps_at_the_step_boundary() -> None:
     out.backward()
     slot.step()
     assert slot.state is S.GERMINATED and slot.seed is not None
+    key = slot.kernel_key
+    assert slot.lifecycle.history[-1].reason == f"kernel {key}"  # the reason germinate() gave, kept for the swap
+    slot.step()  # nothing left pending: a second step swaps nothing
+    slot.cull("tried")
+    slot.reset()
+    assert slot.germinate(make_seed(2)) and slot.state is S.GERMINATED
 
 
 def test_fossilized_seed_survives_a_checkpoint() -> None:
