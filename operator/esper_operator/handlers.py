@@ -27,6 +27,8 @@ RESYNC_SECONDS: float = OperatorConfig.setting_from_env("resync_seconds")
 RETRY_SECONDS: float = OperatorConfig.setting_from_env("retry_seconds")
 API_TIMEOUT_SECONDS: float = OperatorConfig.setting_from_env("api_timeout_seconds")
 OBSERVE_ATTEMPTS = 6  # then the periodic resync carries a finished Job over
+TIMER_EXIT_WAIT_SECONDS = 0.2  # a resync in flight at deletion: waited for this long in the same cycle,
+TIMER_EXIT_POLL_SECONDS = 1.0  # then re-checked this often (a touch of the object each time)
 QUEUE_SECONDS: float = OperatorConfig.setting_from_env("queue_seconds")
 DIFF_BASE_FIELD = "status.operatorState.lastHandledConfiguration"
 
@@ -112,6 +114,11 @@ async def configure(
     settings.watching.client_timeout = 330
     settings.execution.max_workers = 16
     settings.networking.request_timeout = API_TIMEOUT_SECONDS
+    # kopf keeps a deleted object's finalizer until its timers have exited. A resync caught mid-reconcile
+    # is given a moment to finish, then re-checked each second; kopf's default re-check (60 s) held such
+    # deletions for a minute, longer than `kubectl delete`'s patience in scripts.
+    settings.background.instant_exit_timeout = TIMER_EXIT_WAIT_SECONDS
+    settings.background.cancellation_polling = TIMER_EXIT_POLL_SECONDS
     try:
         config = OperatorConfig.from_env()
     except ConfigError as exc:

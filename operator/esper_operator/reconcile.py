@@ -354,7 +354,14 @@ class Reconciler:
                 retryAt="",
                 **requesters_status(kernel),  # in this write, so the rollout that follows needs none
             )
-            kernel = await self.kube.patch_status("kernels", meta["namespace"], meta["name"], new) or kernel
+            patched = await self.kube.patch_status("kernels", meta["namespace"], meta["name"], new)
+            if patched is None or patched["metadata"].get("deletionTimestamp"):
+                # The Kernel was deleted while this pass read it and made its Job (a resync racing a
+                # deletion): its cleanup has run, or runs now and finds this Job gone; none is orphaned.
+                await self.kube.delete_job(namespace, name)
+                log.info("deleted compile Job %s/%s: its Kernel was deleted meanwhile", namespace, name)
+                return patched or kernel
+            kernel = patched
             crash_point("kernel-compiling")
         if finished(job):
             # Finished while nobody watched (operator down, event lost): carry it over now.

@@ -3,11 +3,14 @@ run by the fake kubelet, a moto S3, and the real kubectl where users would use i
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
 import socket
 import sys
+import threading
+import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "blueprint.yaml"
 INVALID = REPO / "examples" / "invalid-blueprint.yaml"
 COMPILE_TIMEOUT = 240
+RESYNC_HOLD_SECONDS = 4  # how long a resync's read of a Job is held in the deletion test
 COMPILE_NS = "esper-system"  # the operator's namespace: compile Jobs and the bucket's key live here only
 
 
@@ -317,6 +321,36 @@ def test_deleting_while_compiling_leaves_nothing_stuck(esper: Esper) -> None:
     wait_for(lambda: len(esper.jobs()) == 1, 30)
     esper.cluster.delete("blueprints", "doomed")
     wait_for(lambda: esper.blueprint("doomed") is None and not esper.kernels() and not esper.jobs(), 30)
+
+
+def test_deleting_while_a_resync_is_in_flight_is_prompt(esper: Esper) -> None:
+    """kopf holds a finalizer until the object's timers have exited; a resync caught mid-request
+    must not hold the deletion for kopf's default re-check period (60 s)."""
+    esper.kubelet.paused = True  # the Kernel stays Compiling: each resync reads its Job
+    esper.cluster.create(small_blueprint("caught", seed=43))
+    wait_for(lambda: len(esper.jobs()) == 1, 30)
+    in_flight = threading.Event()
+
+    def first_job_read(request: Any) -> bool:
+        return (
+            not in_flight.is_set()
+            and request.method == "GET"
+            and request.resource is not None
+            and request.resource.plural == "jobs"
+            and request.name is not None
+        )
+
+    async def held(request: Any) -> Any:
+        in_flight.set()
+        await asyncio.sleep(RESYNC_HOLD_SECONDS)
+        raise NotImplementedError  # then served normally
+
+    esper.cluster.call(lambda e: e[first_job_read] << held)
+    assert in_flight.wait(30), "no resync read the Job"
+    started = time.monotonic()
+    esper.cluster.delete("blueprints", "caught")
+    wait_for(lambda: esper.blueprint("caught") is None and not esper.kernels() and not esper.jobs(), 30)
+    assert time.monotonic() - started >= RESYNC_HOLD_SECONDS - 1  # it did wait for the resync to end
 
 
 def test_deleted_kernel_is_recreated_by_its_blueprint(esper: Esper) -> None:

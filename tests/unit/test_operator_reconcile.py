@@ -872,6 +872,24 @@ async def test_a_created_job_whose_status_write_was_lost_is_recorded(world: Worl
     assert len(world.kube.written("create", "jobs")) == 2  # the second answered 409
 
 
+@pytest.mark.parametrize("gone", [True, False], ids=["kernel-gone", "kernel-deleting"])
+async def test_a_job_made_for_a_kernel_deleted_meanwhile_is_deleted(world: World, gone: bool) -> None:
+    """A resync read the Kernel, then the Kernel was deleted (its cleanup took its Job) before the pass
+    made a new Job: that Job has no Kernel left to clean it up, so the pass deletes it."""
+    kernel, job = await compiling(world)
+    name = kernel["metadata"]["name"]
+    stale = world.kernel(name)
+    if gone:
+        world.kube.objects.pop(("kernels", NS, name))
+    else:
+        await world.kube.delete("kernels", NS, name)  # its finalizer holds it, deletionTimestamp set
+    await world.rec.kernel_deleted(world.kube.peek("kernels", NS, name) or stale)
+    assert world.kube.names("jobs", COMPILE_NS) == []
+    await world.rec.ensure_job(stale, f"tezzeret-{name}")
+    assert [w.name for w in world.kube.written("create", "jobs")][-1] == job  # made again, then:
+    assert world.kube.names("jobs", COMPILE_NS) == []
+
+
 # ---- retry requested by a user, and the periodic tick -------------------------------------------------
 
 
