@@ -24,7 +24,7 @@ demo: $(STAMP)
 ## the operator and sidecar tests on the real API server where one is found); what CI runs
 test: lint
 	$(PY) -m esper.contracts.crd --check
-	$(PY) -m pytest -ra --cov --cov-report= $(PYTEST_ARGS)
+	$(PY) -m pytest -ra --durations=15 --cov --cov-report= $(PYTEST_ARGS)
 
 ## test-fast: everything but the AOTInductor compiles
 test-fast: $(STAMP)

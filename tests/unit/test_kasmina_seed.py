@@ -358,7 +358,8 @@ def test_keyword_arguments_reach_the_host() -> None:
 def test_a_host_whose_nested_names_start_with_a_slot_name_is_refused() -> None:
     model = nn.Sequential(nn.Module())
     model[0].seed = nn.Sequential(nn.Linear(F, F))  # state_dict key "seed.0.weight"
-    with pytest.raises(ValueError, match=r"cannot wrap 0: top-level state_dict names \['seed'\] are the slot's own"):
+    refused = r"cannot wrap 0: top-level state_dict names \['seed'\] are the slot's own"
+    with pytest.raises(ValueError, match=refused):
         wrap(model, at=["0"], metrics=metrics())
 
 
@@ -381,7 +382,7 @@ def test_deferred_germination_swaps_at_the_step_boundary() -> None:
     slot.step()
     assert slot.state is S.GERMINATED and slot.seed is not None
     key = slot.kernel_key
-    assert slot.lifecycle.history[-1].reason == f"kernel {key}"  # the reason germinate() gave, kept for the swap
+    assert slot.lifecycle.history[-1].reason == f"kernel {key}"  # germinate()'s reason, kept for the swap
     slot.step()  # nothing left pending: a second step swaps nothing
     slot.cull("tried")
     slot.reset()
@@ -781,6 +782,63 @@ def test_an_unseen_slot_checks_a_compiled_kernel_against_the_activation_device()
         slot(torch.randn(2, F))
     expected = f"ShapeMismatch: slot s: kernel {'c' * 16}: kernel runs on meta, the activation is on cpu"
     assert slot.telemetry.last_skip == expected
+
+
+def test_a_germinated_compiled_kernel_is_adopted_by_its_slot() -> None:
+    kernel = KernelModule(None, None, [], key="d" * 64)  # unseen slot: no probe, never called
+    slot = SeedSlot("s", nn.Linear(F, F), metrics=metrics())
+    assert slot.germinate(kernel)
+    assert kernel.slot_name == "s"  # its shape errors will name the slot
+
+
+def _skip_warnings(slot: SeedSlot, x: torch.Tensor) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        slot(x)
+        slot(x)
+    return [str(w.message) for w in caught if w.category is KernelShapeWarning]
+
+
+def test_each_new_kernel_gets_its_own_skip_warning() -> None:
+    slot = SeedSlot("s", nn.Linear(F, F), metrics=metrics())
+    slot(torch.randn(1, F))
+    x = torch.randn(8, F)
+    for key in ("first", "second"):
+        assert slot.germinate(LongName(), key=key)
+        slot.start_training()
+        slot.start_blending()
+        slot.eval()
+        warned = _skip_warnings(slot, x)
+        assert len(warned) == 1 and f"kernel {key}:" in warned[0]  # once per kernel, not once per slot
+        slot.train()
+        slot.cull("misfit")
+        slot.reset()
+
+
+def test_a_training_seed_that_misfits_in_eval_mode_with_grad_is_left_out_and_named_training() -> None:
+    slot = SeedSlot("s", nn.Linear(F, F), metrics=metrics())
+    slot(torch.randn(1, F))
+    assert slot.germinate(LongName(), key="k")
+    slot.start_training()
+    slot.eval()  # evaluation with autograd on (a validation loss kept for a later backward, say)
+    x = torch.randn(8, F)
+    warned = _skip_warnings(slot, x)
+    assert len(warned) == 1 and "left out of this training call" in warned[0]
+    assert slot.state is S.TRAINING and torch.equal(slot(x), slot.host(x))
+
+
+def test_a_restored_fossil_replaces_y_whatever_alpha_its_state_records() -> None:
+    slot = SeedSlot("s", nn.Linear(F, F), blend_steps=1, metrics=metrics())
+    slot(torch.randn(1, F))
+    assert slot.germinate(make_seed(), key="k")
+    slot.start_training()
+    slot.start_blending()
+    slot.step()
+    slot.fossilize()
+    state = slot.slot_state()
+    slot.set_extra_state({**state, "alpha": 0.5})  # a hand-edited checkpoint: the fossil is still whole
+    x = torch.randn(3, F)
+    assert slot.state is S.FOSSILIZED and torch.equal(slot(x), slot.seed(slot.host(x)))
 
 
 class Crash(nn.Module):
