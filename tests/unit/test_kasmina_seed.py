@@ -268,9 +268,21 @@ def test_illegal_slot_operations_raise() -> None:
         slot.fossilize()
     with pytest.raises(IllegalTransition):
         slot.start_blending()
-    slot.germinate(make_seed())
-    with pytest.raises(IllegalTransition):
-        slot.germinate(make_seed())
+    first = make_seed()
+    slot.germinate(first)
+    with pytest.raises(IllegalTransition, match=r"^s: illegal seed transition germinated -> germinated; "):
+        slot.germinate(make_seed(2))
+    assert slot.seed.module is first and slot.state is S.GERMINATED  # the refused kernel replaced nothing
+
+
+def test_a_second_deferred_germination_before_the_step_is_refused() -> None:
+    slot = SeedSlot("s", nn.Linear(F, F), metrics=metrics())
+    first, second = make_seed(1), make_seed(2)
+    assert slot.germinate(first, defer=True)
+    with pytest.raises(IllegalTransition, match=r"^s: illegal seed transition dormant -> germinated; "):
+        slot.germinate(second, defer=True)
+    slot.step()
+    assert slot.seed.module is first and slot.state is S.GERMINATED
 
 
 def train_steps(model: nn.Module, opt: torch.optim.Optimizer, n: int) -> float:
