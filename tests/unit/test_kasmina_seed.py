@@ -853,6 +853,50 @@ def test_a_restored_fossil_replaces_y_whatever_alpha_its_state_records() -> None
     assert slot.state is S.FOSSILIZED and torch.equal(slot(x), slot.seed(slot.host(x)))
 
 
+def test_a_seen_slot_refuses_a_compiled_kernel_for_another_device_before_calling_it() -> None:
+    kernel = KernelModule(None, None, [], key="e" * 64, input_shapes=[["batch", F]],
+                          output_shapes=[["batch", F]], device="meta")  # fmt: skip
+    slot = SeedSlot("s", nn.Linear(F, F), metrics=metrics())
+    slot(torch.randn(2, F))  # seen on the CPU
+    assert not slot.germinate(kernel)
+    assert slot.telemetry.last_error == (
+        f"ShapeMismatch: slot s: kernel {'e' * 16}: kernel runs on meta, the activation is on cpu"
+    )  # from its manifest: the kernel was never called (it has no runners to call)
+    assert (slot.state, slot.seed) == (S.DORMANT, None)
+
+
+def test_a_germination_after_a_refusal_clears_the_error_and_reports_the_load_time() -> None:
+    slot = SeedSlot("s", nn.Linear(F, F), metrics=metrics())  # unseen: nothing to probe against
+    assert not slot.germinate(lambda: "not a module", key="bad")  # type: ignore[arg-type,return-value]
+    assert slot.telemetry.last_error == "NotAModule: loader returned str"
+    kernel = KernelModule(None, None, [], key="f" * 64, load_seconds=0.25)
+    assert slot.germinate(kernel)
+    assert slot.telemetry.last_error is None and slot.telemetry.load_seconds == 0.25
+
+
+@pytest.mark.parametrize(
+    ("per_token", "x_shape", "asked"),
+    [(False, (2, 5, F), (5, F)), (True, (2, 3, 5, F), (F,)), (True, (2, 5, F), (F,))],
+)
+def test_a_bundle_is_checked_against_the_sample_shape_the_slot_feeds_it(
+    monkeypatch: pytest.MonkeyPatch, per_token: bool, x_shape: tuple[int, ...], asked: tuple[int, ...]
+) -> None:
+    """A per-token slot feeds its kernel one position at a time: the bundle must take (F,)."""
+    import esper.kasmina.seed as seed_module
+
+    seen: list[object] = []
+
+    def fake_load(*_: object, sample_shape: object, **__: object) -> nn.Module:
+        seen.append(sample_shape)
+        return EagerKernel(make_seed(), "bundle")
+
+    monkeypatch.setattr(seed_module, "load_kernel", fake_load)
+    slot = SeedSlot("s", nn.Identity(), per_token=per_token, metrics=metrics())
+    slot(torch.randn(*x_shape))
+    slot.germinate("/nonexistent/bundle")
+    assert seen == [asked]
+
+
 class Crash(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("x" * 600)
