@@ -867,13 +867,16 @@ async def test_a_created_job_whose_status_write_was_lost_is_recorded(world: Worl
     kernel, job = await compiling(world)
     name = kernel["metadata"]["name"]
     world.kube.set_status("kernels", NS, name, {})
-    await world.rec.ensure_job(world.kernel(name), f"tezzeret-{name}")
+    out = await world.rec.ensure_job(world.kernel(name), f"tezzeret-{name}")
     assert world.kernel(name)["status"]["jobUid"] == world.job(job)["metadata"]["uid"]
+    assert out == world.kernel(name)  # the Kernel as written, Compiling in that Job
     assert len(world.kube.written("create", "jobs")) == 2  # the second answered 409
 
 
 @pytest.mark.parametrize("gone", [True, False], ids=["kernel-gone", "kernel-deleting"])
-async def test_a_job_made_for_a_kernel_deleted_meanwhile_is_deleted(world: World, gone: bool) -> None:
+async def test_a_job_made_for_a_kernel_deleted_meanwhile_is_deleted(
+    world: World, gone: bool, caplog: pytest.LogCaptureFixture
+) -> None:
     """A resync read the Kernel, then the Kernel was deleted (its cleanup took its Job) before the pass
     made a new Job: that Job has no Kernel left to clean it up, so the pass deletes it."""
     kernel, job = await compiling(world)
@@ -885,9 +888,12 @@ async def test_a_job_made_for_a_kernel_deleted_meanwhile_is_deleted(world: World
         await world.kube.delete("kernels", NS, name)  # its finalizer holds it, deletionTimestamp set
     await world.rec.kernel_deleted(world.kube.peek("kernels", NS, name) or stale)
     assert world.kube.names("jobs", COMPILE_NS) == []
-    await world.rec.ensure_job(stale, f"tezzeret-{name}")
+    with caplog.at_level(logging.INFO, logger="esper.operator"):
+        out = await world.rec.ensure_job(stale, f"tezzeret-{name}")
     assert [w.name for w in world.kube.written("create", "jobs")][-1] == job  # made again, then:
     assert world.kube.names("jobs", COMPILE_NS) == []
+    assert f"deleted compile Job {COMPILE_NS}/{job}: its Kernel was deleted meanwhile" in caplog.messages
+    assert out == (stale if gone else world.kernel(name))  # the Kernel as last read or written
 
 
 # ---- retry requested by a user, and the periodic tick -------------------------------------------------
