@@ -227,8 +227,7 @@ async def observe_compile_pod(type: str, body: kopf.Body, memo: kopf.Memo, **_: 
 
 
 @kopf.on.event(*KERNELS, id="kernel-metrics")  # type: ignore[arg-type]
-async def kernel_metrics(type: str, name: str, namespace: str, status: kopf.Status, **_: Any) -> None:
-    """Async although it never awaits: kopf runs a sync handler in a thread pool, a hop per Kernel event."""
+def kernel_metrics(type: str, name: str, namespace: str, status: kopf.Status, **_: Any) -> None:
     metrics.observe_kernel(namespace, name, None if type == "DELETED" else status.get("phase") or "Pending")
 
 
