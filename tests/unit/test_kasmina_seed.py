@@ -308,25 +308,12 @@ def grow_and_fossilize(model: nn.Module, slot: SeedSlot, opt: torch.optim.Optimi
     train_steps(model, opt, 2)
 
 
-class Raises(nn.Module):
-    """A seed that fails on any call but the 1-sample load probe."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(F, F)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] > 1:
-            raise RuntimeError("seed broke")
-        return self.lin(x)
-
-
 def test_a_live_seed_that_fails_under_an_alpha_override_is_culled_and_y_returned() -> None:
     _, _, ss = pair(blend_steps=4)
     slot = ss["blocks.0"]
     x = torch.randn(3, F)
     slot(x)  # the slot learns its activation shape
-    assert slot.germinate(Raises())
+    assert slot.germinate(RaisesOnBatches("seed broke"))
     slot.start_training()
     slot.start_blending()
     with slot.alpha_override(0.5):
@@ -340,7 +327,7 @@ def test_a_fossil_that_fails_under_an_alpha_override_raises() -> None:
     slot = ss["blocks.0"]
     x = torch.randn(3, F)
     slot(x)
-    assert slot.germinate(Raises())
+    assert slot.germinate(RaisesOnBatches("seed broke"))
     slot.start_training()
     slot.start_blending()
     slot.step()
@@ -1313,15 +1300,16 @@ def test_a_compiled_kernel_is_checked_against_its_manifest_before_any_probe() ->
 
 
 class RaisesOnBatches(nn.Module):
-    """Passes the one-sample probe; raises with a long message on a real batch."""
+    """Passes the one-sample probe; raises `message` (default: a long one) on a real batch."""
 
-    def __init__(self) -> None:
+    def __init__(self, message: str = "x" * 600) -> None:
         super().__init__()
         self.f = nn.Linear(F, F)
+        self.message = message
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] > 1:
-            raise RuntimeError("x" * 600)
+            raise RuntimeError(self.message)
         return self.f(x)
 
 
