@@ -18,18 +18,19 @@ KERNELS = Gauge("esper_kernels", "Kernels by phase.", ["phase"])
 _phases: dict[tuple[str, str], str] = {}
 
 
-def observe_kernel(namespace: str, name: str, phase: str | None) -> None:
-    """Track a Kernel's phase (None: deleted) and refresh the per-phase gauge."""
+def observe_kernel(namespace: str, name: str, phase: str | None) -> str | None:
+    """Track a Kernel's phase (None: deleted) and refresh the per-phase gauge; return the phase before."""
     key = (namespace, name)
     old = _phases.pop(key, None)
     if phase is not None:
         _phases[key] = phase
     if old == phase:
-        return
+        return old
     if old is not None:
         KERNELS.labels(old).dec()
     if phase is not None:
         KERNELS.labels(phase).inc()
+    return old
 
 
 def kernels_tracked() -> int:
