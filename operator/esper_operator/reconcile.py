@@ -15,6 +15,7 @@ import json
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -63,6 +64,16 @@ CONCURRENT_RECONCILES = 32
 PREPARED_LIMIT = 4096  # prepared Blueprints not yet reconciled (deleted at once, say) are forgotten beyond
 
 
+@dataclass(frozen=True)
+class HeadStart:
+    """A new Blueprint's plan and Kernels, made from its first watch event (`prepare_blueprint`)."""
+
+    generation: int
+    plan: Plan
+    kernels: dict[str, Body]
+    superseded: bool  # an earlier generation had a head start too: its Kernels may be held by nobody's status
+
+
 def _owner_ref(body: Body) -> Body:
     return {
         "apiVersion": body.get("apiVersion", GROUP_VERSION),
@@ -85,9 +96,8 @@ class Reconciler:
         # A burst of new Blueprints is planned a few dozen at a time, not all at once: as fast (the API
         # server is the bottleneck) with a fraction of the memory (plans hold expanded graphs).
         self._planning = asyncio.Semaphore(CONCURRENT_RECONCILES)
-        # (Blueprint uid, generation) -> its plan and its Kernels' bodies, from `prepare_blueprint`. The
-        # same uid and generation is the same spec, so the same plan.
-        self._prepared: OrderedDict[tuple[str, int], tuple[Plan, dict[str, Body]]] = OrderedDict()
+        # Blueprint uid -> its head start (`prepare_blueprint`), for the reconcile that follows.
+        self._prepared: OrderedDict[str, HeadStart] = OrderedDict()
 
     @functools.cached_property
     def store(self) -> Store:
@@ -111,8 +121,9 @@ class Reconciler:
         does not plan (the reconcile reports it), or one with a status (reconciled before).
         """
         meta = body["metadata"]
-        key = (meta["uid"], int(meta.get("generation") or 1))
-        if key in self._prepared:  # kopf's finalizer write brings a second event
+        uid, generation = meta["uid"], int(meta.get("generation") or 1)
+        earlier = self._prepared.get(uid)
+        if earlier is not None and earlier.generation == generation:  # kopf's finalizer write: a 2nd event
             return
         try:
             plan = plan_blueprint(
@@ -122,7 +133,7 @@ class Reconciler:
             return
         async with self._planning:
             kernels = {planned.name: await self._kernel_with_job(body, planned) for planned in plan.kernels}
-        self._prepared[key] = (plan, kernels)
+        self._prepared[uid] = HeadStart(generation, plan, kernels, superseded=earlier is not None)
         while len(self._prepared) > PREPARED_LIMIT:
             self._prepared.popitem(last=False)
 
@@ -131,7 +142,10 @@ class Reconciler:
         name = meta["name"]
         generation = int(meta.get("generation") or 1)
         previous = body.get("status") or {}
-        plan, prepared = self._prepared.pop((meta["uid"], generation), (None, {}))
+        head = self._prepared.pop(meta["uid"], None)
+        plan, prepared = (head.plan, head.kernels) if head and head.generation == generation else (None, {})
+        # Kernels made for an earlier generation before any status named them: released below.
+        leftovers = head.superseded or head.generation != generation if head else generation > 1
         if plan is None:
             try:
                 plan = plan_blueprint(name, body.get("spec") or {}, torch_version=self.config.torch_version)
@@ -143,10 +157,28 @@ class Reconciler:
             kernel = prepared.get(planned.name) or await self._kernel_with_job(body, planned)
             refs.append({"target": planned.spec.target, "name": planned.name, "phase": _phase(kernel)})
             bodies[planned.name] = kernel
+        if leftovers and not previous.get("kernels"):
+            await self._release_unplanned(body, set(bodies))
         metrics.RECONCILES.labels("blueprint", "ok").inc()
         crash_point("blueprint-status")
         status = blueprint_status(previous=previous, digest=plan.digest, kernels=refs, generation=generation)
         return await self._roll(body, status, history_limit=plan.history_limit, known=bodies)
+
+    async def _release_unplanned(self, blueprint: Body, planned: set[str]) -> None:
+        """Release the Kernels this Blueprint holds beyond its plan while no status lists any.
+
+        A spec edited before the first status was written leaves the head start's Kernels (made for
+        an earlier generation) held by the Blueprint but named in no status, so no rollout would ever
+        release them. Only then is a list worth its read (held by owner reference, not always by label:
+        an adopted Kernel gets its label from the rollout).
+        """
+        meta = blueprint["metadata"]
+        owner = _owner_ref(blueprint)
+        for kernel in await self.kube.list_in("kernels", meta["namespace"], f"{MANAGED_BY}={OPERATOR_NAME}"):
+            name = kernel["metadata"]["name"]
+            owned = any(o.get("uid") == owner["uid"] for o in kernel["metadata"].get("ownerReferences") or [])
+            if name not in planned and owned:
+                await set_role(self.kube, meta["namespace"], name, owner, None, known=kernel)
 
     async def _roll(
         self, blueprint: Body, status: Body, *, history_limit: int, known: dict[str, Body] | None = None
@@ -269,30 +301,36 @@ class Reconciler:
         """Recompute the status of every Blueprint that owns this Kernel."""
         namespace = kernel["metadata"]["namespace"]
         for owner in kernel["metadata"].get("ownerReferences") or []:
-            if owner.get("kind") != "Blueprint":
-                continue
-            blueprint = await self.kube.get("blueprints", namespace, owner["name"])
-            if blueprint is None or blueprint["metadata"].get("deletionTimestamp"):
-                continue
-            status = blueprint.get("status") or {}
-            if status.get("phase") == "Invalid" or not status.get("kernels"):
-                continue
-            refs = []
-            for ref in status["kernels"]:
-                current = await self.kube.get("kernels", namespace, ref["name"])
-                refs.append({**ref, "phase": _phase(current)})
-            generation = int(status.get("observedGeneration") or blueprint["metadata"].get("generation") or 1)
-            new = blueprint_status(
-                previous=status, digest=status.get("digest", ""), kernels=refs, generation=generation
-            )
-            limit = int((blueprint.get("spec") or {}).get("historyLimit", 3))
-            new = await self._roll(blueprint, new, history_limit=limit)
-            if any(new.get(k) != status.get(k) for k in ("phase", "kernels", "serving", "history")):
-                crash_point("blueprint-refresh")
-                await self.kube.patch_status("blueprints", namespace, owner["name"], new)
-                if new["phase"] in ("Ready", "Failed"):
-                    kind = "Normal" if new["phase"] == "Ready" else "Warning"
-                    self.emit(blueprint, kind, new["phase"], new["message"])
+            if owner.get("kind") == "Blueprint":
+                await self.refresh_blueprint(namespace, owner["name"])
+
+    async def refresh_blueprint(self, namespace: str, name: str) -> None:
+        """Recompute a Blueprint's status from its Kernels as they are now; write it if it changed.
+
+        A Blueprint with no status yet is left alone: its reconcile is under way and writes one.
+        """
+        blueprint = await self.kube.get("blueprints", namespace, name)
+        if blueprint is None or blueprint["metadata"].get("deletionTimestamp"):
+            return
+        status = blueprint.get("status") or {}
+        if status.get("phase") == "Invalid" or not status.get("kernels"):
+            return
+        refs = []
+        for ref in status["kernels"]:
+            current = await self.kube.get("kernels", namespace, ref["name"])
+            refs.append({**ref, "phase": _phase(current)})
+        generation = int(status.get("observedGeneration") or blueprint["metadata"].get("generation") or 1)
+        new = blueprint_status(
+            previous=status, digest=status.get("digest", ""), kernels=refs, generation=generation
+        )
+        limit = int((blueprint.get("spec") or {}).get("historyLimit", 3))
+        new = await self._roll(blueprint, new, history_limit=limit)
+        if any(new.get(k) != status.get(k) for k in ("phase", "kernels", "serving", "history")):
+            crash_point("blueprint-refresh")
+            await self.kube.patch_status("blueprints", namespace, name, new)
+            if new["phase"] in ("Ready", "Failed"):
+                kind = "Normal" if new["phase"] == "Ready" else "Warning"
+                self.emit(blueprint, kind, new["phase"], new["message"])
 
     # --- Jobs ------------------------------------------------------------------------------------
 

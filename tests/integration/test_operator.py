@@ -309,6 +309,7 @@ def test_spec_change_makes_new_kernels_and_releases_old_ones(esper: Esper) -> No
             [k["metadata"]["name"] for k in esper.kernels()] not in ([], [old]) and len(esper.kernels()) == 1
         ),
         30,
+        message=lambda: f"{[k['metadata']['name'] for k in esper.kernels()]}\n{esper.operator.log()[-4000:]}",
     )
     blueprint = esper.blueprint("evolve")
     wait_for(lambda: esper.blueprint("evolve")["status"].get("observedGeneration") == 2, 30)

@@ -195,6 +195,18 @@ class FakeKube:
             if p == plural and namespace in (None, ns)
         ]
 
+    async def list_in(self, plural: str, namespace: str, label_selector: str) -> list[Body]:
+        """Equality selectors only (`a=b,c=d`), as the operator uses them."""
+        self.reads.append(Write("list", plural, namespace, label_selector))
+        wanted = dict(term.split("=", 1) for term in label_selector.split(",") if term)
+        return [
+            copy.deepcopy(obj)
+            for (p, ns, _), obj in sorted(self.objects.items())
+            if p == plural
+            and ns == namespace
+            and all(((obj.get("metadata") or {}).get("labels") or {}).get(k) == v for k, v in wanted.items())
+        ]
+
     async def delete(self, plural: str, namespace: str, name: str) -> None:
         _check_names(namespace, name)
         self.writes.append(Write("delete", plural, namespace, name))

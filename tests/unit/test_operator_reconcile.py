@@ -23,6 +23,7 @@ from esper_operator.config import OperatorConfig
 from esper_operator.kube import Body, Conflict
 from esper_operator.plan import plan_blueprint
 from esper_operator.reconcile import Reconciler, finished
+from esper_operator.requesters import requester_label
 from tests.support.fake_kube import FakeKube, Write, merge_patch
 
 NS, COMPILE_NS = "team", "esper"
@@ -267,10 +268,66 @@ async def test_a_head_start_for_another_generation_or_plan_is_not_used(world: Wo
     """The reconcile uses a head start only for the same uid and generation; else it does it all."""
     world.blueprint()
     await world.rec.prepare_blueprint(world.kube.peek("blueprints", NS, "mlp"))  # type: ignore[arg-type]
+    first = kernel_name(SPEC)
+    assert world.kube.peek("kernels", NS, first) is not None  # the head start made generation 1's Kernel
     world.blueprint(spec=SPEC_2)  # edited before kopf's reconcile ran: generation 2, another Kernel
     status = await world.reconcile()
     assert [k["name"] for k in status["kernels"]] == [kernel_name(SPEC_2)]
     assert world.kernel(kernel_name(SPEC_2))["status"]["phase"] == "Compiling"
+    # No status named it: released here (deleted; its finalizer's cleanup then deletes its Job), not leaked.
+    assert deleted_kernels(world) == [first]
+    assert world.kube.peek("kernels", NS, first)["metadata"]["deletionTimestamp"]  # type: ignore[index]
+
+
+def deleted_kernels(world: World) -> list[str]:
+    return [w.name for w in world.kube.writes if (w.verb, w.plural) == ("delete", "kernels")]
+
+
+async def test_a_superseded_head_start_is_released_when_the_latest_is_used(world: World) -> None:
+    """Two head starts (edited between the two events, before any status): the reconcile uses the
+    second and releases the first's Kernel."""
+    world.blueprint()
+    await world.rec.prepare_blueprint(world.kube.peek("blueprints", NS, "mlp"))  # type: ignore[arg-type]
+    world.blueprint(spec=SPEC_2)
+    await world.rec.prepare_blueprint(world.kube.peek("blueprints", NS, "mlp"))  # type: ignore[arg-type]
+    creates = len([w for w in world.kube.writes if w.verb == "create"])
+    status = await world.reconcile()
+    assert [k["name"] for k in status["kernels"]] == [kernel_name(SPEC_2)]
+    assert len([w for w in world.kube.writes if w.verb == "create"]) == creates  # the head start was used
+    assert deleted_kernels(world) == [kernel_name(SPEC)]
+
+
+async def test_a_restart_between_head_start_and_edit_still_releases(world: World) -> None:
+    """The head start's record is lost with the process: a first reconcile of a later generation lists
+    the Kernels this Blueprint owns and releases those outside its plan; one of generation 1 lists none."""
+    world.blueprint("bystander", spec=mlp(24))
+    await world.reconcile("bystander")  # its Kernel, in the same namespace, is none of mlp's business
+    world.blueprint()
+    await world.rec.prepare_blueprint(world.kube.peek("blueprints", NS, "mlp"))  # type: ignore[arg-type]
+    world.rec = Reconciler(world.kube, world.config, world._emit)  # type: ignore[arg-type]
+    world.blueprint(spec=SPEC_2)
+    writes = len(world.kube.writes)
+    await world.reconcile()
+    assert deleted_kernels(world) == [kernel_name(SPEC)]
+    assert kernel_name(mlp(24)) not in {w.name for w in world.kube.writes[writes:]}
+    world.blueprint("fresh", spec=mlp(40))
+    reads = len(world.kube.reads)
+    await world.reconcile("fresh")
+    assert [r.verb for r in world.kube.reads[reads:]] == []  # no list for a first generation
+
+
+async def test_a_kernel_shared_with_another_blueprint_is_only_let_go(world: World) -> None:
+    """Generation 1's Kernel, also held by another Blueprint, loses this owner and stays."""
+    world.blueprint("other")
+    await world.reconcile("other")
+    world.blueprint()
+    await world.rec.prepare_blueprint(world.kube.peek("blueprints", NS, "mlp"))  # type: ignore[arg-type]
+    world.blueprint(spec=SPEC_2)
+    await world.reconcile()
+    shared = world.kube.peek("kernels", NS, kernel_name(SPEC))
+    assert shared is not None
+    owners = [o["name"] for o in shared["metadata"]["ownerReferences"]]
+    assert owners == ["other"] and requester_label("mlp") not in shared["metadata"]["labels"]
 
 
 async def test_a_head_start_without_a_generation_counts_as_generation_one(world: World) -> None:
