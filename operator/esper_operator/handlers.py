@@ -37,6 +37,11 @@ GC_THRESHOLD = 10_000  # allocations between collections of the youngest generat
 survive_any_body()  # before kopf decodes its first body
 
 
+def _why(exc: BaseException) -> str:
+    """An exception for a log line: its message, or its type where it has none (a time-out)."""
+    return str(exc) or type(exc).__name__
+
+
 def _emit(body: dict[str, Any], type_: str, reason: str, message: str) -> None:
     kopf.event(cast(kopf.Body, body), type=type_, reason=reason, message=message[:1024])
 
@@ -209,7 +214,7 @@ async def prepare_blueprint(
     try:
         await memo.reconciler.prepare_blueprint(plain(body))
     except Exception as exc:
-        logger.info("no head start for this Blueprint (%s); the reconcile handler takes it", exc)
+        logger.info("no head start for this Blueprint (%s); the reconcile handler takes it", _why(exc))
 
 
 @kopf.on.delete(*BLUEPRINTS, id="release", backoff=RETRY_SECONDS)
@@ -238,7 +243,7 @@ async def observe_job(type: str, body: kopf.Body, memo: kopf.Memo, logger: loggi
             metrics.ERRORS.labels("observe-job").inc()
             if attempt == OBSERVE_ATTEMPTS:
                 raise
-            logger.warning("observing the Job failed (%s); retrying in %s s", exc, RETRY_SECONDS)
+            logger.warning("observing the Job failed (%s); retrying in %s s", _why(exc), RETRY_SECONDS)
             await asyncio.sleep(RETRY_SECONDS)
 
 
@@ -279,7 +284,7 @@ async def kernel_phase(
         await memo.reconciler.refresh_blueprints(plain(body))
     except Exception as exc:  # an event handler is never retried: the periodic resync carries it
         metrics.ERRORS.labels("kernel-phase").inc()
-        logger.warning("refreshing this Kernel's Blueprints failed (%s); the resync will", exc)
+        logger.warning("refreshing this Kernel's Blueprints failed (%s); the resync will", _why(exc))
 
 
 def _behind_its_kernels(status: kopf.Status, namespace: str, kernel_phases: kopf.Index, **_: Any) -> bool:
@@ -303,7 +308,7 @@ async def check_phases(
         await memo.reconciler.refresh_blueprint(namespace, name)
     except Exception as exc:
         metrics.ERRORS.labels("check-phases").inc()
-        logger.warning("refreshing this Blueprint's status failed (%s); the resync will", exc)
+        logger.warning("refreshing this Blueprint's status failed (%s); the resync will", _why(exc))
 
 
 def _waits_for_a_job(status: kopf.Status, annotations: kopf.Annotations, **_: Any) -> bool:

@@ -122,6 +122,7 @@ class Kube:
             params=params,
             headers=headers,
             server_hostname=server_hostname,
+            proxy=self.configuration.proxy or None,  # a kubeconfig's proxy-url
         ) as response:
             text = await response.text()
             if response.status < 300:

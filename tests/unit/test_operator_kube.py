@@ -208,3 +208,39 @@ def test_tls_follows_the_configuration(tmp_path: Path) -> None:
     missing.ssl_ca_cert = str(tmp_path / "no-such-ca.crt")
     with pytest.raises(FileNotFoundError):
         ssl_context(missing)
+
+
+def test_a_configured_proxy_carries_the_requests() -> None:
+    """A kubeconfig's proxy-url: the request goes to the proxy, naming the API server in full."""
+    api = "http://kubernetes.invalid:6443"
+
+    async def proxy(request: web.Request) -> web.Response:
+        return web.json_response({"via": "proxy"})
+
+    async def calls(kube: Kube, seen: Seen) -> None:
+        assert await kube.get("kernels", "ns", "k") == {"via": "proxy"}
+
+    async def with_proxy() -> Seen:
+        seen: Seen = []
+
+        async def record(request: web.Request) -> web.Response:
+            seen.append({"url": str(request.url), "host": request.headers.get("Host")})
+            return await proxy(request)
+
+        runner = web.ServerRunner(web.Server(record))
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        configuration = client.Configuration(host=api)
+        configuration.proxy = f"http://127.0.0.1:{port}"
+        kube = Kube(configuration, timeout=5)
+        try:
+            await calls(kube, seen)
+        finally:
+            await kube.close()
+            await runner.cleanup()
+        return seen
+
+    seen = asyncio.run(with_proxy())
+    assert seen[0]["host"] == "kubernetes.invalid:6443"
