@@ -236,10 +236,16 @@ async def test_a_new_blueprint_creates_its_kernel_with_owner_labels_and_finalize
     assert expected_spec["key"] == key and expected_spec["blueprint"] == "mlp"
 
 
-async def test_a_head_start_makes_the_kernel_and_job_and_the_reconcile_only_the_status(world: World) -> None:
+async def test_a_head_start_makes_the_kernel_and_job_and_the_reconcile_only_the_status(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A new Blueprint's first watch event creates its Kernel and Job; the reconcile that follows (kopf's
     next cycle) asks the API server for nothing and returns the status a plain reconcile would."""
     world.blueprint(generation=4)  # the key is this generation, not the first
+    plans = []
+    monkeypatch.setattr(
+        "esper_operator.reconcile.plan_blueprint", lambda *a, **k: plans.append(a) or plan_blueprint(*a, **k)
+    )
     await world.rec.prepare_blueprint(world.kube.peek("blueprints", NS, "mlp"))  # type: ignore[arg-type]
     kernel = world.kernel(kernel_name(SPEC))
     assert [(w.verb, w.plural) for w in world.kube.writes] == [
@@ -249,6 +255,7 @@ async def test_a_head_start_makes_the_kernel_and_job_and_the_reconcile_only_the_
     writes, reads = len(world.kube.writes), len(world.kube.reads)
     status = await world.reconcile()
     assert world.kube.writes[writes:] == [] and world.kube.reads[reads:] == []
+    assert len(plans) == 1  # nor plans it again
     ref = {"target": "cpu", "name": kernel_name(SPEC), "phase": "Compiling"}
     assert (status["phase"], status["kernels"], status["revision"]) == ("Compiling", [ref], 1)
     assert status["digest"] == digest_of(SPEC)
@@ -306,10 +313,11 @@ async def test_a_restart_between_head_start_and_edit_still_releases(world: World
     await world.rec.prepare_blueprint(world.kube.peek("blueprints", NS, "mlp"))  # type: ignore[arg-type]
     world.rec = Reconciler(world.kube, world.config, world._emit)  # type: ignore[arg-type]
     world.blueprint(spec=SPEC_2)
-    writes = len(world.kube.writes)
+    writes, reads = len(world.kube.writes), len(world.kube.reads)
     await world.reconcile()
     assert deleted_kernels(world) == [kernel_name(SPEC)]
     assert kernel_name(mlp(24)) not in {w.name for w in world.kube.writes[writes:]}
+    assert kernel_name(SPEC) not in {r.name for r in world.kube.reads[reads:]}  # as listed, not read again
     world.blueprint("fresh", spec=mlp(40))
     reads = len(world.kube.reads)
     await world.reconcile("fresh")
