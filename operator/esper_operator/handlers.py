@@ -19,7 +19,7 @@ from esper_operator import metrics, queue
 from esper_operator.bodies import BodyRefused, plain, survive_any_body
 from esper_operator.config import ConfigError, OperatorConfig
 from esper_operator.kube import Kube
-from esper_operator.reconcile import FINAL, Reconciler, finished
+from esper_operator.reconcile import FINAL, Reconciler, finished, phase_of
 
 BLUEPRINTS = (API_GROUP, API_VERSION, "blueprints")
 KERNELS = (API_GROUP, API_VERSION, "kernels")
@@ -256,13 +256,13 @@ async def observe_compile_pod(type: str, body: kopf.Body, memo: kopf.Memo, **_: 
 
 
 @kopf.index(*KERNELS, id="kernel_phases")  # type: ignore[arg-type]
-async def kernel_phases(namespace: str, name: str, status: kopf.Status, **_: Any) -> dict[Any, str]:
+async def kernel_phases(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Any, str]:
     """Each Kernel's phase as the watch last showed it, for `check-phases`.
 
     An index, because kopf starts no handler before every index has listed its objects: a Blueprint's
     status is never checked against Kernels not listed yet (a slow list at start would hide them).
     """
-    return {(namespace, name): status.get("phase") or "Pending"}
+    return {(namespace, name): phase_of(cast(dict[str, Any], body))}
 
 
 @kopf.on.event(*KERNELS, id="kernel-phase")  # type: ignore[arg-type]
@@ -276,7 +276,7 @@ async def kernel_phase(
     no status to refresh, and that reconcile may write the phase it read before. Whichever of the two
     watch events comes last sees the difference: this one, or the Blueprint's (`check-phases`).
     """
-    phase = None if type == "DELETED" else (body.get("status") or {}).get("phase") or "Pending"
+    phase = None if type == "DELETED" else phase_of(cast(dict[str, Any], body))
     before = metrics.observe_kernel(namespace, name, phase)
     if before is None or phase == before or phase not in FINAL:
         return  # first sight (listed Kernels are checked from their Blueprints' side), or no news

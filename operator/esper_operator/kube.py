@@ -24,6 +24,7 @@ from esper.contracts import API_GROUP, API_VERSION
 
 Body = dict[str, Any]
 MERGE_PATCH = "application/merge-patch+json"
+CUSTOM_API, BATCH_API, CORE_API = f"/apis/{API_GROUP}/{API_VERSION}", "/apis/batch/v1", "/api/v1"
 USER_AGENT = f"esper-operator/{__version__}"  # the operator's own requests, told apart in API audit logs
 
 
@@ -67,6 +68,13 @@ def ssl_context(configuration: client.Configuration) -> ssl.SSLContext | None:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
+
+
+def _path(api: str, plural: str, namespace: str | None = None, name: str | None = None) -> str:
+    """A resource's path under `api`: namespaced where `namespace` is given, one object where `name` is."""
+    path = api if namespace is None else f"{api}/namespaces/{quote(namespace, safe='')}"
+    path += f"/{plural}"
+    return path if name is None else f"{path}/{quote(name, safe='')}"
 
 
 def _message(text: str) -> str:
@@ -130,6 +138,11 @@ class Kube:
             error = Conflict if response.status == 409 else ApiError
             raise error(f"{method} {path}: HTTP {response.status}: {_message(text)}", response.status)
 
+    async def _items(self, path: str, label_selector: str | None = None) -> list[Body]:
+        """The items of a list request, filtered by `label_selector` where one is given."""
+        params = None if label_selector is None else {"labelSelector": label_selector}
+        return list((await self._request("GET", path, params=params)).get("items") or [])
+
     async def _maybe(self, method: str, path: str, **kwargs: Any) -> Body | None:
         try:
             return await self._request(method, path, **kwargs)
@@ -146,11 +159,7 @@ class Kube:
 
     @staticmethod
     def _custom(plural: str, namespace: str | None = None, name: str | None = None) -> str:
-        path = f"/apis/{API_GROUP}/{API_VERSION}"
-        if namespace is not None:
-            path += f"/namespaces/{quote(namespace, safe='')}"
-        path += f"/{plural}"
-        return path if name is None else f"{path}/{quote(name, safe='')}"
+        return _path(CUSTOM_API, plural, namespace, name)
 
     async def get(self, plural: str, namespace: str, name: str) -> Body | None:
         return await self._maybe("GET", self._custom(plural, namespace, name))
@@ -172,18 +181,15 @@ class Kube:
         """Every object of `plural` in every namespace; in a namespace-scoped install (no cluster-wide
         list right, HTTP 403) those of `fallback_namespace`, the one namespace there is."""
         try:
-            listed = await self._request("GET", self._custom(plural))
+            return await self._items(self._custom(plural))
         except ApiError as exc:
             if exc.status != 403:
                 raise
-            listed = await self._request("GET", self._custom(plural, fallback_namespace))
-        return list(listed.get("items") or [])
+            return await self._items(self._custom(plural, fallback_namespace))
 
     async def list_in(self, plural: str, namespace: str, label_selector: str) -> list[Body]:
         """The objects of `plural` in `namespace` that match `label_selector`."""
-        path = self._custom(plural, namespace)
-        listed = await self._request("GET", path, params={"labelSelector": label_selector})
-        return list(listed.get("items") or [])
+        return await self._items(self._custom(plural, namespace), label_selector)
 
     async def delete(self, plural: str, namespace: str, name: str) -> None:
         await self._maybe("DELETE", self._custom(plural, namespace, name))
@@ -192,8 +198,7 @@ class Kube:
 
     @staticmethod
     def _jobs(namespace: str, name: str | None = None) -> str:
-        path = f"/apis/batch/v1/namespaces/{quote(namespace, safe='')}/jobs"
-        return path if name is None else f"{path}/{quote(name, safe='')}"
+        return _path(BATCH_API, "jobs", namespace, name)
 
     async def get_job(self, namespace: str, name: str) -> Body | None:
         return await self._maybe("GET", self._jobs(namespace, name))
@@ -207,11 +212,10 @@ class Kube:
 
     async def active_jobs(self, namespace: str, label_selector: str) -> int:
         """Jobs in `namespace` with these labels that have not finished."""
-        jobs = await self._request("GET", self._jobs(namespace), params={"labelSelector": label_selector})
         finished = ("Complete", "Failed")
         return sum(
             1
-            for job in jobs.get("items") or []
+            for job in await self._items(self._jobs(namespace), label_selector)
             if not any(
                 c.get("type") in finished and c.get("status") == "True"
                 for c in (job.get("status") or {}).get("conditions") or []
@@ -219,6 +223,4 @@ class Kube:
         )
 
     async def job_pods(self, namespace: str, job_name: str) -> list[Body]:
-        path = f"/api/v1/namespaces/{quote(namespace, safe='')}/pods"
-        pods = await self._request("GET", path, params={"labelSelector": f"job-name={job_name}"})
-        return list(pods.get("items") or [])
+        return await self._items(_path(CORE_API, "pods", namespace), f"job-name={job_name}")

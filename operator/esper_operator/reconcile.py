@@ -83,7 +83,8 @@ def _owner_ref(body: Body) -> Body:
     }
 
 
-def _phase(obj: Body | None) -> str:
+def phase_of(obj: Body | None) -> str:
+    """A Kernel's phase; Pending while it has none."""
     return ((obj or {}).get("status") or {}).get("phase") or "Pending"
 
 
@@ -145,7 +146,7 @@ class Reconciler:
         head = self._prepared.pop(meta["uid"], None)
         plan, prepared = (head.plan, head.kernels) if head and head.generation == generation else (None, {})
         # Kernels made for an earlier generation before any status named them: released below.
-        leftovers = head.superseded or head.generation != generation if head else generation > 1
+        leftovers = (head.superseded or head.generation != generation) if head else generation > 1
         if plan is None:
             try:
                 plan = plan_blueprint(name, body.get("spec") or {}, torch_version=self.config.torch_version)
@@ -155,7 +156,7 @@ class Reconciler:
         refs, bodies = [], {}
         for planned in plan.kernels:
             kernel = prepared.get(planned.name) or await self._kernel_with_job(body, planned)
-            refs.append({"target": planned.spec.target, "name": planned.name, "phase": _phase(kernel)})
+            refs.append({"target": planned.spec.target, "name": planned.name, "phase": phase_of(kernel)})
             bodies[planned.name] = kernel
         if leftovers and not previous.get("kernels"):
             await self._release_unplanned(body, set(bodies))
@@ -196,7 +197,7 @@ class Reconciler:
         for name in before:
             kernel = await self.kube.get("kernels", namespace, name)
             if kernel is not None and not kernel["metadata"].get("deletionTimestamp"):
-                phases[name] = _phase(kernel)
+                phases[name] = phase_of(kernel)
         phases.update({k["name"]: k["phase"] for k in status["kernels"]})
         rollout = advance(
             previous, digest=status["digest"], current=status["kernels"], phases=phases,
@@ -318,7 +319,7 @@ class Reconciler:
         refs = []
         for ref in status["kernels"]:
             current = await self.kube.get("kernels", namespace, ref["name"])
-            refs.append({**ref, "phase": _phase(current)})
+            refs.append({**ref, "phase": phase_of(current)})
         generation = int(status.get("observedGeneration") or blueprint["metadata"].get("generation") or 1)
         new = blueprint_status(
             previous=status, digest=status.get("digest", ""), kernels=refs, generation=generation
@@ -346,7 +347,7 @@ class Reconciler:
         never from what the status says; a Kernel waiting to retry (back-off) gets nothing before its
         time, and with a cap on concurrent Jobs one that finds no free slot waits Pending/Queued.
         """
-        if _phase(kernel) in FINAL:
+        if phase_of(kernel) in FINAL:
             return kernel
         meta = kernel["metadata"]
         namespace = self.compile_namespace
@@ -354,7 +355,7 @@ class Reconciler:
         if queue.waits_for_job(status) and not queue.due(status, dt.datetime.now(dt.UTC)):
             return kernel
         attempts = int(status.get("attempts") or 0)
-        attempt = max(1, attempts if _phase(kernel) == "Compiling" else attempts + 1)
+        attempt = max(1, attempts if phase_of(kernel) == "Compiling" else attempts + 1)
         first = job_name_for(job_name, meta["uid"])
         name = queue.attempt_job_name(first, attempt)
         spec = KernelSpec.model_validate(kernel["spec"])
@@ -378,7 +379,7 @@ class Reconciler:
         if job is None or (job["metadata"].get("labels") or {}).get(LABEL_KERNEL_UID) != meta["uid"]:
             raise RuntimeError(f"compile Job {namespace}/{name} vanished or is not this Kernel's; will retry")
         job_uid = job["metadata"].get("uid") or ""
-        if _phase(kernel) != "Compiling" or status.get("jobUid") != job_uid:
+        if phase_of(kernel) != "Compiling" or status.get("jobUid") != job_uid:
             new = kernel_status(
                 status,
                 phase="Compiling",
@@ -626,7 +627,7 @@ class Reconciler:
         meta = kernel["metadata"]
         previous = kernel.get("status") or {}
         message = f"waiting for a compile slot: {running} of {self.config.max_concurrent_jobs} in use"
-        if previous.get("reason") == queue.QUEUED and _phase(kernel) == "Pending":
+        if previous.get("reason") == queue.QUEUED and phase_of(kernel) == "Pending":
             return kernel
         status = kernel_status(
             previous,
@@ -666,7 +667,7 @@ class Reconciler:
         elif not queue.waits_for_job(status):
             return
         kernel = await self.ensure_job(kernel, base)
-        if _phase(kernel) == "Compiling":
+        if phase_of(kernel) == "Compiling":
             await self.refresh_blueprints(kernel)
 
     # --- deletion --------------------------------------------------------------------------------

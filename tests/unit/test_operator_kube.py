@@ -24,8 +24,11 @@ def status_body(code: int, message: str) -> web.Response:
     return web.json_response(body, status=code)
 
 
-async def serve(handler: Handler, test: Callable[[Kube, Seen], Awaitable[None]], **config: Any) -> Seen:
-    """Run `test` with a Kube pointed at a local server whose answers come from `handler`."""
+async def serve(
+    handler: Handler, test: Callable[[Kube, Seen], Awaitable[None]], proxied: str | None = None, **config: Any
+) -> Seen:
+    """Run `test` with a Kube pointed at a local server whose answers come from `handler`; with
+    `proxied`, a Kube pointed at that address, the local server as its proxy."""
     seen: Seen = []
 
     async def record(request: web.Request) -> web.Response:
@@ -48,7 +51,9 @@ async def serve(handler: Handler, test: Callable[[Kube, Seen], Awaitable[None]],
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = runner.addresses[0][1]
-    configuration = client.Configuration(host=f"http://127.0.0.1:{port}")
+    local = f"http://127.0.0.1:{port}"
+    configuration = client.Configuration(host=proxied or local)
+    configuration.proxy = local if proxied else None
     for key, value in config.items():
         setattr(configuration, key, value)
     kube = Kube(configuration, timeout=5)
@@ -60,8 +65,10 @@ async def serve(handler: Handler, test: Callable[[Kube, Seen], Awaitable[None]],
     return seen
 
 
-def run(handler: Handler, test: Callable[[Kube, Seen], Awaitable[None]], **config: Any) -> Seen:
-    return asyncio.run(serve(handler, test, **config))
+def run(
+    handler: Handler, test: Callable[[Kube, Seen], Awaitable[None]], proxied: str | None = None, **config: Any
+) -> Seen:
+    return asyncio.run(serve(handler, test, proxied, **config))
 
 
 async def echo(request: web.Request) -> web.Response:
@@ -220,27 +227,5 @@ def test_a_configured_proxy_carries_the_requests() -> None:
     async def calls(kube: Kube, seen: Seen) -> None:
         assert await kube.get("kernels", "ns", "k") == {"via": "proxy"}
 
-    async def with_proxy() -> Seen:
-        seen: Seen = []
-
-        async def record(request: web.Request) -> web.Response:
-            seen.append({"url": str(request.url), "host": request.headers.get("Host")})
-            return await proxy(request)
-
-        runner = web.ServerRunner(web.Server(record))
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
-        configuration = client.Configuration(host=api)
-        configuration.proxy = f"http://127.0.0.1:{port}"
-        kube = Kube(configuration, timeout=5)
-        try:
-            await calls(kube, seen)
-        finally:
-            await kube.close()
-            await runner.cleanup()
-        return seen
-
-    seen = asyncio.run(with_proxy())
-    assert seen[0]["host"] == "kubernetes.invalid:6443"
+    seen = run(proxy, calls, proxied=api)
+    assert seen[0]["headers"]["Host"] == "kubernetes.invalid:6443"

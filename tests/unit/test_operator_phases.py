@@ -111,9 +111,9 @@ def test_a_blueprint_status_behind_a_final_kernel_is_refreshed() -> None:
 
 
 def test_the_index_holds_each_kernels_phase() -> None:
-    got = asyncio.run(handlers.kernel_phases(namespace="ns", name="k1", status=kopf.Body({}).status))
+    got = asyncio.run(handlers.kernel_phases(namespace="ns", name="k1", body=kopf.Body({})))
     assert got == {("ns", "k1"): "Pending"}
-    ready = kopf.Body({"status": {"phase": "Ready"}}).status
-    assert asyncio.run(handlers.kernel_phases(namespace="ns", name="k1", status=ready)) == {
+    ready = kopf.Body({"status": {"phase": "Ready"}})
+    assert asyncio.run(handlers.kernel_phases(namespace="ns", name="k1", body=ready)) == {
         ("ns", "k1"): "Ready"
     }
