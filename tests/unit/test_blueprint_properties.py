@@ -86,7 +86,9 @@ def test_random_graphs_never_crash_validation(graph: dict[str, Any]) -> None:
         assert exc.problems and all(p.path.startswith("spec") and p.message for p in exc.problems)
 
 
-@SETTINGS
+# Random graphs are often invalid (a shape mismatch), and only the valid ones are built here: on an
+# unlucky seed more than five in six are assumed away at the start, which trips the filtering check.
+@settings(SETTINGS, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(graphs(), st.integers(1, 5))
 def test_every_valid_graph_builds_with_the_inferred_shapes(graph: dict[str, Any], batch: int) -> None:
     from esper.blueprint import build_module
