@@ -6,7 +6,11 @@ process verifies and loads the bundle on the GPU, checks forward and gradients a
 at several batches, grows it into a seed slot of a small host and trains a few steps, and times eager vs
 compiled (forward and training step) with CUDA events.
 
-    python benchmarks/cuda.py [--quick] [--keep DIR]
+    python benchmarks/cuda.py [--quick] [--jobs N] [--keep DIR]
+
+The compile Jobs run side by side; each template's checks run in a process of their own, so a crash
+in native code is recorded for that template and the others still run. The JSON is rewritten after
+every template.
 
 Prints a table and writes benchmarks/results/cuda.json. Needs a CUDA GPU; exits 2 without one.
 """
@@ -21,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -152,16 +156,43 @@ def check_kernel(name: str, params: dict[str, Any], bundle: Path, sha: str, reps
     return out
 
 
+def _check_in_child(name: str, bundle: Path, sha: str, reps: int, work: Path) -> dict[str, Any]:
+    """Run `check_kernel` in a fresh process, so a crash in native code (a segfault while loading a
+    package) is recorded with its traceback and the other templates still run."""
+    out = work / f"{name}.runtime.json"
+    cmd = [sys.executable, "-X", "faulthandler", str(Path(__file__).resolve()), "--check-one", name]
+    cmd += ["--bundle", str(bundle), "--sha", sha, "--reps", str(reps), "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=900)
+    if proc.returncode == 0 and out.exists():
+        return {"runtime": json.loads(out.read_text())}
+    return {"runtimeError": f"exit {proc.returncode}\n{proc.stderr[-4000:]}"}
+
+
+def _write(report: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=str))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
     ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--jobs", type=int, default=0, help="compile Jobs at once (default: cores / 4)")
     ap.add_argument("--keep", type=Path, help="keep the store and results here")
     ap.add_argument("--out", type=Path, default=RESULTS / "cuda.json")
+    ap.add_argument("--check-one", metavar="TEMPLATE", help=argparse.SUPPRESS)
+    ap.add_argument("--bundle", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--sha", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     import torch
 
+    if args.check_one:
+        _write(
+            check_kernel(args.check_one, TEMPLATES[args.check_one], args.bundle, args.sha, args.reps),
+            args.out,
+        )
+        return 0
     if not torch.cuda.is_available():
         print("no CUDA GPU: nothing to measure", file=sys.stderr)
         return 2
@@ -179,25 +210,26 @@ def main() -> int:
     work = args.keep or Path(tempfile.mkdtemp(prefix="esper-cuda-"))
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(work / "inductor"))
+    jobs = args.jobs or max(1, (os.cpu_count() or 4) // 4)
+    print(f"compiling {len(names)} templates for {target}, {jobs} Jobs at once", flush=True)
+    with ThreadPoolExecutor(jobs) as pool:
+        futures = {name: pool.submit(compile_job, name, TEMPLATES[name], target, work) for name in names}
+        for name in names:
+            job = futures[name].result()
+            report["templates"][name] = {"params": TEMPLATES[name], "job": job}
+            print(f"== {name}: compile Job exit {job['exitCode']} in {job['wallSeconds']} s", flush=True)
+    _write(report, args.out)
     for name in names:
-        params = TEMPLATES[name]
-        entry: dict[str, Any] = {"params": params}
-        report["templates"][name] = entry
-        print(f"== {name}: compiling for {target}", flush=True)
-        entry["job"] = job = compile_job(name, params, target, work)
-        res = job.get("result", {})
-        if job["exitCode"] != 0 or "key" not in res:
-            print(f"   compile failed ({job['exitCode']}): {json.dumps(res)[:600]}", flush=True)
-            print(job.get("stderrTail", "")[-2000:], flush=True)
+        entry = report["templates"][name]
+        res = entry["job"].get("result", {})
+        if entry["job"]["exitCode"] != 0 or "key" not in res:
+            print(f"   {name}: compile failed: {json.dumps(res)[:600]}", flush=True)
+            print(entry["job"].get("stderrTail", "")[-2000:], flush=True)
             continue
-        try:
-            bundle = work / "store" / "kernels" / res["key"]
-            entry["runtime"] = check_kernel(name, params, bundle, res["manifestSha256"], args.reps)
-        except Exception:
-            entry["runtimeError"] = traceback.format_exc()[-4000:]
-            print(entry["runtimeError"], flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, default=str))
+        bundle = work / "store" / "kernels" / res["key"]
+        entry.update(_check_in_child(name, bundle, res["manifestSha256"], args.reps, work))
+        print(f"== {name}: " + ("checked" if "runtime" in entry else entry["runtimeError"]), flush=True)
+        _write(report, args.out)
     print(f"\n{report['device']}  target {target}  torch {report['torch']}")
     head = f"{'template':18} {'job s':>7} {'load ms':>8} {'max err':>9} {'grad err':>9}"
     head += "".join(f" {'fwd x@' + b:>9} {'step x@' + b:>10}" for b in map(str, BATCHES))
@@ -207,7 +239,8 @@ def main() -> int:
         rt = e.get("runtime")
         if rt is None:
             ok = False
-            print(f"{name:18} FAILED (exit {e['job']['exitCode']})")
+            why = "runtime" if "runtimeError" in e else f"compile exit {e['job']['exitCode']}"
+            print(f"{name:18} FAILED ({why})")
             continue
         row = f"{name:18} {e['job']['wallSeconds']:>7.1f} {rt['loadSeconds'] * 1e3:>8.1f}"
         row += f" {rt['maxAbsError']:>9.2e} {rt['maxGradError']:>9.2e}"

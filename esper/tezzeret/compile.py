@@ -20,10 +20,12 @@ dimension is dynamic (1..maxBatch).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import multiprocessing as mp
 import os
 import platform
+import subprocess
 import time
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
@@ -35,7 +37,7 @@ from esper.artifact import FORWARD, PARAMS, TRAIN_BACKWARD, TRAIN_FORWARD, Param
 from esper.contracts.common import CompileOptions, Toolchain
 from esper.devices import check_runtime
 from esper.targets import Target
-from esper.tezzeret.exitcodes import InvalidBlueprint, UnsupportedTarget
+from esper.tezzeret.exitcodes import CompilerUnusable, InvalidBlueprint, UnsupportedTarget
 
 if TYPE_CHECKING:
     import torch
@@ -154,7 +156,46 @@ def resolve_device(target: Target) -> torch.device:
     why = check_runtime(target)
     if why is not None:
         raise UnsupportedTarget(why)
+    why = compiler_problem(cpp_compiler())
+    if why is not None:
+        raise CompilerUnusable(why)
     return torch.device("cuda" if target.kind == "cuda" else "cpu")
+
+
+def cpp_compiler() -> str:
+    """The C++ compiler inductor builds package wrappers with ($CXX, else g++)."""
+    from torch._inductor.cpp_builder import get_cpp_compiler
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    try:
+        return str(get_cpp_compiler())
+    except InvalidCxxCompiler as e:
+        raise CompilerUnusable(f"{e}; set CXX to a working g++") from None
+
+
+@functools.cache
+def compiler_problem(compiler: str) -> str | None:
+    """Why packages `compiler` builds would crash when loaded, or None; one `-print-file-name` call.
+
+    A compiler with no shared libstdc++ links it statically into each package's wrapper. Loaded into
+    torch's process, which has its own libstdc++, the two copies' locale tables clash and the
+    package's constructor crashes (SIGSEGV in std::regex, seen with a separately installed GCC):
+    the compile Job would die while validating, with no result to report. Refused before compiling.
+    """
+    try:
+        cmd = [compiler, "-print-file-name=libstdc++.so"]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"the C++ compiler {compiler} does not run ({e}); set CXX to a working g++"
+    found = out.stdout.strip()
+    if out.returncode != 0 or not os.path.isabs(found) or not os.path.exists(found):
+        return (
+            f"the C++ compiler {compiler} has no shared libstdc++ (-print-file-name=libstdc++.so gives "
+            f"{found or out.stderr.strip()[:200]!r}): it would link libstdc++ into each package, and such a "
+            "package crashes when torch loads it; set CXX to a compiler with a shared libstdc++, such as "
+            "the system's g++"
+        )
+    return None
 
 
 @contextlib.contextmanager
@@ -463,15 +504,35 @@ def _aoti_child(ep: Any, path: str, target: Target, send: Any) -> None:
 
 
 def _check_package(path: Path) -> None:
-    """A bundle must hold no pickle: refuse a package with members we do not expect."""
+    """A bundle must hold no pickle, and no library that would crash the process loading it.
+
+    Members we do not expect are refused (a pickle above all). Each shared library must load a shared
+    C++ runtime: one that carries its own libstdc++ (a compiler that links it statically) crashes
+    beside torch's (see `compiler_problem`, which refuses such compilers before compiling).
+    """
+    from esper.tezzeret.elf import CXX_RUNTIMES, NotElf, needed_libraries
+
     with zipfile.ZipFile(path) as zf:
+        names = zf.namelist()
         bad = [
             n
-            for n in zf.namelist()
+            for n in names
             if not n.endswith(("/", *_PACKAGE_SUFFIXES)) and n.rsplit("/", 1)[-1] not in _PACKAGE_NAMES
         ]
-    if bad:
-        raise RuntimeError(f"{path.name} holds unexpected members (pickle?): {', '.join(bad[:5])}")
+        if bad:
+            raise RuntimeError(f"{path.name} holds unexpected members (pickle?): {', '.join(bad[:5])}")
+        for name in (n for n in names if n.endswith(".so")):
+            try:
+                needed = needed_libraries(zf.read(name))
+            except NotElf:
+                continue  # another architecture's format: nothing this check can say
+            if not any(lib.startswith(CXX_RUNTIMES) for lib in needed):
+                raise CompilerUnusable(
+                    f"{path.name}: {name.rsplit('/', 1)[-1]} loads no shared C++ runtime (needs "
+                    f"{', '.join(needed) or 'nothing'}): the compiler {cpp_compiler()} linked libstdc++ into "
+                    "it, and it would crash the process that loads it; set CXX to a compiler that links "
+                    "libstdc++ dynamically, such as the system's g++"
+                )
 
 
 def sample_inputs(

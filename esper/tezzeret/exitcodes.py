@@ -41,6 +41,13 @@ class ToolchainMismatch(UnsupportedTarget):
     reason = "ToolchainMismatch"
 
 
+class CompilerUnusable(UnsupportedTarget):
+    """The image's C++ compiler would build packages that cannot load (66): an image to fix, not a
+    Blueprint to retry."""
+
+    reason = "CompilerUnusable"
+
+
 class ValidationFailed(TezzeretError):
     """Compiled outputs or gradients differ from eager beyond tolerance, or are not finite (67)."""
 

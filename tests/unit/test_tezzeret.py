@@ -409,3 +409,50 @@ def test_usage_error_exits_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv(entrypoint.RESULT_PATH_ENV, str(tmp_path / "r"))
     assert entrypoint.main(["--target", "cpu"]) == 2  # no --store
     assert json.loads((tmp_path / "r").read_text())["error"]["reason"] == "UsageError"
+
+
+def _fake_compiler(tmp_path: Path, name: str, prints: str) -> str:
+    """A stand-in `g++` answering `-print-file-name=...` with `prints` (gcc: the bare name if absent)."""
+    path = tmp_path / name
+    path.write_text(f'#!/bin/sh\necho "{prints}"\n')
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_compiler_without_a_shared_libstdcxx_is_refused(tmp_path: Path) -> None:
+    from esper.tezzeret.compile import compiler_problem
+
+    shared = tmp_path / "libstdc++.so"
+    shared.write_bytes(b"")
+    assert compiler_problem(_fake_compiler(tmp_path, "good-g++", str(shared))) is None
+    static_only = _fake_compiler(tmp_path, "static-g++", "libstdc++.so")  # gcc's answer when it has none
+    why = compiler_problem(static_only)
+    assert why is not None and static_only in why and "no shared libstdc++" in why and "CXX" in why
+    gone = _fake_compiler(tmp_path, "gone-g++", str(tmp_path / "missing" / "libstdc++.so"))
+    assert "no shared libstdc++" in (compiler_problem(gone) or "")
+    assert "does not run" in (compiler_problem(str(tmp_path / "no-such-g++")) or "")
+    # the build machine's own compiler, the one every other compile test uses, passes
+    from esper.tezzeret.compile import cpp_compiler
+
+    assert compiler_problem(cpp_compiler()) is None
+
+
+def test_a_compile_job_with_an_unusable_compiler_fails_before_compiling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """66 CompilerUnusable, with the compiler named; nothing reaches the store."""
+    from torch._inductor import config
+
+    static_only = _fake_compiler(tmp_path, "static-g++", "libstdc++.so")
+    monkeypatch.setattr(config.cpp, "cxx", (None, static_only))
+    code, doc = _run(tmp_path, "--blueprint", _blueprint(tmp_path, SPEC))
+    assert code == 66 and doc["error"]["reason"] == "CompilerUnusable"
+    assert static_only in doc["error"]["message"]
+    assert not list(tmp_path.rglob("manifest.json"))
+    monkeypatch.setattr(config.cpp, "cxx", (None, str(tmp_path / "no-such-g++")))
+    code, doc = _run(tmp_path, "--blueprint", _blueprint(tmp_path, SPEC))
+    assert (
+        code == 66
+        and doc["error"]["reason"] == "CompilerUnusable"
+        and "no-such-g++" in doc["error"]["message"]
+    )
