@@ -7,9 +7,19 @@ A package is native code (`dlopen`): verify its bundle (esper.artifact.verify_bu
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
+
+# An AVX2 package loaded on an AVX-512 CPU makes torch warn that the ISAs differ, "this could cause
+# some issues": not so for a subset, and whether this CPU can run the package is checked from the manifest.
+_ISA_SUBSETS = {("AVX512", "AVX2")}
+
+
+def _not_an_isa_subset(record: logging.LogRecord) -> bool:
+    args = record.args if isinstance(record.args, tuple) else ()
+    return not (len(args) == 3 and args[0] == "AOTI_CPU_ISA" and (str(args[1]), str(args[2])) in _ISA_SUBSETS)
 
 
 @contextlib.contextmanager
@@ -21,8 +31,13 @@ def no_isa_probe() -> Iterator[None]:
     """
     from torch._inductor import config
 
-    with config.patch({"cpp.vec_isa_ok": True}):
-        yield
+    package_log = logging.getLogger("torch.export.pt2_archive._package")
+    package_log.addFilter(_not_an_isa_subset)
+    try:
+        with config.patch({"cpp.vec_isa_ok": True}):
+            yield
+    finally:
+        package_log.removeFilter(_not_an_isa_subset)
 
 
 class Package:

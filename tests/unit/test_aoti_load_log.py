@@ -1,0 +1,33 @@
+"""Loading a package: torch's ISA warning is dropped only for a package whose ISA this CPU extends."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from esper.aoti import no_isa_probe
+
+LOGGER = "torch.export.pt2_archive._package"
+FORMAT = "Device information mismatch for %s: %s vs %s. This could cause some issues."
+
+
+@pytest.mark.parametrize(
+    ("key", "here", "package", "shown"),
+    [
+        ("AOTI_CPU_ISA", "AVX512", "AVX2", False),  # an AVX2 package on an AVX-512 CPU: runs fine
+        ("AOTI_CPU_ISA", "AVX2", "AVX512", True),  # the package needs more than this CPU has
+        ("AOTI_DEVICE_KEY", "AVX512", "AVX2", True),  # any other mismatch is torch's to report
+    ],
+)
+def test_only_the_isa_subset_warning_is_dropped_while_loading(
+    caplog: pytest.LogCaptureFixture, key: str, here: str, package: str, shown: bool
+) -> None:
+    log = logging.getLogger(LOGGER)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        with no_isa_probe():
+            log.warning(FORMAT, key, here, package)
+        assert (len(caplog.records) == 1) is shown
+        caplog.clear()
+        log.warning(FORMAT, key, here, package)  # outside a load, torch's logger is untouched
+        assert len(caplog.records) == 1
