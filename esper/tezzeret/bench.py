@@ -4,7 +4,8 @@ Bounded in time (about `budget_s` per kernel, plus warmups): eager and compiled 
 interleaved blocks, and the median call is kept (robust to a noisy neighbour on a shared node).
 Forward is timed under `torch.inference_mode` on both sides (a serving-style call); the training
 step is eager forward + autograd backward against the training forward package + the training
-backward package on the activations it saved.
+backward package on the activations it saved; both compute the gradients of the inputs and the
+parameters (a seed's input is an activation of its host, whose earlier layers need that gradient).
 """
 
 from __future__ import annotations
@@ -150,9 +151,12 @@ def _benchmark(
         outs_t = tuple(outs) if isinstance(outs, (tuple, list)) else (outs,)
         gs = [torch.ones_like(o) for o in outs_t]
 
-        def eager_train(xs: Sequence[torch.Tensor] = xs, gs: Sequence[torch.Tensor] = gs) -> None:
-            for p in module.parameters():
-                p.grad = None
+        # A seed's input is a host activation: both sides compute its gradient, as the packages always do.
+        leaves = [x.detach().clone().requires_grad_(x.is_floating_point()) for x in xs]
+
+        def eager_train(xs: Sequence[torch.Tensor] = leaves, gs: Sequence[torch.Tensor] = gs) -> None:
+            for t in (*module.parameters(), *xs):
+                t.grad = None
             out = module(*xs)
             torch.autograd.backward(tuple(out) if isinstance(out, (tuple, list)) else (out,), list(gs))
 

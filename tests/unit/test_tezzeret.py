@@ -134,6 +134,38 @@ def test_interleaved_micros_orders_fast_and_slow() -> None:
     assert 0 < fast < slow
 
 
+def test_the_eager_training_step_computes_the_input_gradient_as_the_packages_do(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Same work on both sides: the training packages always return the input's gradient (a seed's input
+    is a host activation), so the eager step they are compared with must compute it too."""
+    from types import SimpleNamespace
+
+    from esper.tezzeret import validate as tz_validate
+    from esper.tezzeret.bench import benchmark
+    from esper.tezzeret.compile import InputSpec
+
+    seen: list[torch.Tensor] = []
+
+    class Spy(torch.nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if torch.is_grad_enabled():
+                seen.append(x)
+            return super().forward(x)
+
+    module = Spy(4, 3)
+    params = [p.detach() for p in module.parameters()]
+    result = SimpleNamespace(module=module, params=params, input_specs=[InputSpec("x", (4,))])
+    monkeypatch.setattr(tz_validate, "train_step", lambda *_: None)
+    packages = SimpleNamespace(forward=lambda *_: None)
+    options = CompileOptions(benchmarkBatches=[2], maxBatch=4)
+    benchmark(result, options, packages, budget_s=0.01)  # type: ignore[arg-type]
+    assert seen and all(x.requires_grad for x in seen)
+    # d/dx of sum(x @ W.T + b) with ones as the output gradient: every row is W's column sums
+    want = params[0].sum(0).expand(2, 4)
+    assert seen[-1].grad is not None and torch.allclose(seen[-1].grad, want)
+
+
 # ---------------------------------------------------------------- the Job's early failures (no compile)
 
 
