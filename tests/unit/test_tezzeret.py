@@ -469,22 +469,21 @@ def test_compiler_without_a_shared_libstdcxx_is_refused(tmp_path: Path) -> None:
     assert compiler_problem(cpp_compiler()) is None
 
 
-def test_a_compile_job_with_an_unusable_compiler_fails_before_compiling(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_compile_job_with_an_unusable_compiler_fails_before_compiling(tmp_path: Path) -> None:
     """66 CompilerUnusable, with the compiler named; nothing reaches the store."""
-    from torch._inductor import config
+    from torch._inductor import config  # patched with its own context: monkeypatch's undo deletes it
 
     static_only = _fake_compiler(tmp_path, "static-g++", "libstdc++.so")
-    monkeypatch.setattr(config.cpp, "cxx", (None, static_only))
-    code, doc = _run(tmp_path, "--blueprint", _blueprint(tmp_path, SPEC))
+    with config.patch({"cpp.cxx": (None, static_only)}):
+        code, doc = _run(tmp_path, "--blueprint", _blueprint(tmp_path, SPEC))
     assert code == 66 and doc["error"]["reason"] == "CompilerUnusable"
     assert static_only in doc["error"]["message"]
     assert not list(tmp_path.rglob("manifest.json"))
-    monkeypatch.setattr(config.cpp, "cxx", (None, str(tmp_path / "no-such-g++")))
-    code, doc = _run(tmp_path, "--blueprint", _blueprint(tmp_path, SPEC))
+    with config.patch({"cpp.cxx": (None, str(tmp_path / "no-such-g++"))}):
+        code, doc = _run(tmp_path, "--blueprint", _blueprint(tmp_path, SPEC))
     assert (
         code == 66
         and doc["error"]["reason"] == "CompilerUnusable"
         and "no-such-g++" in doc["error"]["message"]
     )
+    assert config.cpp.cxx[1] != static_only  # restored for the tests after this one
