@@ -109,5 +109,8 @@ class ValidationReport(Model):
         ge=0, description="Geometric mean over benchmark batches of eager/compiled forward latency."
     )
     trainSpeedup: float = Field(
-        default=0.0, ge=0, description="Geometric mean of eager/compiled forward+backward latency."
+        default=0.0,
+        ge=0,
+        description="Geometric mean of eager/compiled forward+backward latency, the training packages "
+        "called directly; a trainer's call through autograd adds a fixed per-call cost (docs/kasmina.md).",
     )
