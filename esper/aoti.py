@@ -24,10 +24,11 @@ def _not_an_isa_subset(record: logging.LogRecord) -> bool:
 
 @contextlib.contextmanager
 def no_isa_probe() -> Iterator[None]:
-    """Skip inductor's gcc probe of every vector ISA on load (seconds per cold process).
+    """Skip inductor's gcc probe of every vector ISA on load (seconds per cold process), and its
+    warning when a package's ISA is a subset of this CPU's.
 
     A package's code is already built; whether this CPU can run it is checked from the manifest
-    (esper.targets.check_runtime), not by compiling probe programs.
+    (esper.targets.check_runtime), not by compiling probe programs nor by torch's metadata compare.
     """
     from torch._inductor import config
 

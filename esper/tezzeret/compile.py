@@ -162,6 +162,9 @@ def resolve_device(target: Target) -> torch.device:
     return torch.device("cuda" if target.kind == "cuda" else "cpu")
 
 
+_CXX_FIX = "set CXX to a g++ that links a shared libstdc++, such as the system's"
+
+
 def cpp_compiler() -> str:
     """The C++ compiler inductor builds package wrappers with ($CXX, else g++)."""
     from torch._inductor.cpp_builder import get_cpp_compiler
@@ -170,7 +173,7 @@ def cpp_compiler() -> str:
     try:
         return str(get_cpp_compiler())
     except InvalidCxxCompiler as e:
-        raise CompilerUnusable(f"{e}; set CXX to a working g++") from None
+        raise CompilerUnusable(f"{e}; {_CXX_FIX}") from None
 
 
 @functools.cache
@@ -186,14 +189,13 @@ def compiler_problem(compiler: str) -> str | None:
         cmd = [compiler, "-print-file-name=libstdc++.so"]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
     except (OSError, subprocess.TimeoutExpired) as e:
-        return f"the C++ compiler {compiler} does not run ({e}); set CXX to a working g++"
+        return f"the C++ compiler {compiler} does not run ({e}); {_CXX_FIX}"
     found = out.stdout.strip()
     if out.returncode != 0 or not os.path.isabs(found) or not os.path.exists(found):
         return (
             f"the C++ compiler {compiler} has no shared libstdc++ (-print-file-name=libstdc++.so gives "
             f"{found or out.stderr.strip()[:200]!r}): it would link libstdc++ into each package, and such a "
-            "package crashes when torch loads it; set CXX to a compiler with a shared libstdc++, such as "
-            "the system's g++"
+            f"package crashes when torch loads it; {_CXX_FIX}"
         )
     return None
 
@@ -530,8 +532,7 @@ def _check_package(path: Path) -> None:
                 raise CompilerUnusable(
                     f"{path.name}: {name.rsplit('/', 1)[-1]} loads no shared C++ runtime (needs "
                     f"{', '.join(needed) or 'nothing'}): the compiler {cpp_compiler()} linked libstdc++ into "
-                    "it, and it would crash the process that loads it; set CXX to a compiler that links "
-                    "libstdc++ dynamically, such as the system's g++"
+                    f"it, and it would crash the process that loads it; {_CXX_FIX}"
                 )
 
 

@@ -58,7 +58,7 @@ def needed_libraries(data: bytes) -> list[str]:
             end = data.index(b"\0", base + at)
             names.append(data[base + at : end].decode("utf-8", "replace"))
         return names
-    except (struct.error, ValueError) as e:
-        if isinstance(e, NotElf):
-            raise
+    except NotElf:
+        raise
+    except (struct.error, ValueError) as e:  # a read past the end, a name without its NUL
         raise NotElf(f"truncated or malformed ELF object ({e})") from None
