@@ -12,14 +12,25 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-# An AVX2 package loaded on an AVX-512 CPU makes torch warn that the ISAs differ, "this could cause
-# some issues": not so for a subset, and whether this CPU can run the package is checked from the manifest.
-_ISA_SUBSETS = {("AVX512", "AVX2")}
+# A package loaded on a CPU with more than its ISA (AVX2 on AVX-512, AVX-512 on "AVX512 AVX512_VNNI")
+# makes torch warn that the ISAs differ, "this could cause some issues": not so for a subset, and
+# whether this CPU can run the package is checked from the manifest. Words of inductor's ISA names.
+_IMPLIES = {"AVX512": {"AVX2"}}
+
+
+def _isa_words(isa: str) -> set[str]:
+    words = set(isa.upper().split())
+    return words.union(*(_IMPLIES.get(w, set()) for w in words))
+
+
+def isa_subset(package: str, here: str) -> bool:
+    """Whether a package built for ISA `package` uses nothing beyond this CPU's ISA `here`."""
+    return bool(package.strip()) and _isa_words(package) <= _isa_words(here)
 
 
 def _not_an_isa_subset(record: logging.LogRecord) -> bool:
     args = record.args if isinstance(record.args, tuple) else ()
-    return not (len(args) == 3 and args[0] == "AOTI_CPU_ISA" and (str(args[1]), str(args[2])) in _ISA_SUBSETS)
+    return not (len(args) == 3 and args[0] == "AOTI_CPU_ISA" and isa_subset(str(args[2]), str(args[1])))
 
 
 @contextlib.contextmanager

@@ -10,9 +10,16 @@ from esper.blueprint.ir import Graph, TemplateRef
 from esper.blueprint.opdef import FieldError
 from esper.contracts.common import GROUP_VERSION, CompileOptions, Condition, Model
 
-TARGET_PATTERN = r"^(cpu|cuda-sm[0-9]{2,3}a?)$"
-TARGET_TEXT = "is not a target: use 'cpu' or 'cuda-smNN', such as 'cuda-sm90'"
-TargetName = Annotated[str, Field(pattern=TARGET_PATTERN, max_length=16, description="cpu or cuda-smNN.")]
+TARGET_PATTERN = r"^(cpu|cpu-avx512|cuda-sm[0-9]{2,3}a?)$"
+TARGET_TEXT = "is not a target: use 'cpu', 'cpu-avx512' or 'cuda-smNN', such as 'cuda-sm90'"
+TargetName = Annotated[
+    str,
+    Field(
+        pattern=TARGET_PATTERN,
+        max_length=16,
+        description="cpu (AVX2, any x86-64-v3 node), cpu-avx512 (AVX-512 nodes only) or cuda-smNN.",
+    ),
+]
 
 BlueprintPhase = Literal["Pending", "Compiling", "Ready", "Failed", "Invalid"]
 KernelPhase = Literal["Pending", "Compiling", "Ready", "Failed"]

@@ -71,7 +71,9 @@ class CompileRequest(Model):
     blueprint: str = Field(max_length=253, description="The Blueprint that asked for this Kernel.")
     namespace: str = Field(default="", max_length=63, description="The Blueprint's namespace.")
     spec: CompileSpec
-    target: str = Field(max_length=64, description="The one target of this Job: cpu or cuda-smNN.")
+    target: str = Field(
+        max_length=64, description="The one target of this Job: cpu, cpu-avx512 or cuda-smNN."
+    )
     expectKey: str | None = Field(
         default=None, pattern=SHA256_PATTERN, description="The kernel key the operator computed."
     )

@@ -48,12 +48,27 @@ if TYPE_CHECKING:
 log = logging.getLogger("esper.tezzeret")
 
 PARALLEL_ENV = "ESPER_PARALLEL_COMPILES"  # "1": the AOTInductor compiles in parallel processes
-# x86-64-v3 = AVX2 + FMA + F16C (+ BMI, MOVBE): what "cpu-avx2" promises to every node that loads it.
-CPU_MARCH = "x86-64-v3"
-CPU_ISA = "avx2"
 # Members of an AOTInductor package we accept; anything else (a pickle above all) fails the compile.
 _PACKAGE_SUFFIXES = (".so", ".cpp", ".h", ".json", ".cubin")
 _PACKAGE_NAMES = frozenset({"archive_format", "archive_version", "version", "byteorder", "serialization_id"})
+
+
+@dataclass(frozen=True)
+class CpuIsa:
+    """What a CPU target's code may use: gcc's -march, inductor's vector width, the ISA's name."""
+
+    march: str
+    simdlen: int
+    name: str
+
+
+# x86-64-v3 = AVX2 + FMA + F16C (+ BMI, MOVBE): what "cpu-avx2" promises to every node that loads it;
+# x86-64-v4 adds AVX-512 F, BW, CD, DQ, VL: "cpu-avx512" (no VNNI, BF16 or AMX, which not every AVX-512
+# CPU has).
+CPU_ISAS: dict[str, CpuIsa] = {
+    "cpu-avx2": CpuIsa("x86-64-v3", 256, "avx2"),
+    "cpu-avx512": CpuIsa("x86-64-v4", 512, "avx512"),
+}
 
 
 @dataclass(frozen=True)
@@ -202,20 +217,44 @@ def compiler_problem(compiler: str) -> str | None:
 
 @contextlib.contextmanager
 def inductor_settings(target: Target) -> Iterator[None]:
-    """Pin CPU code to AVX2/x86-64-v3 instead of inductor's default `-march=native`.
+    """Pin CPU code to the target's ISA (`CPU_ISAS`) instead of inductor's default `-march=native`.
 
-    simdlen=256 makes inductor emit AVX2 vector code; march keeps gcc from using AVX-512 in the
-    rest (the default -march=native would, on a build node that has it, and crash elsewhere).
-    vec_isa_ok skips inductor's gcc probe of every ISA (seconds per process); AVX2 is checked by
-    `check_runtime` instead.
+    simdlen makes inductor emit AVX2 or AVX-512 vector code; march keeps gcc to the same level in the
+    rest (the default -march=native would use whatever the build node has, and crash elsewhere). The
+    vector ISA itself is pinned too (`pinned_vec_isa`): on a build node with VNNI, BF16 or AMX,
+    inductor would otherwise pick a richer 512-bit ISA and add its flags. vec_isa_ok skips inductor's
+    gcc probe of every ISA (seconds per process); the CPU is checked by `check_runtime` instead.
     """
-    from torch._inductor import config
+    from unittest import mock
 
-    patch: dict[str, Any] = {}
-    if target.kind == "cpu":
-        patch = {"cpp.simdlen": 256, "cpp.march": CPU_MARCH, "cpp.vec_isa_ok": True}
-    with config.patch(patch):
+    from torch._inductor import config, cpu_vec_isa
+
+    if target.kind != "cpu":
         yield
+        return
+    isa = CPU_ISAS[target.capability]
+    patch = {"cpp.simdlen": isa.simdlen, "cpp.march": isa.march, "cpp.vec_isa_ok": True}
+    pinned = pinned_vec_isa(isa)
+    with config.patch(patch), mock.patch.object(cpu_vec_isa, "valid_vec_isa_list", lambda: [pinned]):
+        yield
+
+
+def pinned_vec_isa(isa: CpuIsa) -> Any:
+    """Inductor's vector ISA for `isa`, with exactly its own compiler flags (no probe, no extras)."""
+    from torch._inductor.cpu_vec_isa import VecAVX2, VecAVX512
+
+    base = {256: VecAVX2, 512: VecAVX512}[isa.simdlen]
+
+    class Pinned(base):  # type: ignore[valid-type,misc]
+        __hash__ = base.__hash__
+
+        def __bool__(self) -> bool:
+            return True  # the runtime CPU is checked from the kernel's target
+
+        def build_arch_flags(self) -> str:
+            return base._arch_flags  # VecAVX512 adds -mavx512bf16 where the build CPU has BF16
+
+    return Pinned()
 
 
 def _as_tuple(out: Any) -> tuple[torch.Tensor, ...]:
@@ -674,7 +713,7 @@ def compile_module(
         output_shapes=[tuple(o.shape[1:]) for o in outs],
         target=target,
         toolchain=toolchain_for(target),
-        isa=CPU_ISA if target.kind == "cpu" else str(target.arch),
+        isa=CPU_ISAS[target.capability].name if target.kind == "cpu" else str(target.arch),
         saved=split.saved,
         timings=timings,
     )

@@ -370,7 +370,9 @@ def command(blueprint: Path | str, *, target: str, store: Path | str, result_pat
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m esper.tezzeret", description=__doc__.splitlines()[0])
-    ap.add_argument("--target", help=f"cpu or cuda-smNN; with --blueprint (else from ${REQUEST_ENV})")
+    ap.add_argument(
+        "--target", help=f"cpu, cpu-avx512 or cuda-smNN; with --blueprint (else from ${REQUEST_ENV})"
+    )
     ap.add_argument("--store", required=True, help="s3://bucket/prefix, file:///path or a path")
     ap.add_argument("--blueprint", help=f"Blueprint (or spec) YAML/JSON file; default ${REQUEST_ENV}")
     ap.add_argument("--expect-key", help="with --blueprint: the kernel key expected; a mismatch exits 66")

@@ -1,4 +1,5 @@
-"""Compile -> bundle -> store -> fetch -> verify -> load -> train, against eager, for real templates.
+"""Compile -> bundle -> store -> fetch -> verify -> load -> train, against eager, for real templates,
+for the "cpu" target and (where this CPU has AVX-512) "cpu-avx512".
 
 Slow: each template is three AOTInductor compiles (inference forward, training forward, training
 backward: ~60 s on 2 cores). The
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -24,6 +26,7 @@ from esper.artifact import read_manifest, verify_bundle
 from esper.blueprint import Graph, build_module, validate_source
 from esper.contracts.common import CompileOptions
 from esper.contracts.job import REQUEST_ENV, CompileRequest, CompileSpec
+from esper.devices import check_runtime
 from esper.storage import open_store
 from esper.tezzeret import entrypoint
 from esper.tezzeret.compile import InputSpec, compile_module
@@ -47,8 +50,17 @@ TEMPLATES: dict[str, dict[str, Any]] = {
 }
 
 
-def _spec(name: str) -> dict[str, Any]:
-    return {"template": {"name": name, "params": TEMPLATES[name]}, "targets": ["cpu"], "compile": COMPILE}
+NO_AVX512 = check_runtime("cpu-avx512")
+CASES = [
+    *((name, "cpu") for name in TEMPLATES),
+    pytest.param(
+        "residual-mlp", "cpu-avx512", marks=pytest.mark.skipif(NO_AVX512 is not None, reason=str(NO_AVX512))
+    ),
+]
+
+
+def _spec(name: str, target: str = "cpu") -> dict[str, Any]:
+    return {"template": {"name": name, "params": TEMPLATES[name]}, "targets": [target], "compile": COMPILE}
 
 
 @pytest.fixture(scope="module")
@@ -57,21 +69,25 @@ def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def compiled(store_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
-    """Run the compile Job in-process once per template; the result JSON of each."""
+def compiled(
+    store_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """Run the compile Job in-process once per (template, target) this CPU runs; the result JSON of each."""
     work = tmp_path_factory.mktemp("jobs")
     results = {}
-    for name in TEMPLATES:
-        bp = work / f"{name}.json"
+    for name, target in [(n, "cpu") for n in TEMPLATES] + (
+        [("residual-mlp", "cpu-avx512")] * (NO_AVX512 is None)
+    ):
+        bp = work / f"{name}-{target}.json"
         bp.write_text(
-            json.dumps({"apiVersion": "esper.dev/v1alpha1", "kind": "Blueprint", "spec": _spec(name)})
+            json.dumps({"apiVersion": "esper.dev/v1alpha1", "kind": "Blueprint", "spec": _spec(name, target)})
         )
-        out = work / f"{name}.result"
+        out = work / f"{name}-{target}.result"
         code = entrypoint.main(
-            ["--target", "cpu", "--store", str(store_dir), "--blueprint", str(bp), "--result-path", str(out)]
+            ["--target", target, "--store", str(store_dir), "--blueprint", str(bp), "--result-path", str(out)]
         )
-        results[name] = json.loads(out.read_text())
-        assert code == 0, results[name]
+        results[name, target] = json.loads(out.read_text())
+        assert code == 0, results[name, target]
     return results
 
 
@@ -85,14 +101,14 @@ def _eager(module: torch.nn.Module, names: list[str], params: list[torch.Tensor]
     return [o.detach() for o in outs], list(grads)
 
 
-@pytest.mark.parametrize("name", list(TEMPLATES))
+@pytest.mark.parametrize(("name", "target"), CASES)
 def test_bundle_round_trip_trains_like_eager(
-    name: str, compiled: dict[str, dict[str, Any]], store_dir: Path, tmp_path: Path
+    name: str, target: str, compiled: dict[tuple[str, str], dict[str, Any]], store_dir: Path, tmp_path: Path
 ) -> None:
     from safetensors.torch import load_file
 
-    result = compiled[name]
-    assert result["toolchain"]["capability"] == "cpu-avx2"
+    result = compiled[name, target]
+    assert result["toolchain"]["capability"] == {"cpu": "cpu-avx2", "cpu-avx512": "cpu-avx512"}[target]
     assert result["report"]["maxAbsError"] <= result["report"]["tolerance"]
     assert result["report"]["speedup"] > 0 and result["report"]["trainSpeedup"] > 0
     dest = open_store(str(store_dir)).fetch_bundle(result["key"], tmp_path / "b", result["manifestSha256"])
@@ -165,11 +181,93 @@ def test_bundle_round_trip_trains_like_eager(
         compare(f"{name} param {n} after 3 steps", p.detach(), r.detach(), tol)
 
 
+# What would break portability. A "cpu" kernel must run on any x86-64-v3 node: no AVX-512 register
+# (zmm, ymm16-31, an opmask). A "cpu-avx512" kernel must run on any x86-64-v4 node: nothing a build node
+# may have beyond it (VNNI, BF16, AMX, FP16 arithmetic, VBMI, IFMA).
+AVX512_REGISTERS = re.compile(r"%zmm\d|%[xy]mm(1[6-9]|2\d|3[01])\b|\{%k[1-7]\}")
+BEYOND_V4 = re.compile(
+    r"\s(vpdpbusds?|vpdpwssds?|vcvtne2?ps2bf16|vdpbf16ps|ldtilecfg|tileloadd\w*|tdp\w+|"
+    r"v(add|sub|mul|div|fn?madd\d+)ph|vperm[ti]?2?b|vpmultishiftqb|vpmadd52[lh]uq)\s"
+)
+
+
+def _disassembly(package: Path, tmp: Path) -> tuple[set[str], str]:
+    """The AOTI_CPU_ISA each library of `package` records, and their disassembly."""
+    isas, asm = set(), []
+    with zipfile.ZipFile(package) as zf:
+        for member in zf.namelist():
+            if member.endswith("_metadata.json"):
+                isas.add(json.loads(zf.read(member))["AOTI_CPU_ISA"])
+            elif member.endswith(".so"):
+                lib = tmp / Path(member).name
+                lib.write_bytes(zf.read(member))
+                cmd = ["objdump", "-d", "--no-show-raw-insn", str(lib)]
+                asm.append(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+    return isas, "\n".join(asm)
+
+
+@pytest.mark.parametrize(("name", "target"), CASES)
+def test_cpu_packages_use_exactly_their_targets_isa(
+    name: str, target: str, compiled: dict[tuple[str, str], dict[str, Any]], store_dir: Path, tmp_path: Path
+) -> None:
+    """Built here (a CPU with AVX-512, VNNI and BF16), each package uses its target's ISA and no more.
+
+    Inductor alone would pick the build CPU's richest ISA ("avx512 avx512_vnni" here) and its flags.
+    """
+    bundle = store_dir / "kernels" / compiled[name, target]["key"]
+    for package in ("forward.pt2", "train_forward.pt2", "train_backward.pt2"):
+        isas, asm = _disassembly(bundle / package, tmp_path)
+        assert asm.count("\n") > 1000, package  # a real disassembly
+        where = f"{name} {target} {package}"
+        if target == "cpu":
+            assert isas == {"AVX2"}, where
+            assert not AVX512_REGISTERS.search(asm), (where, AVX512_REGISTERS.search(asm))
+        else:
+            assert isas == {"AVX512"}, where
+            assert "%zmm" in asm, where  # the vector code is 512-bit
+            assert not BEYOND_V4.search(asm), (where, BEYOND_V4.search(asm))
+
+
+@pytest.mark.skipif(NO_AVX512 is not None, reason=str(NO_AVX512))
+def test_an_avx512_kernel_loads_where_the_cpu_has_it_and_is_refused_elsewhere(
+    compiled: dict[tuple[str, str], dict[str, Any]],
+    store_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The runtime checks the manifest's target against this CPU before loading any native code."""
+    from esper import devices
+    from esper.kasmina import KernelLoadError, load_kernel
+
+    result, plain = compiled["residual-mlp", "cpu-avx512"], compiled["residual-mlp", "cpu"]
+    assert result["key"] != plain["key"]  # the capability is part of the key
+    bundle = store_dir / "kernels" / result["key"]
+    kernel = load_kernel(bundle, result["manifestSha256"])
+    assert kernel.target == "cpu-avx512"
+    manifest = read_manifest(bundle)
+    graph = Graph.model_validate(manifest.graph)
+    ref = build_module(graph, seed=manifest.options.initSeed)
+    x = torch.randn(9, *manifest.inputs[0].shape[1:])
+    xk, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    kernel(xk).square().sum().backward()
+    ref(xr).square().sum().backward()
+    compare("input grad through KernelModule", xk.grad, xr.grad, tolerance_for(graph.dtype))
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("flags\t: fpu sse2 avx avx2 fma f16c bmi1 bmi2 movbe\n")  # an AVX2-only node
+    monkeypatch.setattr(devices, "CPUINFO", cpuinfo)
+    with pytest.raises(KernelLoadError) as e:
+        load_kernel(bundle, result["manifestSha256"])
+    assert e.value.reason == "UnsupportedTarget" and "lacks avx512f" in e.value.message
+    plain_bundle = store_dir / "kernels" / plain["key"]
+    assert load_kernel(plain_bundle, plain["manifestSha256"]).target == "cpu"  # AVX2 kernels still load
+
+
 def test_rerun_reuses_the_stored_bundle(
-    compiled: dict[str, dict[str, Any]], store_dir: Path, tmp_path: Path
+    compiled: dict[tuple[str, str], dict[str, Any]], store_dir: Path, tmp_path: Path
 ) -> None:
     """A retried Job (a real `python -m esper.tezzeret` process) finds the bundle and compiles nothing."""
-    first = compiled["lora-adapter"]
+    first = compiled["lora-adapter", "cpu"]
     bundle = store_dir / "kernels" / first["key"]
     before = (bundle / "manifest.json").stat().st_mtime_ns
     spec = _spec("lora-adapter")

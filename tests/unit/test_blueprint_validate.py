@@ -269,7 +269,7 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
         "bad-target",
         {**template("mlp"), "targets": ["gpu"]},
         "spec.targets[0]",
-        "'gpu' is not a target: use 'cpu' or 'cuda-smNN'",
+        "'gpu' is not a target: use 'cpu', 'cpu-avx512' or 'cuda-smNN'",
     ),
     (
         "bad-compile",

@@ -363,7 +363,7 @@ CORPUS: list[tuple[str, str | bytes, str, bool]] = [
     (
         "target-uppercase",
         mlp(extra="  targets: [CPU]\n"),
-        "spec.targets[0]: 'CPU' is not a target: use 'cpu' or 'cuda-smNN'",
+        "spec.targets[0]: 'CPU' is not a target: use 'cpu', 'cpu-avx512' or 'cuda-smNN'",
         True,
     ),
     ("target-unknown", mlp(extra="  targets: [gpu]\n"), "spec.targets[0]: 'gpu' is not a target", True),

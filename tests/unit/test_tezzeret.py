@@ -304,6 +304,22 @@ def test_unsupported_targets_are_66(tmp_path: Path) -> None:
 
 
 @pytest.mark.usefixtures("no_compile")
+def test_cpu_avx512_on_a_cpu_without_it_is_66(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Job validates and benchmarks what it compiles: on a node without AVX-512 it stops before
+    compiling (a permanent failure: the Job was scheduled onto the wrong node)."""
+    from esper import devices
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma f16c\n")
+    monkeypatch.setattr(devices, "CPUINFO", cpuinfo)
+    bp = _blueprint(tmp_path, {**SPEC, "targets": ["cpu-avx512"]})
+    code, doc = _run(tmp_path, "--blueprint", bp, "--target", "cpu-avx512")
+    assert code == 66 and doc["error"]["reason"] == "UnsupportedTarget"
+    assert "lacks avx512f, avx512bw, avx512cd, avx512dq, avx512vl" in doc["error"]["message"]
+    assert not (tmp_path / "store").exists() or not any((tmp_path / "store").rglob("*.json"))
+
+
+@pytest.mark.usefixtures("no_compile")
 def test_key_and_torch_mismatch_are_66(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bp = _blueprint(tmp_path, SPEC)
     code, doc = _run(tmp_path, "--blueprint", bp, "--expect-key", "0" * 64)
