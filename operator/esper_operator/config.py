@@ -15,6 +15,11 @@ from esper.envconfig import ConfigError, env_names, read_env, read_setting
 from esper.storage import open_store
 
 PREFIX = "ESPER_"
+# Node Feature Discovery's labels for x86-64-v4 (AVX-512 F, BW, CD, DQ, VL), what cpu-avx512 kernels need.
+AVX512_NODE_LABELS = {
+    f"feature.node.kubernetes.io/cpu-cpuid.{flag}": "true"
+    for flag in ("AVX512F", "AVX512BW", "AVX512CD", "AVX512DQ", "AVX512VL")
+}
 __all__ = ["ConfigError", "OperatorConfig"]
 
 
@@ -42,6 +47,10 @@ class OperatorConfig(BaseModel):
     tolerations: list[dict[str, Any]] = Field(default_factory=list)
     gpu_node_selector: dict[str, str] = Field(default_factory=dict)
     gpu_tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    avx512_node_selector: dict[str, str] = Field(
+        default_factory=lambda: dict(AVX512_NODE_LABELS),
+        description="Node labels for cpu-avx512 compile Jobs (validated and benchmarked on such a CPU).",
+    )
     priority_class: str = ""
     service_account: str = Field(default="", description="ServiceAccount of compile Pods (no token).")
     cpu_request: str = "1"

@@ -154,7 +154,12 @@ def build_job(
         "containers": [container],
         "volumes": volumes,
     }
-    node_selector = {**config.node_selector, **(config.gpu_node_selector if gpu else {})}
+    avx512 = target.capability == "cpu-avx512"
+    node_selector = {
+        **config.node_selector,
+        **(config.gpu_node_selector if gpu else {}),
+        **(config.avx512_node_selector if avx512 else {}),
+    }
     tolerations = [*config.tolerations, *(config.gpu_tolerations if gpu else [])]
     if node_selector:
         pod_spec["nodeSelector"] = node_selector

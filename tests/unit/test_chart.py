@@ -317,9 +317,10 @@ def test_the_operator_runs_alone() -> None:
 
 
 def _leaves(tree: dict, prefix: tuple[str, ...] = ()) -> set[tuple[str, ...]]:
+    """Paths of the settings in `tree`; a label map (nodeSelector, whose keys hold dots) is one."""
     out: set[tuple[str, ...]] = set()
     for key, value in tree.items():
-        if isinstance(value, dict) and value:
+        if isinstance(value, dict) and value and key != "nodeSelector":
             out |= _leaves(value, (*prefix, key))
         else:
             out.add((*prefix, key))
@@ -383,6 +384,7 @@ CHANGES: dict[str, tuple[object, dict]] = {
     "compile.tolerations": ([{"key": "k", "operator": "Exists"}], {}),
     "compile.gpu.nodeSelector": ({"gpu": "h100"}, {}),
     "compile.gpu.tolerations": ([], {}),
+    "compile.avx512.nodeSelector": ({"cpu": "avx512"}, {}),
     "compile.priorityClassName": ("batch-low", {}),
     "compile.kueueQueue": ("compile", {}),
     "compile.backoffLimit": (1, {}),

@@ -18,7 +18,7 @@ from esper_operator.plan import plan_blueprint
 
 SPEC = {
     "template": {"name": "residual-mlp", "params": {"features": 16, "hidden": 32}},
-    "targets": ["cpu", "cuda-sm90"],
+    "targets": ["cpu", "cuda-sm90", "cpu-avx512"],
 }
 FULL = OperatorConfig(
     store_uri="s3://bucket/kernels",
@@ -239,6 +239,29 @@ def test_a_gpu_placement_alone_still_lands_a_gpu_job() -> None:
     assert gpu["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists"}]
     assert gpu["containers"][0]["resources"]["limits"] == {"memory": "8Gi", "nvidia.com/gpu": "1"}
     assert "nodeSelector" not in cpu and "tolerations" not in cpu
+
+
+def test_an_avx512_job_lands_on_an_avx512_node() -> None:
+    """cpu-avx512 Jobs validate and benchmark their code, so they need x86-64-v4: by default Node
+    Feature Discovery's five labels; the configured selector replaces them and joins the common one."""
+    nfd = "feature.node.kubernetes.io/cpu-cpuid."
+    default = OperatorConfig(store_uri="s3://bucket/kernels")
+    pod = _build("cpu-avx512", default)[0]["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {
+        f"{nfd}{f}": "true" for f in ("AVX512F", "AVX512BW", "AVX512CD", "AVX512DQ", "AVX512VL")
+    }
+    assert "nodeSelector" not in _build("cpu", default)[0]["spec"]["template"]["spec"]
+    assert pod["containers"][0]["resources"]["limits"] == {"memory": "8Gi"}  # no GPU
+    config = FULL.model_copy(update={"avx512_node_selector": {"cpu": "sapphire-rapids"}})
+    pod = _build("cpu-avx512", config)[0]["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"pool": "compile", "cpu": "sapphire-rapids"}
+    assert pod["tolerations"] == [{"key": "dedicated", "operator": "Exists"}]  # not the GPU ones
+    assert _build("cpu", config)[0]["spec"]["template"]["spec"]["nodeSelector"] == {"pool": "compile"}
+    assert "cpu" not in _build("cuda-sm90", config)[0]["spec"]["template"]["spec"]["nodeSelector"]
+    env = OperatorConfig.from_env(
+        {"ESPER_STORE_URI": "s3://bucket/x", "ESPER_AVX512_NODE_SELECTOR": '{"avx": "512"}'}
+    )
+    assert env.avx512_node_selector == {"avx": "512"}
 
 
 KEY = "a" * 64
