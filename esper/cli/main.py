@@ -622,6 +622,10 @@ def kasmina_inject(
         str, typer.Option(help="ConfigMap of trusted public keys (*.pub); '' to use the image's own.")
     ] = "esper-trusted-keys",
     volume_size_limit: Annotated[str, typer.Option(help="Size limit of the kernel volume.")] = "8Gi",
+    target: Annotated[
+        str,
+        typer.Option(help="Sync only this target's Kernels (cpu, cpu-avx512, cuda-sm90, ...); default: all."),
+    ] = "",
 ) -> None:
     """Add the Kasmina sidecar, its shared volume and env to workload manifests; print the result."""
     from esper.contracts.naming import serving_selector
@@ -655,6 +659,7 @@ def kasmina_inject(
             credentials_secret=credentials_secret or None,
             trusted_keys_configmap=trusted_keys or None,
             volume_size_limit=volume_size_limit,
+            target=target or None,
         )
     except (ValueError, yaml.YAMLError) as exc:
         typer.echo(f"{file}: {exc}", err=True)
