@@ -16,9 +16,10 @@
     with saved-tensor hooks at two batches; parameters cancel out). And the compile time of each
     template by part: export, partition, each AOTInductor compile, validation, benchmark.
 
-    python benchmarks/compile.py [--quick]
+    python benchmarks/compile.py [--quick] [--target cpu-avx512]
 
-Prints rich tables and writes benchmarks/results/compile.json.
+Prints rich tables and writes benchmarks/results/compile.json (compile-<target>.json for a target other
+than "cpu").
 """
 
 from __future__ import annotations
@@ -48,14 +49,14 @@ QUICK = ("residual-mlp", "lora-adapter", "transformer-mlp")
 BATCHES = [32, 128, 512]
 
 
-def _bare_compile(spec_json: str, out: str) -> None:
+def _bare_compile(spec_json: str, out: str, target: str) -> None:
     """The baseline: build and compile the two programs, nothing else."""
     from esper.blueprint import validate_source
     from esper.contracts.common import CompileOptions
     from esper.tezzeret.compile import compile_graph
 
     spec = json.loads(spec_json)
-    compile_graph(validate_source(spec), "cpu", CompileOptions(), Path(out))
+    compile_graph(validate_source(spec), target, CompileOptions(), Path(out))
 
 
 def _timed(cmd: list[str], env: dict[str, str]) -> float:
@@ -66,16 +67,16 @@ def _timed(cmd: list[str], env: dict[str, str]) -> float:
     return time.perf_counter() - t0
 
 
-def overhead() -> dict[str, Any]:
+def overhead(target: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-compile-") as tmp:
         t = Path(tmp)
         spec = json.dumps(OVERHEAD_SPEC)
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(t / "cache-bare")}
-        bare = _timed([sys.executable, __file__, "--bare", spec, str(t / "bare")], env)
+        bare = _timed([sys.executable, __file__, "--bare", spec, str(t / "bare"), target], env)
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(t / "cache-job")}
         (t / "blueprint.json").write_text(spec)
         job = _timed(
-            [sys.executable, "-m", "esper.tezzeret", "--target", "cpu", "--store", str(t / "store"),
+            [sys.executable, "-m", "esper.tezzeret", "--target", target, "--store", str(t / "store"),
              "--blueprint", str(t / "blueprint.json"), "--result-path", str(t / "result.json")],
             env,
         )  # fmt: skip
@@ -178,7 +179,7 @@ def trainer_step_micros(
     return eager, trainer
 
 
-def speedups(names: list[str], repeat: int = 1) -> dict[str, Any]:
+def speedups(names: list[str], repeat: int = 1, target: str = "cpu") -> dict[str, Any]:
     from esper.blueprint import validate_source
     from esper.contracts.common import CompileOptions
     from esper.tezzeret.bench import BenchResult, benchmark, geomean
@@ -194,7 +195,7 @@ def speedups(names: list[str], repeat: int = 1) -> dict[str, Any]:
         for name in names:
             graph = validate_source({"template": {"name": name, "params": TEMPLATES[name]}})
             t0 = time.perf_counter()
-            r = compile_graph(graph, "cpu", options, Path(tmp) / name)
+            r = compile_graph(graph, target, options, Path(tmp) / name)
             seconds = time.perf_counter() - t0
             t0 = time.perf_counter()
             packages = load_result_packages(r)
@@ -248,18 +249,22 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
     ap.add_argument("--repeat", type=int, default=3, help="benchmark rounds per kernel (median taken)")
+    ap.add_argument(
+        "--target", default="cpu", choices=("cpu", "cpu-avx512"), help="the CPU target compiled for"
+    )
     args = ap.parse_args()
     names = list(QUICK if args.quick else TEMPLATES)
     console = Console(width=200)
     load_before = os.getloadavg()
-    over = overhead()
+    over = overhead(args.target)
     table = Table(title="(a) compile Job vs bare compile, fresh process, cold inductor cache each")
     for c in ("bare compile s", "compile Job s", "ratio (target <= 1.25)"):
         table.add_column(c)
     table.add_row(str(over["bareSeconds"]), str(over["jobSeconds"]), str(over["ratio"]))
     console.print(table)
-    sp = speedups(names, repeat=args.repeat)
-    table = Table(title=f"(b) compiled vs eager, CPU, batches {BATCHES} (median µs; speedup = geomean)")
+    sp = speedups(names, repeat=args.repeat, target=args.target)
+    title = f"(b) compiled for {args.target} vs eager, CPU, batches {BATCHES} (median µs; speedup = geomean)"
+    table = Table(title=title)
     for c in ("template", "fwd speedup", "train speedup", "trainer step", "saved B/sample (eager)",
               *[f"fwd/train µs @{b}" for b in BATCHES]):  # fmt: skip
         table.add_column(c)
@@ -293,14 +298,15 @@ def main() -> None:
 
     load = {"before": load_before, "after": os.getloadavg()}
     doc = {"torch": torch.__version__, "cpus": os.cpu_count(), "benchThreads": 1, "repeat": args.repeat,
-           "loadAverage": load, "overhead": over, **sp}  # fmt: skip
+           "target": args.target, "loadAverage": load, "overhead": over, **sp}  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "compile.json").write_text(json.dumps(doc, indent=2) + "\n")
-    console.print(f"wrote {RESULTS / 'compile.json'}")
+    out = RESULTS / ("compile.json" if args.target == "cpu" else f"compile-{args.target}.json")
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    console.print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--bare":
-        _bare_compile(sys.argv[2], sys.argv[3])
+    if len(sys.argv) == 5 and sys.argv[1] == "--bare":
+        _bare_compile(sys.argv[2], sys.argv[3], sys.argv[4])
     else:
         main()
