@@ -163,7 +163,15 @@ def test_unknown_target_is_refused_by_its_pattern(real_cluster: Cluster) -> None
     assert errors[0].startswith(
         'spec.targets[1]: Invalid value: "tpu-v5": spec.targets[1] in body should match'
     )
-    assert "^(cpu|cuda-sm[0-9]{2,3}a?)$" in errors[0]
+    assert "^(cpu|cpu-avx512|cuda-sm[0-9]{2,3}a?)$" in errors[0]
+
+
+def test_the_avx512_target_is_admitted_and_its_near_misses_are_not(real_cluster: Cluster) -> None:
+    created = real_cluster.create(blueprint("avx512", targets=["cpu", "cpu-avx512"]))
+    assert created["spec"]["targets"] == ["cpu", "cpu-avx512"]
+    for i, bad in enumerate(("cpu-avx2", "cpu-avx512f", "cpu-AVX512")):
+        errors = refused(real_cluster, blueprint(f"near-{i}", targets=[bad]))
+        assert len(errors) == 1 and errors[0].startswith(f'spec.targets[0]: Invalid value: "{bad}"'), errors
 
 
 def test_bad_shape_is_refused_with_one_message_per_mistake(real_cluster: Cluster) -> None:
