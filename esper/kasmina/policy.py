@@ -19,6 +19,7 @@ co-adapted to it during the blend), not a proof that growing it beat training th
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -31,6 +32,8 @@ from torch import nn
 
 from esper.kasmina.lifecycle import LIVE_STATES, SeedState
 from esper.kasmina.seed import KernelSource, SeedSlot, slots
+
+log = logging.getLogger("esper.kasmina")
 
 S = SeedState
 
@@ -70,14 +73,24 @@ class KernelCatalog:
     @classmethod
     def from_bundles(cls, bundle_dirs: Iterable[str | os.PathLike[str]]) -> KernelCatalog:
         """A catalog of local bundles, scored by their report's train speedup (manifest only; the
-        bundle is verified when a seed loads it). Bundles whose manifest is unreadable are skipped."""
+        bundle is verified when a seed loads it). Bundles whose manifest is unreadable are skipped, and
+        so are those whose target this machine cannot run: with the Kernels of several targets synced
+        (cpu and cpu-avx512, say), a node gets the best it runs and never tries one it cannot."""
         from esper.artifact import ArtifactError, read_manifest
+        from esper.devices import check_runtime
 
         cat = cls()
         for d in bundle_dirs:
             try:
                 m = read_manifest(Path(d))
             except ArtifactError:
+                continue
+            try:
+                why = check_runtime(m.target)
+            except ValueError as e:  # a target this runtime does not know
+                why = str(e)
+            if why is not None:
+                log.info("kernel %s (%s) left out of the catalog: %s", m.key[:16], d, why)
                 continue
             score = (m.report.trainSpeedup or m.report.speedup) if m.report else 0.0
             shape = tuple(int(x) for x in m.inputs[0].shape[1:]) if m.inputs else None

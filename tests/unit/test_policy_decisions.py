@@ -3,6 +3,7 @@ param groups, data-parallel agreement and its saved state, each against values w
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -319,6 +320,36 @@ def test_a_catalog_of_bundles_is_scored_by_train_speedup_else_speedup(tmp_path: 
         CatalogEntry(keys["b"], dirs["b"], 1.2, (4,)),
         CatalogEntry(keys["c"], dirs["c"], 0.0, None),
     ]
+
+
+def test_a_catalog_of_bundles_leaves_out_the_targets_this_machine_cannot_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One Blueprint's Kernels for three targets synced to a CPU node: it is offered what it runs."""
+    from esper import devices
+
+    dirs, keys = {}, {}
+    for i, target in enumerate(("cpu", "cpu-avx512", "cuda-sm90")):
+        dirs[target] = tmp_path / target
+        keys[target], _ = make_fake_bundle(dirs[target], seed=i, signed=False)
+        write_manifest(dirs[target], read_manifest(dirs[target]).model_copy(update={"target": target}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    cpuinfo = tmp_path / "cpuinfo"
+    monkeypatch.setattr(devices, "CPUINFO", cpuinfo)
+
+    cpuinfo.write_text("flags\t: avx2 fma f16c avx512f avx512bw avx512cd avx512dq avx512vl\n")
+    offered = {e.key for e in KernelCatalog.from_bundles(dirs.values()).ranked()}
+    assert offered == {keys["cpu"], keys["cpu-avx512"]}
+
+    cpuinfo.write_text("flags\t: avx2 fma f16c\n")  # an AVX2-only node
+    with caplog.at_level(logging.INFO, logger="esper.kasmina"):
+        offered = {e.key for e in KernelCatalog.from_bundles(dirs.values()).ranked()}
+    assert offered == {keys["cpu"]}
+    skipped = [r.getMessage() for r in caplog.records if "left out of the catalog" in r.getMessage()]
+    assert len(skipped) == 2
+    assert any(keys["cpu-avx512"][:16] in m and "lacks avx512f" in m for m in skipped)
+    assert any(keys["cuda-sm90"][:16] in m and "needs a CUDA GPU" in m for m in skipped)
 
 
 @pytest.mark.parametrize(
