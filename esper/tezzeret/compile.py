@@ -612,6 +612,8 @@ def compile_module(
     from safetensors.torch import save_file
     from torch.export import Dim, export
 
+    from esper.tezzeret.attention import AttentionLengths, attention_algorithm, math_attention
+
     target = Target.parse(target)
     device = resolve_device(target)
     timings: dict[str, float] = {}
@@ -627,8 +629,10 @@ def compile_module(
     # Batch 1 would let the tracer specialize the batch to a constant; trace at 2..4 instead.
     trace_batch = min(4, options.maxBatch)
     xs = sample_inputs(input_specs, trace_batch, device, seed=options.initSeed)
-    with torch.no_grad():
+    attention = AttentionLengths()
+    with torch.no_grad(), attention:
         outs = _as_tuple(module(*xs))
+    math_attn = math_attention(attention.lengths, device)
     n_out = len(outs)
     gs = [torch.ones_like(o) for o in outs]
     dynamic = options.maxBatch >= 2
@@ -637,53 +641,55 @@ def compile_module(
     pspec = tuple(None for _ in params)
     timings["prepare"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    fwd_ep = export(
-        _forward_program(module, names, n_in),
-        (*xs, tuple(params)),
-        dynamic_shapes=((*([bdim] * n_in), pspec),),  # one entry: the *args tuple
-    )
-    timings["exportForward"] = time.perf_counter() - t0
+    # Traced and compiled under the attention algorithm chosen for this kernel (esper.tezzeret.attention).
+    with attention_algorithm(math_attn):
+        t0 = time.perf_counter()
+        fwd_ep = export(
+            _forward_program(module, names, n_in),
+            (*xs, tuple(params)),
+            dynamic_shapes=((*([bdim] * n_in), pspec),),  # one entry: the *args tuple
+        )
+        timings["exportForward"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    split = _partition(module, names, xs, params, outs, dynamic)
-    timings["partition"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        split = _partition(module, names, xs, params, outs, dynamic)
+        timings["partition"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    train_fwd_ep = export(
-        _train_forward_program(split, module, n_in),
-        (*xs, tuple(params)),
-        dynamic_shapes=((*([bdim] * n_in), pspec),),
-    )
-    timings["exportTrainForward"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        train_fwd_ep = export(
+            _train_forward_program(split, module, n_in),
+            (*xs, tuple(params)),
+            dynamic_shapes=((*([bdim] * n_in), pspec),),
+        )
+        timings["exportTrainForward"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        train_res = train_fwd_ep.module()(*xs, tuple(params))
-    acts = list(train_res[n_out:])
-    saved_xs = [{"input": xs, "output": outs, "activation": acts}[s.kind][s.index] for s in split.saved]
-    saved_dims = [_saved_dims(s, batch) for s in split.saved]
-    train_bwd_ep = export(
-        _train_backward_program(split, module, len(split.saved), n_out),
-        (*saved_xs, *gs, tuple(params)),
-        dynamic_shapes=((*saved_dims, *([bdim] * n_out), pspec),),
-    )
-    timings["exportTrainBackward"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            train_res = train_fwd_ep.module()(*xs, tuple(params))
+        acts = list(train_res[n_out:])
+        saved_xs = [{"input": xs, "output": outs, "activation": acts}[s.kind][s.index] for s in split.saved]
+        saved_dims = [_saved_dims(s, batch) for s in split.saved]
+        train_bwd_ep = export(
+            _train_backward_program(split, module, len(split.saved), n_out),
+            (*saved_xs, *gs, tuple(params)),
+            dynamic_shapes=((*saved_dims, *([bdim] * n_out), pspec),),
+        )
+        timings["exportTrainBackward"] = time.perf_counter() - t0
 
-    fwd_path = bundle / FORWARD
-    train_fwd_path, train_bwd_path = bundle / TRAIN_FORWARD, bundle / TRAIN_BACKWARD
-    jobs = [
-        ("aotiForward", fwd_ep, fwd_path),
-        ("aotiTrainForward", train_fwd_ep, train_fwd_path),
-        ("aotiTrainBackward", train_bwd_ep, train_bwd_path),
-    ]
-    t0 = time.perf_counter()
-    timings.update(
-        _aoti_compile(jobs, target, parallel=_parallel_compiles() if parallel is None else parallel)
-    )
-    # Wall time of the compiles minus their sum: negative when they overlapped (so the timings still
-    # add up to the wall time).
-    timings["aotiOverlap"] = time.perf_counter() - t0 - sum(timings[k] for k, _, _ in jobs)
+        fwd_path = bundle / FORWARD
+        train_fwd_path, train_bwd_path = bundle / TRAIN_FORWARD, bundle / TRAIN_BACKWARD
+        jobs = [
+            ("aotiForward", fwd_ep, fwd_path),
+            ("aotiTrainForward", train_fwd_ep, train_fwd_path),
+            ("aotiTrainBackward", train_bwd_ep, train_bwd_path),
+        ]
+        t0 = time.perf_counter()
+        timings.update(
+            _aoti_compile(jobs, target, parallel=_parallel_compiles() if parallel is None else parallel)
+        )
+        # Wall time of the compiles minus their sum: negative when they overlapped (so the timings still
+        # add up to the wall time).
+        timings["aotiOverlap"] = time.perf_counter() - t0 - sum(timings[k] for k, _, _ in jobs)
     for path in (fwd_path, train_fwd_path, train_bwd_path):
         _check_package(path)
 

@@ -47,6 +47,7 @@ TEMPLATES: dict[str, dict[str, Any]] = {
     "residual-mlp": {"features": 32, "hidden": 64, "blocks": 1},
     "lora-adapter": {"features": 32, "rank": 4},
     "transformer-mlp": {"features": 32, "hidden": 64},
+    "attention-block": {"embed": 16, "heads": 2, "seq": 8},
 }
 
 
@@ -261,6 +262,18 @@ def test_an_avx512_kernel_loads_where_the_cpu_has_it_and_is_refused_elsewhere(
     assert e.value.reason == "UnsupportedTarget" and "lacks avx512f" in e.value.message
     plain_bundle = store_dir / "kernels" / plain["key"]
     assert load_kernel(plain_bundle, plain["manifestSha256"]).target == "cpu"  # AVX2 kernels still load
+
+
+def test_short_attention_is_compiled_in_its_math_form(
+    compiled: dict[tuple[str, str], dict[str, Any]], store_dir: Path
+) -> None:
+    """8 positions: matmuls and a softmax in every package, no call of the CPU flash kernel (its
+    numerics against eager are the round trip's above)."""
+    bundle = store_dir / "kernels" / compiled["attention-block", "cpu"]["key"]
+    for package in ("forward.pt2", "train_forward.pt2", "train_backward.pt2"):
+        with zipfile.ZipFile(bundle / package) as zf:
+            code = "".join(zf.read(m).decode() for m in zf.namelist() if m.endswith(".cpp"))
+        assert "flash_attention" not in code and "aoti_torch_cpu_bmm_out" in code, package
 
 
 def test_rerun_reuses_the_stored_bundle(
