@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 
@@ -433,3 +435,25 @@ def test_every_value_changes_what_is_rendered(path: str) -> None:
     value, context = CHANGES[path]
     changed = _merge(context, _nest(tuple(path.split(".")), value))
     assert _manifests(changed) != _manifests(context)
+
+
+def _env(docs: list[dict], name: str) -> str:
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    return next(
+        e["value"]
+        for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        if e["name"] == name
+    )
+
+
+def test_the_avx512_node_selector_defaults_to_nfd_labels_and_each_can_be_dropped() -> None:
+    """Helm merges a map into the defaults: a label set to null is dropped, a new one joins them."""
+    nfd = "feature.node.kubernetes.io/cpu-cpuid."
+    flags = ("AVX512F", "AVX512BW", "AVX512CD", "AVX512DQ", "AVX512VL")
+    default = json.loads(_env(render(), "ESPER_AVX512_NODE_SELECTOR"))
+    assert default == {nfd + f: "true" for f in flags}
+    changed = render({"compile": {"avx512": {"nodeSelector": {nfd + "AVX512F": None, "pool": "x"}}}})
+    assert json.loads(_env(changed, "ESPER_AVX512_NODE_SELECTOR")) == {
+        **{nfd + f: "true" for f in flags[1:]},
+        "pool": "x",
+    }
