@@ -337,6 +337,35 @@ def test_key_and_torch_mismatch_are_66(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 @pytest.mark.usefixtures("no_compile")
+@pytest.mark.parametrize(("target", "other"), [("cpu", "cpu-avx512"), ("cpu-avx512", "cpu")])
+def test_the_operator_and_the_job_derive_the_same_key_per_target(
+    target: str, other: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The operator keys a Kernel without torch; the Job recomputes the key and refuses a mismatch (66)."""
+    from esper import devices
+    from esper_operator.plan import plan_blueprint
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("flags\t: avx2 fma f16c avx512f avx512bw avx512cd avx512dq avx512vl\n")
+    monkeypatch.setattr(devices, "CPUINFO", cpuinfo)
+    plan = plan_blueprint("b", {**SPEC, "targets": [target, other]}, torch_version=torch_version())
+    keys = {k.spec.target: k.spec.key for k in plan.kernels}
+    assert len(set(keys.values())) == 2
+    (tmp_path / "f").write_text("a file: the store after the checks is unreachable")
+    monkeypatch.setenv(entrypoint.RESULT_PATH_ENV, str(tmp_path / "r"))
+    for key, code, reason in (
+        (keys[target], 75, "StorageUnavailable"),
+        (keys[other], 66, "ToolchainMismatch"),
+    ):
+        request = _request(SPEC, expectKey=key, expectTorch=torch_version()).model_copy(
+            update={"target": target}
+        )
+        monkeypatch.setenv(REQUEST_ENV, request.to_env())
+        assert entrypoint.main(["--store", str(tmp_path / "f" / "s")]) == code
+        assert json.loads((tmp_path / "r").read_text())["error"]["reason"] == reason
+
+
+@pytest.mark.usefixtures("no_compile")
 def test_store_unreachable_is_75(tmp_path: Path) -> None:
     (tmp_path / "f").write_text("a file, not a directory")
     code, doc = _run(tmp_path, "--blueprint", _blueprint(tmp_path, SPEC), store=str(tmp_path / "f" / "s"))
