@@ -624,7 +624,9 @@ def kasmina_inject(
     volume_size_limit: Annotated[str, typer.Option(help="Size limit of the kernel volume.")] = "8Gi",
     target: Annotated[
         str,
-        typer.Option(help="Sync only this target's Kernels (cpu, cpu-avx512, cuda-sm90, ...); default: all."),
+        typer.Option(
+            help="Sync only these targets' Kernels, comma-separated (e.g. cpu,cpu-avx512); default: all."
+        ),
     ] = "",
 ) -> None:
     """Add the Kasmina sidecar, its shared volume and env to workload manifests; print the result."""
@@ -659,7 +661,7 @@ def kasmina_inject(
             credentials_secret=credentials_secret or None,
             trusted_keys_configmap=trusted_keys or None,
             volume_size_limit=volume_size_limit,
-            target=target or None,
+            targets=target,
         )
     except (ValueError, yaml.YAMLError) as exc:
         typer.echo(f"{file}: {exc}", err=True)

@@ -25,7 +25,7 @@ SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
 _ENV = {  # field -> environment variable
     "kernel_dir": "ESPER_KERNEL_DIR", "kernels": "ESPER_KERNELS", "selector": "ESPER_KERNEL_SELECTOR",
-    "namespace": "ESPER_NAMESPACE", "store_uri": "ESPER_STORE_URI", "target": "ESPER_TARGET",
+    "namespace": "ESPER_NAMESPACE", "store_uri": "ESPER_STORE_URI", "targets": "ESPER_TARGET",
     "port": "ESPER_SYNC_PORT", "host": "ESPER_SYNC_HOST", "watch_timeout": "ESPER_SYNC_WATCH_TIMEOUT",
     "retry_base": "ESPER_SYNC_RETRY_BASE", "retry_max": "ESPER_SYNC_RETRY_MAX",
     "workers": "ESPER_SYNC_WORKERS", "trusted_keys": "ESPER_TRUSTED_KEYS",
@@ -44,7 +44,7 @@ class SyncConfig(BaseModel):
     selector: str | None = None
     namespace: str = "default"
     store_uri: str | None = None
-    target: str | None = None
+    targets: tuple[str, ...] = Field(default=(), description="sync only these targets' Kernels; empty: all")
     port: int = Field(default=9090, ge=0, le=65535)
     host: str = "0.0.0.0"
     watch_timeout: int = Field(default=300, ge=1, le=3600)
@@ -73,7 +73,7 @@ class SyncConfig(BaseModel):
             raise ValueError(f"not Kubernetes object names: {', '.join(map(repr, bad))}")
         return v
 
-    @field_validator("selector", "store_uri", "target", mode="before")
+    @field_validator("selector", "store_uri", mode="before")
     @classmethod
     def _blank(cls, v: Any) -> Any:
         return None if isinstance(v, str) and not v.strip() else v
@@ -85,10 +85,15 @@ class SyncConfig(BaseModel):
             parse_selector(v)
         return v
 
-    @field_validator("target")
+    @field_validator("targets", mode="before")
     @classmethod
-    def _target(cls, v: str | None) -> str | None:
-        return None if v is None else Target.parse(v).name
+    def _split_targets(cls, v: Any) -> Any:
+        return tuple(t.strip() for t in v.split(",") if t.strip()) if isinstance(v, str) else v
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(Target.parse(t).name for t in v))  # ValueError names what is accepted
 
     @field_validator("store_uri")
     @classmethod

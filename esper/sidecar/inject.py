@@ -104,16 +104,16 @@ def sidecar_container(
     kernel_dir: str = DEFAULT_KERNEL_DIR,
     token_volume: bool = False,
     access: StoreAccess = StoreAccess(),
-    target: str | None = None,
+    targets: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """The esper-kasmina native sidecar container; with `target`, it syncs only that target's Kernels."""
+    """The esper-kasmina native sidecar container; with `targets`, it syncs only their Kernels."""
     env: list[dict[str, Any]] = [{"name": "ESPER_KERNEL_DIR", "value": kernel_dir}]
     if kernels:
         env.append({"name": "ESPER_KERNELS", "value": ",".join(kernels)})
     if selector:
         env.append({"name": "ESPER_KERNEL_SELECTOR", "value": selector})
-    if target:
-        env.append({"name": "ESPER_TARGET", "value": target})
+    if targets:
+        env.append({"name": "ESPER_TARGET", "value": ",".join(targets)})
     env.append({"name": "ESPER_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}})
     if store_uri:
         env.append({"name": "ESPER_STORE_URI", "value": store_uri})
@@ -266,11 +266,11 @@ def inject(
     trusted_keys_configmap: str | None = TRUSTED_KEYS_CONFIGMAP,
     volume_size_limit: str = DEFAULT_VOLUME_LIMIT,
     max_bundle_bytes: int | None = None,
-    target: str | None = None,
+    targets: Sequence[str] | str = (),
 ) -> dict[str, Any]:
     """A copy of `manifest` (one workload) with the sidecar, the volume and the mounts in each of its
-    pod templates; idempotent. `target` (cpu, cpu-avx512, cuda-sm90, ...): the sidecar syncs only the
-    Kernels of that target (None: of every target), for pods whose nodes run just one.
+    pod templates; idempotent. `targets` (cpu, cpu-avx512, cuda-sm90, ...; a list or comma-separated):
+    the sidecar syncs only those targets' Kernels (empty: every target's).
 
     `runtimes`: names of the (Cluster)TrainingRuntimes injected alongside (a TrainJob must reference
     one of them). ValueError: unknown kind, no containers, nothing to sync, a bad name, a conflicting
@@ -297,8 +297,8 @@ def inject(
         raise ValueError(f"not Kubernetes object names: {', '.join(map(repr, bad))}")
     if not image:
         raise ValueError("the sidecar image is required")
-    if target is not None:
-        Target.parse(target)  # ValueError naming what is accepted
+    wanted = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else list(targets)
+    wanted = list(dict.fromkeys(Target.parse(t).name for t in wanted if t))  # ValueError: what is accepted
     if not kernel_dir.startswith("/"):
         raise ValueError(f"kernel_dir {kernel_dir!r} must be an absolute path")
     if not isinstance(manifest, dict):
@@ -309,7 +309,7 @@ def inject(
         _inject_trainjob(doc, where, kernel_dir, runtimes)
     for spec in _pod_specs(doc):
         _inject_spec(
-            spec, where, image, names, selector, store_uri, kernel_dir, service_account, access, target
+            spec, where, image, names, selector, store_uri, kernel_dir, service_account, access, wanted
         )
     return doc
 
@@ -343,7 +343,7 @@ def _inject_spec(
     kernel_dir: str,
     service_account: str | None,
     access: StoreAccess,
-    target: str | None,
+    targets: Sequence[str],
 ) -> None:
     """The sidecar, the shared volume, the mounts and the env in one pod template spec (in place)."""
     volumes = spec.setdefault("volumes", [])
@@ -388,7 +388,7 @@ def _inject_spec(
         kernel_dir=kernel_dir,
         token_volume=token,
         access=access,
-        target=target,
+        targets=targets,
     )
     _upsert(spec.setdefault("initContainers", []), sidecar, at=0)  # first: later init containers see kernels
 

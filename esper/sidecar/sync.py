@@ -21,7 +21,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,12 +71,15 @@ class Desired:
     bundle_uri: str
 
 
-def desired_of(obj: Mapping[str, Any], namespace: str, target: str | None = None) -> Desired | None:
-    """The install a Kernel object asks for; None if not Ready or filtered out; ValueError if malformed."""
+def desired_of(obj: Mapping[str, Any], namespace: str, targets: Collection[str] | str = ()) -> Desired | None:
+    """The install a Kernel object asks for; None if not Ready or not of `targets` (one, or several;
+    none: any); ValueError if malformed."""
+    if isinstance(targets, str):  # one target, never matched as a substring ("cpu" in "cpu-avx512")
+        targets = (targets,)
     meta, spec, status = obj.get("metadata") or {}, obj.get("spec") or {}, obj.get("status") or {}
     if status.get("phase") != "Ready" or not status.get("artifact"):
         return None
-    if target is not None and spec.get("target") != target:
+    if targets and spec.get("target") not in targets:
         return None
     try:
         artifact = ArtifactRef.model_validate(status["artifact"])
@@ -303,7 +306,7 @@ class KernelSync:
         out: dict[str, Desired] = {}
         for name, obj in (self._observed or {}).items():
             try:
-                d = desired_of(obj, self.config.namespace, self.config.target)
+                d = desired_of(obj, self.config.namespace, self.config.targets)
             except ValueError as e:
                 if self._bad.get(name) != str(e):
                     self._bad[name] = str(e)

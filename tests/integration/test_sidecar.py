@@ -522,7 +522,9 @@ def test_config_from_env(tmp_path: Path) -> None:
             "ESPER_SYNC_PORT": "9191",
         }
     )
-    assert cfg.kernels == ("a", "b") and cfg.namespace == "ml" and cfg.port == 9191 and cfg.target == "cpu"
+    assert (
+        cfg.kernels == ("a", "b") and cfg.namespace == "ml" and cfg.port == 9191 and cfg.targets == ("cpu",)
+    )
     assert (
         SyncConfig.from_env(
             {"ESPER_KERNEL_DIR": "/k", "ESPER_KERNEL_SELECTOR": "a in (x,y),!b", "POD_NAMESPACE": "team"}
@@ -602,7 +604,8 @@ def test_desired_of_filters_and_validates() -> None:
     }
     d = desired_of(obj, "default")
     assert d is not None and d.entry.sha256 == "c" * 64 and d.entry.path == "kernels/k"
-    assert desired_of(obj, "default", target="cuda-sm90") is None
+    assert desired_of(obj, "default", targets=("cuda-sm90",)) is None
+    assert desired_of(obj, "default", targets=("cpu-avx512", "cpu")) is not None
     obj["status"]["artifact"]["sha256"] = "nope"
     with pytest.raises(ValueError, match="malformed"):
         desired_of(obj, "default")

@@ -267,20 +267,11 @@ def test_multi_document_list_kind_and_errors() -> None:
         inject_documents(yaml.safe_dump(bad), image=IMAGE, kernels=[KERNEL])
 
 
-def test_a_target_limits_the_sidecar_to_that_targets_kernels() -> None:
-    """Pods on AVX-512 nodes ask for cpu-avx512 Kernels only: the sidecar's own config reads the
-    injected env, and its sync filter then drops a Blueprint's Kernels of every other target."""
+def test_targets_limit_the_sidecar_to_their_kernels() -> None:
+    """A CPU pool of AVX2 and AVX-512 nodes asks for cpu and cpu-avx512 Kernels, not CUDA ones: the
+    sidecar's own config reads the injected env, and its sync filter then drops the other targets'."""
     from esper.sidecar.config import SyncConfig
     from esper.sidecar.sync import desired_of
-
-    out = inject(_workload("Pod"), image=IMAGE, selector="esper.dev/blueprint=mlp", target="cpu-avx512")
-    kubernetes_validate.validate(out, "1.32.0", strict=True)
-    sidecar = out["spec"]["initContainers"][0]
-    env = {e["name"]: e["value"] for e in sidecar["env"] if "value" in e}
-    assert env["ESPER_TARGET"] == "cpu-avx512"
-    del env["ESPER_TRUSTED_KEYS"]  # a ConfigMap's mount path, absent here
-    config = SyncConfig.from_env(env)
-    assert config.target == "cpu-avx512"
 
     def kernel(target: str) -> dict[str, Any]:
         artifact = {"uri": f"s3://bucket/kernels/{'a' * 64}", "sha256": "b" * 64, "size": 10}
@@ -290,27 +281,35 @@ def test_a_target_limits_the_sidecar_to_that_targets_kernels() -> None:
             "status": {"phase": "Ready", "artifact": artifact},
         }
 
-    assert [t for t in ("cpu", "cpu-avx512", "cuda-sm90") if desired_of(kernel(t), "ml", config.target)] == [
-        "cpu-avx512"
-    ]
-    plain = inject(_workload("Pod"), image=IMAGE, selector="esper.dev/blueprint=mlp")
-    assert "ESPER_TARGET" not in {e["name"] for e in plain["spec"]["initContainers"][0]["env"]}
+    everything = ("cpu", "cpu-avx512", "cuda-sm90")
+    for targets, env_value, synced in [
+        ("cpu-avx512", "cpu-avx512", ["cpu-avx512"]),
+        (["cpu", "cpu-avx512", "cpu"], "cpu,cpu-avx512", ["cpu", "cpu-avx512"]),  # duplicates dropped
+        (" cpu , cpu-avx512 ", "cpu,cpu-avx512", ["cpu", "cpu-avx512"]),
+        ((), None, list(everything)),
+    ]:
+        out = inject(_workload("Pod"), image=IMAGE, selector="esper.dev/blueprint=mlp", targets=targets)
+        kubernetes_validate.validate(out, "1.32.0", strict=True)
+        env = {e["name"]: e["value"] for e in out["spec"]["initContainers"][0]["env"] if "value" in e}
+        assert env.get("ESPER_TARGET") == env_value, targets
+        del env["ESPER_TRUSTED_KEYS"]  # a ConfigMap's mount path, absent here
+        config = SyncConfig.from_env(env)
+        assert [t for t in everything if desired_of(kernel(t), "ml", config.targets)] == synced, targets
     with pytest.raises(ValueError, match=r"invalid target 'avx512'.*'cpu-avx512'"):
-        inject(_workload("Pod"), image=IMAGE, selector="esper.dev/blueprint=mlp", target="avx512")
+        inject(_workload("Pod"), image=IMAGE, selector="esper.dev/blueprint=mlp", targets="cpu,avx512")
 
 
-def test_the_cli_passes_the_target_and_refuses_a_bad_one(tmp_path: Any) -> None:
+def test_the_cli_passes_the_targets_and_refuses_a_bad_one(tmp_path: Any) -> None:
     from typer.testing import CliRunner
 
     from esper.cli.main import app
 
     path = tmp_path / "pod.yaml"
     path.write_text(yaml.safe_dump(_workload("Pod")))
-    ok = CliRunner().invoke(
-        app, ["kasmina", "inject", str(path), "--blueprint", "mlp", "--target", "cpu-avx512"]
-    )
+    args = ["kasmina", "inject", str(path), "--blueprint", "mlp", "--target"]
+    ok = CliRunner().invoke(app, [*args, "cpu,cpu-avx512"])
     assert ok.exit_code == 0, ok.output
     env = yaml.safe_load(ok.stdout)["spec"]["initContainers"][0]["env"]
-    assert {"name": "ESPER_TARGET", "value": "cpu-avx512"} in env
-    bad = CliRunner().invoke(app, ["kasmina", "inject", str(path), "--blueprint", "mlp", "--target", "tpu"])
+    assert {"name": "ESPER_TARGET", "value": "cpu,cpu-avx512"} in env
+    bad = CliRunner().invoke(app, [*args, "tpu"])
     assert bad.exit_code == 1 and "invalid target 'tpu'" in bad.output

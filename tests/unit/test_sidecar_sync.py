@@ -113,6 +113,9 @@ def test_desired_of_skips_what_is_not_ready_or_not_for_this_target() -> None:
     assert desired_of({"metadata": None, "spec": None, "status": None}, "ns") is None
     assert desired_of(_obj("k"), "ns", "cuda-sm90") is None
     assert desired_of(_obj("k"), "ns", "cpu") is not None
+    assert desired_of(_obj("k"), "ns", "cpu-avx512") is None  # one target, not a substring of it
+    assert desired_of(_obj("k"), "ns", ("cpu-avx512", "cuda-sm90")) is None
+    assert desired_of(_obj("k"), "ns", ("cpu-avx512", "cpu")) is not None
 
 
 def test_desired_of_refuses_a_malformed_kernel() -> None:
@@ -1108,7 +1111,7 @@ def test_the_sync_uses_the_given_client_and_a_named_pool_of_the_configured_size(
 
 
 def test_what_is_desired_uses_the_configured_namespace_and_target(tmp_path: Path) -> None:
-    sync = _sync(tmp_path, kernels=("bad", "k", "gpu"), target="cpu")
+    sync = _sync(tmp_path, kernels=("bad", "k", "gpu"), targets=("cpu",))
     try:
         bare = _obj("k")
         del bare["metadata"]["namespace"]
