@@ -25,6 +25,7 @@ load and again at the first call after anything that can swap them (`.to()`, `.h
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
@@ -170,6 +171,19 @@ def _io_specs(
     ]
 
 
+def _first_order(backward: Any) -> Any:
+    """`once_differentiable` without its cost in the usual backward. There grad mode is already off
+    (no `create_graph`), and the stock wrapper's `no_grad` block costs about 5 µs a training step;
+    under `create_graph` it runs as is, so differentiating a kernel's gradients again raises."""
+    guarded = torch.autograd.function.once_differentiable(backward)
+
+    @functools.wraps(backward)
+    def run(ctx: Any, *grad_outputs: Any) -> Any:
+        return guarded(ctx, *grad_outputs) if torch.is_grad_enabled() else backward(ctx, *grad_outputs)
+
+    return run
+
+
 class _CompiledFunction(torch.autograd.Function):
     """Forward package in forward; backward package in backward (grads for inputs and params).
 
@@ -188,7 +202,7 @@ class _CompiledFunction(torch.autograd.Function):
         return outs[0] if len(outs) == 1 else outs
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @_first_order
     def backward(ctx: Any, *grad_outputs: torch.Tensor | None) -> Any:
         kernel: KernelModule = ctx.kernel
         saved = ctx.saved_tensors
@@ -219,7 +233,7 @@ class _TrainingFunction(torch.autograd.Function):
         return outs[0] if n_out == 1 else tuple(outs)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @_first_order
     def backward(ctx: Any, *grad_outputs: torch.Tensor | None) -> Any:
         kernel: KernelModule = ctx.kernel
         saved = ctx.saved_tensors

@@ -300,3 +300,23 @@ def test_packages_load_from_a_private_verified_copy(
     assert [p.name for p in opened] == [artifact.FORWARD, artifact.TRAIN_BACKWARD, artifact.TRAIN_FORWARD]
     assert all(path.resolve() not in p.resolve().parents for p in opened)
     assert all(not p.exists() for p in opened)  # the private copy is gone once loaded
+
+
+def test_gradients_of_a_kernels_gradients_are_refused_and_first_order_ones_are_not(
+    bundle: tuple[Path, str],
+) -> None:
+    """The packages give first-order gradients only: `create_graph` itself is fine (the gradients come
+    out, and match eager), differentiating them again raises instead of silently giving zero."""
+    path, sha = bundle
+    k = load_kernel(path, sha, metrics=metrics())
+    ref = reference_module()
+    x = torch.randn(4, F, requires_grad=True)
+    (gx,) = torch.autograd.grad(k(x).square().sum(), x, create_graph=True)
+    xr = x.detach().clone().requires_grad_()
+    (want,) = torch.autograd.grad(ref(xr).square().sum(), xr)
+    torch.testing.assert_close(gx, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        gx.sum().backward()
+    x.grad = None
+    k(x).sum().backward()  # the usual backward, no graph of the gradients
+    assert x.grad is not None and not x.grad.requires_grad
