@@ -42,9 +42,17 @@ WAITING_REASONS = frozenset(
         "ErrImagePull",
         "ImagePullBackOff",
         "InvalidImageName",
+        "Unschedulable",
     }
 )
-"""Container states that do not heal by waiting (a missing Secret, a bad image): said on the Kernel."""
+"""Why a compile Pod cannot start that someone must act on (a missing Secret, a bad image, no node that
+fits its placement): said on the Kernel, which stays Compiling, and cleared once the Pod starts."""
+# Where a Pod of each kind of target must land, for the message when none fits.
+_PLACEMENT = {
+    "cpu-avx512": "a cpu-avx512 Job needs an AVX-512 node with the labels of compile.avx512.nodeSelector "
+    "(Node Feature Discovery's by default)",
+    "cuda": "a CUDA Job needs a node with the GPU resource (compile.gpuResource) and compile.gpu's placement",
+}
 
 
 def job_name_for(base: str, kernel_uid: str) -> str:
@@ -304,7 +312,18 @@ def own_pods(pods: list[dict[str, Any]], job_uid: str) -> tuple[list[dict[str, A
 
 
 def waiting(pod: dict[str, Any]) -> tuple[str, str] | None:
-    """(reason, message) of a compile container stuck in a state that waiting will not fix."""
+    """(reason, message) of a compile Pod that no node can take, or whose container is stuck in a state
+    that waiting will not fix."""
+    for cond in (pod.get("status") or {}).get("conditions") or []:
+        if (cond.get("type"), cond.get("status"), cond.get("reason")) == (
+            "PodScheduled",
+            "False",
+            "Unschedulable",
+        ):
+            target = str(((pod.get("metadata") or {}).get("labels") or {}).get(LABEL_TARGET, ""))
+            hint = _PLACEMENT.get(target) or _PLACEMENT.get(target.split("-", 1)[0])
+            message = str(cond.get("message") or "no node fits it")
+            return "Unschedulable", f"{message} ({hint})" if hint else message
     for status in (pod.get("status") or {}).get("containerStatuses") or []:
         state = (status.get("state") or {}).get("waiting") or {}
         if state.get("reason") in WAITING_REASONS:

@@ -1084,6 +1084,48 @@ async def test_a_pod_that_cannot_start_is_said_on_its_kernel_then_cleared(world:
     assert len(world.events) == events
 
 
+def unschedulable(pod: Body, message: str) -> Body:
+    """`pod` as the scheduler leaves one that no node can take."""
+    cond = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message}
+    return {**pod, "status": {"phase": "Pending", "conditions": [cond]}}
+
+
+@pytest.mark.parametrize(
+    ("target", "hint"),
+    [
+        (
+            "cpu-avx512",
+            "a cpu-avx512 Job needs an AVX-512 node with the labels of compile.avx512.nodeSelector",
+        ),
+        ("cuda-sm90", "a CUDA Job needs a node with the GPU resource"),
+        ("cpu", None),
+    ],
+)
+async def test_a_pod_no_node_can_take_is_said_on_its_kernel_with_where_it_must_land(
+    world: World, target: str, hint: str | None
+) -> None:
+    """A cluster without AVX-512 (or GPU) nodes: the Kernel says why it is not compiling, at once,
+    instead of sitting Compiling until the Job's deadline; once a node takes the Pod, it is cleared."""
+    spec = {**SPEC, "targets": [target]}
+    world.blueprint("mlp", spec)
+    await world.reconcile("mlp")
+    name = f"{target}-{key_of(spec)[:16]}"
+    job = world.job_of(world.kernel(name))
+    assert world.job(job)["metadata"]["labels"]["esper.dev/target"] == target
+    scheduler = "0/3 nodes are available: 3 node(s) didn't match Pod's node affinity/selector."
+    pod = waiting_pod(world, job, None)
+    pod["metadata"]["labels"]["esper.dev/target"] = target  # as the Job's template labels its Pods
+    await world.rec.observe_pod(unschedulable(pod, scheduler))
+    status = world.kernel(name)["status"]
+    message = f"compile Pod {job}-pod cannot start: {scheduler}" + (f" ({hint}" if hint else "")
+    assert (status["phase"], status["reason"]) == ("Compiling", "Unschedulable")
+    assert status["message"].startswith(message) and (hint is not None) == status["message"].endswith(")")
+    assert world.kernel_events()[-1] == (name, "Warning", "Unschedulable", status["message"])
+    await world.rec.observe_pod(pod)  # scheduled and running
+    status = world.kernel(name)["status"]
+    assert (status["phase"], status["reason"]) == ("Compiling", "JobCreated")
+
+
 async def test_a_running_pod_of_a_kernel_that_was_never_stuck_changes_nothing(world: World) -> None:
     _kernel, job = await compiling(world)
     writes = len(world.kube.writes)
