@@ -13,6 +13,7 @@ a target is `esper.devices.check_runtime`.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -87,3 +88,10 @@ class Target:
 
     def __str__(self) -> str:
         return self.name
+
+
+def parse_targets(value: str | Iterable[str]) -> tuple[str, ...]:
+    """Targets from a comma-separated string or a list: canonical names in order, each once, blanks
+    skipped; a ValueError names the first one that is not a target."""
+    items = [t.strip() for t in value.split(",")] if isinstance(value, str) else list(value)
+    return tuple(dict.fromkeys(Target.parse(t).name for t in items if t))

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from esper.envconfig import read_env
 from esper.sidecar.index import NAME_RE
 from esper.storage import parse_s3_uri
-from esper.targets import Target
+from esper.targets import parse_targets
 
 if TYPE_CHECKING:
     from esper.signing import TrustedKeys
@@ -87,13 +87,8 @@ class SyncConfig(BaseModel):
 
     @field_validator("targets", mode="before")
     @classmethod
-    def _split_targets(cls, v: Any) -> Any:
-        return tuple(t.strip() for t in v.split(",") if t.strip()) if isinstance(v, str) else v
-
-    @field_validator("targets")
-    @classmethod
-    def _targets(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(Target.parse(t).name for t in v))  # ValueError names what is accepted
+    def _targets(cls, v: Any) -> Any:
+        return parse_targets(v) if isinstance(v, str | list | tuple) else v  # ValueError: what is accepted
 
     @field_validator("store_uri")
     @classmethod

@@ -34,7 +34,7 @@ from typing import Any
 import yaml
 
 from esper.sidecar.index import NAME_RE
-from esper.targets import Target
+from esper.targets import parse_targets
 
 SIDECAR = "esper-kasmina"
 VOLUME = "esper-kernels"
@@ -297,8 +297,7 @@ def inject(
         raise ValueError(f"not Kubernetes object names: {', '.join(map(repr, bad))}")
     if not image:
         raise ValueError("the sidecar image is required")
-    wanted = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else list(targets)
-    wanted = list(dict.fromkeys(Target.parse(t).name for t in wanted if t))  # ValueError: what is accepted
+    wanted = parse_targets(targets)  # ValueError: what is accepted
     if not kernel_dir.startswith("/"):
         raise ValueError(f"kernel_dir {kernel_dir!r} must be an absolute path")
     if not isinstance(manifest, dict):
