@@ -338,6 +338,8 @@ def _partition(
     from torch.fx.experimental.proxy_tensor import make_fx
     from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
+    from esper.tezzeret import decompositions
+
     call, buffers = _unregistered(module), _Buffers(module)
     n_in, n_par, n_out = len(xs), len(params), len(outs)
     state_names = [*names, *buffers.names]
@@ -365,7 +367,7 @@ def _partition(
     tangents = [fake(torch.ones_like(o), True) for o in outs]
     first: Any = primals[0].shape[0] if n_in else None
     batch_sym = first.node.expr if dynamic and isinstance(first, torch.SymInt) else None
-    gm = make_fx(joint, tracing_mode="fake")(primals, tangents)
+    gm = make_fx(joint, decomposition_table=decompositions.TABLE, tracing_mode="fake")(primals, tangents)
     for node in list(gm.graph.nodes):  # detach() of a primal would hide that a saved value is an input
         if node.op == "call_function" and node.target is torch.ops.aten.detach.default:
             node.replace_all_uses_with(node.args[0])
@@ -612,6 +614,7 @@ def compile_module(
     from safetensors.torch import save_file
     from torch.export import Dim, export
 
+    from esper.tezzeret import decompositions
     from esper.tezzeret.attention import AttentionLengths, attention_algorithm, math_attention
 
     target = Target.parse(target)
@@ -648,7 +651,7 @@ def compile_module(
             _forward_program(module, names, n_in),
             (*xs, tuple(params)),
             dynamic_shapes=((*([bdim] * n_in), pspec),),  # one entry: the *args tuple
-        )
+        ).run_decompositions(decompositions.TABLE)
         timings["exportForward"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()

@@ -276,6 +276,20 @@ def test_short_attention_is_compiled_in_its_math_form(
         assert "flash_attention" not in code and "aoti_torch_cpu_bmm_out" in code, package
 
 
+@pytest.mark.parametrize("name", ["residual-mlp", "transformer-mlp"])
+def test_gelu_is_compiled_as_inline_arithmetic(
+    name: str, compiled: dict[tuple[str, str], dict[str, Any]], store_dir: Path
+) -> None:
+    """Every package of a GELU template evaluates it without an erf or exp call (esper.tezzeret.
+    decompositions; that it still trains like eager is the round trip's above)."""
+    bundle = store_dir / "kernels" / compiled[name, "cpu"]["key"]
+    for package in ("forward.pt2", "train_forward.pt2", "train_backward.pt2"):
+        with zipfile.ZipFile(bundle / package) as zf:
+            code = "".join(zf.read(m).decode() for m in zf.namelist() if m.endswith("kernel.cpp"))
+        assert "<<" in code, package  # the exponent bits of exp_nonpositive: GELU is in this package
+        assert ".erf()" not in code and ".exp()" not in code and "Sleef" not in code, package
+
+
 def test_rerun_reuses_the_stored_bundle(
     compiled: dict[tuple[str, str], dict[str, Any]], store_dir: Path, tmp_path: Path
 ) -> None:
