@@ -616,6 +616,7 @@ def compile_module(
 
     from esper.tezzeret import decompositions
     from esper.tezzeret.attention import AttentionLengths, attention_algorithm, math_attention
+    from esper.tezzeret.folding import folded_batch_norms
 
     target = Target.parse(target)
     device = resolve_device(target)
@@ -644,8 +645,9 @@ def compile_module(
     pspec = tuple(None for _ in params)
     timings["prepare"] = time.perf_counter() - t0
 
-    # Traced and compiled under the attention algorithm chosen for this kernel (esper.tezzeret.attention).
-    with attention_algorithm(math_attn):
+    # Traced and compiled under the attention algorithm chosen for this kernel (esper.tezzeret.attention),
+    # with batch norms folded into their convolutions (esper.tezzeret.folding).
+    with attention_algorithm(math_attn), folded_batch_norms(module):
         t0 = time.perf_counter()
         fwd_ep = export(
             _forward_program(module, names, n_in),

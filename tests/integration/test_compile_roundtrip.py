@@ -48,6 +48,7 @@ TEMPLATES: dict[str, dict[str, Any]] = {
     "lora-adapter": {"features": 32, "rank": 4},
     "transformer-mlp": {"features": 32, "hidden": 64},
     "attention-block": {"embed": 16, "heads": 2, "seq": 8},
+    "conv-block": {"channels": 4, "height": 6, "width": 6},
 }
 
 
@@ -288,6 +289,19 @@ def test_gelu_is_compiled_as_inline_arithmetic(
             code = "".join(zf.read(m).decode() for m in zf.namelist() if m.endswith("kernel.cpp"))
         assert "<<" in code, package  # the exponent bits of exp_nonpositive: GELU is in this package
         assert ".erf()" not in code and ".exp()" not in code and "Sleef" not in code, package
+
+
+def test_batch_norm_is_folded_into_the_convolutions(
+    compiled: dict[tuple[str, str], dict[str, Any]], store_dir: Path
+) -> None:
+    """No package of the conv block computes a batch norm: each one is folded into the convolution before
+    it (esper.tezzeret.folding; that it still trains like eager, batch-norm parameters included, is the
+    round trip's above)."""
+    bundle = store_dir / "kernels" / compiled["conv-block", "cpu"]["key"]
+    for package in ("forward.pt2", "train_forward.pt2", "train_backward.pt2"):
+        with zipfile.ZipFile(bundle / package) as zf:
+            code = "".join(zf.read(m).decode() for m in zf.namelist() if m.endswith(".cpp"))
+        assert "convolution" in code and "batch_norm" not in code, package
 
 
 def test_rerun_reuses_the_stored_bundle(
