@@ -16,7 +16,13 @@
     with saved-tensor hooks at two batches; parameters cancel out). And the compile time of each
     template by part: export, partition, each AOTInductor compile, validation, benchmark.
 
-    python benchmarks/compile.py [--quick] [--target cpu-avx512]
+Allocation: glibc returns freed blocks over 128 KiB to the OS and faults them in again on the next
+step, so at batch 512 a step's time depends on the allocation history of the process (measured: the
+conv block's eager step between 14 and 30 ms over runs of the same script). The benchmark re-runs
+itself with glibc's mmap and trim thresholds at 1 GiB (memory kept and reused, as jemalloc or
+tcmalloc would), on both sides alike; `--malloc-defaults` measures with glibc's defaults instead.
+
+    python benchmarks/compile.py [--quick] [--target cpu-avx512] [--malloc-defaults]
 
 Prints rich tables and writes benchmarks/results/compile.json (compile-<target>.json for a target other
 than "cpu").
@@ -47,6 +53,7 @@ TEMPLATES: dict[str, dict[str, Any]] = {
 }
 QUICK = ("residual-mlp", "lora-adapter", "transformer-mlp")
 BATCHES = [32, 128, 512]
+MALLOC_KEEP = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 
 
 def _bare_compile(spec_json: str, out: str, target: str) -> None:
@@ -252,7 +259,12 @@ def main() -> None:
     ap.add_argument(
         "--target", default="cpu", choices=("cpu", "cpu-avx512"), help="the CPU target compiled for"
     )
+    ap.add_argument("--malloc-defaults", action="store_true", help="keep glibc's allocation thresholds")
     args = ap.parse_args()
+    if not args.malloc_defaults and any(os.environ.get(k) != v for k, v in MALLOC_KEEP.items()):
+        # glibc reads them at start-up: run again with them set (see the module docstring)
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_KEEP})
+    malloc = {k: os.environ[k] for k in MALLOC_KEEP if k in os.environ} or "glibc defaults"
     names = list(QUICK if args.quick else TEMPLATES)
     console = Console(width=200)
     load_before = os.getloadavg()
@@ -298,7 +310,7 @@ def main() -> None:
 
     load = {"before": load_before, "after": os.getloadavg()}
     doc = {"torch": torch.__version__, "cpus": os.cpu_count(), "benchThreads": 1, "repeat": args.repeat,
-           "target": args.target, "loadAverage": load, "overhead": over, **sp}  # fmt: skip
+           "target": args.target, "malloc": malloc, "loadAverage": load, "overhead": over, **sp}  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / ("compile.json" if args.target == "cpu" else f"compile-{args.target}.json")
     out.write_text(json.dumps(doc, indent=2) + "\n")

@@ -649,11 +649,13 @@ def compile_module(
     # with batch norms folded into their convolutions (esper.tezzeret.folding).
     with attention_algorithm(math_attn), folded_batch_norms(module):
         t0 = time.perf_counter()
-        fwd_ep = export(
-            _forward_program(module, names, n_in),
-            (*xs, tuple(params)),
-            dynamic_shapes=((*([bdim] * n_in), pspec),),  # one entry: the *args tuple
-        ).run_decompositions(decompositions.TABLE)
+        fwd_ep = decompositions.rewrite(
+            export(
+                _forward_program(module, names, n_in),
+                (*xs, tuple(params)),
+                dynamic_shapes=((*([bdim] * n_in), pspec),),  # one entry: the *args tuple
+            )
+        )
         timings["exportForward"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()

@@ -82,3 +82,10 @@ TABLE: dict[Any, Callable[..., Any]] = {
     aten.gelu_backward.default: gelu_backward,
 }
 """What the joint forward + backward graph is traced with, and the inference forward rewritten with."""
+
+
+def rewrite(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """The exported program with TABLE's ops decomposed; as it is (no retrace, ~0.5 s) without any."""
+    if not any(n.op == "call_function" and n.target in TABLE for n in program.graph.nodes):
+        return program
+    return program.run_decompositions(TABLE)
