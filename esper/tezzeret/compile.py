@@ -329,16 +329,16 @@ def _partition(
     params: Sequence[torch.Tensor],
     outs: Sequence[torch.Tensor],
     dynamic: bool,
+    table: dict[Any, Any],
 ) -> _Split:
-    """Trace forward+backward as one graph (only the batch dim symbolic) and cut it with AOTAutograd's
-    min-cut rematerialization partitioner."""
+    """Trace forward+backward as one graph (only the batch dim symbolic), decomposing `table`'s ops
+    (esper.tezzeret.decompositions), and cut it with AOTAutograd's min-cut rematerialization
+    partitioner."""
     import torch
     from torch._functorch.partitioners import min_cut_rematerialization_partition
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
     from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
-
-    from esper.tezzeret import decompositions
 
     call, buffers = _unregistered(module), _Buffers(module)
     n_in, n_par, n_out = len(xs), len(params), len(outs)
@@ -367,7 +367,7 @@ def _partition(
     tangents = [fake(torch.ones_like(o), True) for o in outs]
     first: Any = primals[0].shape[0] if n_in else None
     batch_sym = first.node.expr if dynamic and isinstance(first, torch.SymInt) else None
-    gm = make_fx(joint, decomposition_table=decompositions.TABLE, tracing_mode="fake")(primals, tangents)
+    gm = make_fx(joint, decomposition_table=table, tracing_mode="fake")(primals, tangents)
     for node in list(gm.graph.nodes):  # detach() of a primal would hide that a saved value is an input
         if node.op == "call_function" and node.target is torch.ops.aten.detach.default:
             node.replace_all_uses_with(node.args[0])
@@ -646,20 +646,23 @@ def compile_module(
     timings["prepare"] = time.perf_counter() - t0
 
     # Traced and compiled under the attention algorithm chosen for this kernel (esper.tezzeret.attention),
-    # with batch norms folded into their convolutions (esper.tezzeret.folding).
+    # with batch norms folded into their convolutions (esper.tezzeret.folding) and, on CPU, GELU written
+    # out (esper.tezzeret.decompositions).
+    table = decompositions.for_device(device)
     with attention_algorithm(math_attn), folded_batch_norms(module):
         t0 = time.perf_counter()
         fwd_ep = decompositions.rewrite(
+            table,
             export(
                 _forward_program(module, names, n_in),
                 (*xs, tuple(params)),
                 dynamic_shapes=((*([bdim] * n_in), pspec),),  # one entry: the *args tuple
-            )
+            ),
         )
         timings["exportForward"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        split = _partition(module, names, xs, params, outs, dynamic)
+        split = _partition(module, names, xs, params, outs, dynamic, table)
         timings["partition"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()

@@ -81,11 +81,20 @@ TABLE: dict[Any, Callable[..., Any]] = {
     aten.gelu.default: gelu,
     aten.gelu_backward.default: gelu_backward,
 }
-"""What the joint forward + backward graph is traced with, and the inference forward rewritten with."""
+"""What a CPU kernel's joint forward + backward graph is traced with, and its inference forward
+rewritten with."""
 
 
-def rewrite(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
-    """The exported program with TABLE's ops decomposed; as it is (no retrace, ~0.5 s) without any."""
-    if not any(n.op == "call_function" and n.target in TABLE for n in program.graph.nodes):
+def for_device(device: torch.device) -> dict[Any, Callable[..., Any]]:
+    """TABLE for CPU code; nothing elsewhere (inductor's GPU code calls the device's own erf and exp,
+    and was not measured against this)."""
+    return TABLE if device.type == "cpu" else {}
+
+
+def rewrite(
+    table: dict[Any, Callable[..., Any]], program: torch.export.ExportedProgram
+) -> torch.export.ExportedProgram:
+    """The exported program with `table`'s ops decomposed; as it is (no retrace, ~0.5 s) without any."""
+    if not any(n.op == "call_function" and n.target in table for n in program.graph.nodes):
         return program
-    return program.run_decompositions(TABLE)
+    return program.run_decompositions(table)

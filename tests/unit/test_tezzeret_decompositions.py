@@ -97,10 +97,15 @@ def test_an_exported_forward_is_rewritten_only_when_it_holds_gelu() -> None:
     relu = torch.export.export(
         torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()), (torch.randn(2, 4),)
     )
-    assert decompositions.rewrite(relu) is relu  # nothing to decompose: no retrace
+    assert decompositions.rewrite(decompositions.TABLE, relu) is relu  # nothing to decompose: no retrace
     module = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU())
     x = torch.randn(3, 4)
-    gelu_program = decompositions.rewrite(torch.export.export(module, (x,)))
+    gelu_program = decompositions.rewrite(decompositions.TABLE, torch.export.export(module, (x,)))
     ops = {str(n.target) for n in gelu_program.graph.nodes if n.op == "call_function"}
     assert "aten.gelu.default" not in ops and "aten.erf.default" not in ops, ops
     torch.testing.assert_close(gelu_program.module()(x), module(x), atol=1e-6, rtol=1e-5)
+
+
+def test_only_cpu_code_is_traced_with_the_table() -> None:
+    assert decompositions.for_device(torch.device("cpu")) is decompositions.TABLE
+    assert decompositions.for_device(torch.device("cuda", 0)) == {}
