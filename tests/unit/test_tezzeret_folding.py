@@ -64,6 +64,12 @@ def test_a_convolution_read_elsewhere_or_returned_is_not_folded() -> None:
     assert foldable_pairs(module) == {"n3": "c3"}
 
 
+def test_half_precision_blueprints_are_not_folded() -> None:
+    spec = {"template": {"name": "conv-block", "params": {"channels": 4, "height": 5, "width": 5}}}
+    graph = validate_source(spec).model_copy(update={"dtype": "bfloat16"})
+    assert foldable_pairs(build_module(graph).eval()) == {}
+
+
 def test_outside_eval_mode_or_a_blueprint_nothing_is_folded() -> None:
     module = _conv_block().train()
     with folded_batch_norms(module) as pairs:
