@@ -7,13 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from esper.targets import Target
+from esper.targets import X86_64_V4_FLAGS, Target
 
 # ATen CPU capabilities that include AVX2.
 _AVX2_CAPABILITIES = frozenset({"AVX2", "AVX512"})
-# x86-64-v4 over v3: what "cpu-avx512" kernels are compiled for (gcc -march=x86-64-v4), as /proc/cpuinfo
-# names the flags.
-X86_64_V4_FLAGS = ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl")
 CPUINFO = Path("/proc/cpuinfo")
 
 

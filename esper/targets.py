@@ -24,6 +24,9 @@ SUPPORTED_CUDA_ARCHS: tuple[str, ...] = (
 )  # fmt: skip
 _CUDA_RE = re.compile(r"^cuda-(sm[0-9]{2,3}a?)$")
 _ACCEPTED = "'cpu', 'cpu-avx512' or 'cuda-smNN' such as 'cuda-sm90'"
+# x86-64-v4 over v3, what "cpu-avx512" kernels are compiled for (gcc -march=x86-64-v4), as /proc/cpuinfo
+# names the flags (Node Feature Discovery labels nodes with their upper-case forms).
+X86_64_V4_FLAGS = ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl")
 
 
 @dataclass(frozen=True, slots=True)

@@ -79,16 +79,22 @@ class KernelCatalog:
         from esper.artifact import ArtifactError, read_manifest
         from esper.devices import check_runtime
 
+        def runtime_problem(target: str) -> str | None:
+            try:
+                return check_runtime(target)
+            except ValueError as e:  # a target this runtime does not know
+                return str(e)
+
+        problems: dict[str, str | None] = {}  # per target: the CPU or GPU is checked once per catalog
         cat = cls()
         for d in bundle_dirs:
             try:
                 m = read_manifest(Path(d))
             except ArtifactError:
                 continue
-            try:
-                why = check_runtime(m.target)
-            except ValueError as e:  # a target this runtime does not know
-                why = str(e)
+            if m.target not in problems:
+                problems[m.target] = runtime_problem(m.target)
+            why = problems[m.target]
             if why is not None:
                 log.info("kernel %s (%s) left out of the catalog: %s", m.key[:16], d, why)
                 continue

@@ -13,12 +13,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from esper.envconfig import ConfigError, env_names, read_env, read_setting
 from esper.storage import open_store
+from esper.targets import X86_64_V4_FLAGS
 
 PREFIX = "ESPER_"
 # Node Feature Discovery's labels for x86-64-v4 (AVX-512 F, BW, CD, DQ, VL), what cpu-avx512 kernels need.
 AVX512_NODE_LABELS = {
-    f"feature.node.kubernetes.io/cpu-cpuid.{flag}": "true"
-    for flag in ("AVX512F", "AVX512BW", "AVX512CD", "AVX512DQ", "AVX512VL")
+    f"feature.node.kubernetes.io/cpu-cpuid.{flag.upper()}": "true" for flag in X86_64_V4_FLAGS
 }
 __all__ = ["ConfigError", "OperatorConfig"]
 

@@ -95,6 +95,7 @@ def test_the_folded_block_computes_the_same_output_and_gradients() -> None:
     for name, grad in got.items():
         torch.testing.assert_close(grad.double(), want_grads[name], atol=1e-4, rtol=1e-5, msg=name)
     assert "run" not in vars(module)  # the module evaluates unfolded again after the block
+    assert not any("forward" in vars(node) for node in module.nodes.children())
 
 
 @pytest.mark.parametrize(("bias", "affine"), [(False, True), (True, False), (False, False)])
