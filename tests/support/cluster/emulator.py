@@ -751,9 +751,9 @@ class EsperEmulator(GarbageCollectorMixin, TablesMixin, kmock.KubernetesEmulator
         response = aiohttp.web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
         raw = request._raw_request
         assert raw is not None
-        await response.prepare(raw)
         timeout = float(params.get("timeoutSeconds") or 0) or None
         try:
+            await response.prepare(raw)  # in the try: a client may leave before the headers go out
             async with asyncio.timeout(timeout):
                 for event in initial:
                     await response.write(self._encode_event(request, res, event, table))
