@@ -18,9 +18,10 @@
 
 Allocation: glibc returns freed blocks over 128 KiB to the OS and faults them in again on the next
 step, so at batch 512 a step's time depends on the allocation history of the process (measured: the
-conv block's eager step between 14 and 30 ms over runs of the same script). The benchmark re-runs
-itself with glibc's mmap and trim thresholds at 1 GiB (memory kept and reused, as jemalloc or
-tcmalloc would), on both sides alike; `--malloc-defaults` measures with glibc's defaults instead.
+conv block's eager step between 14 and 30 ms over runs of the same script). Like the compile Job,
+the benchmark first sets glibc's mmap and trim thresholds to 1 GiB (`keep_freed_memory`: memory
+kept and reused, as jemalloc or tcmalloc would), for both sides alike; `--malloc-defaults` measures
+with glibc's defaults instead.
 
     python benchmarks/compile.py [--quick] [--target cpu-avx512] [--malloc-defaults]
 
@@ -53,7 +54,6 @@ TEMPLATES: dict[str, dict[str, Any]] = {
 }
 QUICK = ("residual-mlp", "lora-adapter", "transformer-mlp")
 BATCHES = [32, 128, 512]
-MALLOC_KEEP = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 
 
 def _bare_compile(spec_json: str, out: str, target: str) -> None:
@@ -261,10 +261,10 @@ def main() -> None:
     )
     ap.add_argument("--malloc-defaults", action="store_true", help="keep glibc's allocation thresholds")
     args = ap.parse_args()
-    if not args.malloc_defaults and any(os.environ.get(k) != v for k, v in MALLOC_KEEP.items()):
-        # glibc reads them at start-up: run again with them set (see the module docstring)
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_KEEP})
-    malloc = {k: os.environ[k] for k in MALLOC_KEEP if k in os.environ} or "glibc defaults"
+    from esper.tezzeret.bench import KEEP_BYTES, keep_freed_memory
+
+    kept = not args.malloc_defaults and keep_freed_memory()  # see the module docstring
+    malloc = {"mmapThreshold": KEEP_BYTES, "trimThreshold": KEEP_BYTES} if kept else "glibc defaults"
     names = list(QUICK if args.quick else TEMPLATES)
     console = Console(width=200)
     load_before = os.getloadavg()

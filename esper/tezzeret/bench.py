@@ -10,7 +10,9 @@ parameters (a seed's input is an activation of its host, whose earlier layers ne
 
 from __future__ import annotations
 
+import ctypes
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -29,6 +31,30 @@ WARMUP = 3
 ROUNDS = 5
 MIN_CALLS = 1
 MAX_CALLS = 1000
+# glibc's mallopt parameters (malloc.h), and the value `keep_freed_memory` sets both thresholds to
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+KEEP_BYTES = 1 << 30
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory for reuse (mmap and trim thresholds at 1 GiB); False elsewhere.
+
+    With glibc's defaults a freed block over 128 KiB goes back to the OS and the next step faults it
+    in again, page by page, so a step's time at a large batch depends on the allocation history of
+    the process (the conv block's eager step at batch 512 measured anywhere between 14 and 30 ms in
+    runs of the same script). A training process reaches a steady state where its blocks are reused,
+    as jemalloc or tcmalloc would reuse them; the benchmark measures that state, for both sides.
+    Process-wide and not undone: call it where the process only benchmarks and reports after it.
+    """
+    try:
+        if not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"):
+            return False
+    except (ValueError, OSError):  # a name this system's confstr does not know: not glibc
+        return False
+    mallopt = ctypes.CDLL(None).mallopt
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, KEEP_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, KEEP_BYTES))
 
 
 @dataclass
