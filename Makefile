@@ -45,6 +45,7 @@ crds: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/compile.py
+	$(PY) benchmarks/compile_floor.py
 	$(PY) benchmarks/operator.py
 	$(PY) benchmarks/kasmina.py
 
