@@ -45,7 +45,8 @@ def keep_freed_memory() -> bool:
     the process (the conv block's eager step at batch 512 measured anywhere between 14 and 30 ms in
     runs of the same script). A training process reaches a steady state where its blocks are reused,
     as jemalloc or tcmalloc would reuse them; the benchmark measures that state, for both sides.
-    Process-wide and not undone: call it where the process only benchmarks and reports after it.
+    Process-wide and not undone: for short-lived processes that benchmark (the compile Job, also when
+    `esper compile` runs it in-process), never a trainer's, whose allocator is its owner's to choose.
     """
     try:
         if not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"):
