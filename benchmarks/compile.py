@@ -56,6 +56,14 @@ QUICK = ("residual-mlp", "lora-adapter", "transformer-mlp")
 BATCHES = [32, 128, 512]
 
 
+def allocation(defaults: bool = False) -> dict[str, int] | str:
+    """Keep freed memory for reuse unless `defaults` (see the module docstring); what the JSON records."""
+    from esper.tezzeret.bench import KEEP_BYTES, keep_freed_memory
+
+    kept = not defaults and keep_freed_memory()
+    return {"mmapThreshold": KEEP_BYTES, "trimThreshold": KEEP_BYTES} if kept else "glibc defaults"
+
+
 def _bare_compile(spec_json: str, out: str, target: str) -> None:
     """The baseline: build and compile the two programs, nothing else."""
     from esper.blueprint import validate_source
@@ -261,10 +269,7 @@ def main() -> None:
     )
     ap.add_argument("--malloc-defaults", action="store_true", help="keep glibc's allocation thresholds")
     args = ap.parse_args()
-    from esper.tezzeret.bench import KEEP_BYTES, keep_freed_memory
-
-    kept = not args.malloc_defaults and keep_freed_memory()  # see the module docstring
-    malloc = {"mmapThreshold": KEEP_BYTES, "trimThreshold": KEEP_BYTES} if kept else "glibc defaults"
+    malloc = allocation(args.malloc_defaults)
     names = list(QUICK if args.quick else TEMPLATES)
     console = Console(width=200)
     load_before = os.getloadavg()

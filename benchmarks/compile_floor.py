@@ -39,7 +39,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).parent))
-from compile import BATCHES, RESULTS, TEMPLATES
+from compile import BATCHES, RESULTS, TEMPLATES, allocation
 
 aten = torch.ops.aten
 PRODUCTS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.convolution.default,
@@ -127,7 +127,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from esper.tezzeret.bench import KEEP_BYTES, geomean, keep_freed_memory
+    from esper.tezzeret.bench import geomean
 
     ap = argparse.ArgumentParser()
     ap.add_argument(
@@ -135,7 +135,7 @@ def main() -> None:
     )
     ap.add_argument("--repeat", type=int, default=3, help="rounds per batch (median taken)")
     args = ap.parse_args()
-    kept = keep_freed_memory()
+    malloc = allocation()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="bench-floor-") as tmp:
         rows = {name: measure(name, args.target, Path(tmp), args.repeat) for name in TEMPLATES}
@@ -163,7 +163,7 @@ def main() -> None:
     Console(width=220).print(table)
     doc = {"torch": torch.__version__, "cpus": os.cpu_count(), "benchThreads": 1, "target": args.target,
            "repeat": args.repeat,
-           "malloc": {"mmapThreshold": KEEP_BYTES, "trimThreshold": KEEP_BYTES} if kept else "glibc defaults",
+           "malloc": malloc,
            "templates": {n: {"speedup": round(speedup[n], 3), "ceiling": round(ceiling[n], 3), "batches": per}
                          for n, per in rows.items()},
            "geomeanSpeedup": round(overall["speedup"], 3),

@@ -19,6 +19,7 @@ co-adapted to it during the blend), not a proof that growing it beat training th
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -79,22 +80,20 @@ class KernelCatalog:
         from esper.artifact import ArtifactError, read_manifest
         from esper.devices import check_runtime
 
+        @functools.cache  # per target, once per catalog: the CPU or GPU check reads /proc or the driver
         def runtime_problem(target: str) -> str | None:
             try:
                 return check_runtime(target)
             except ValueError as e:  # a target this runtime does not know
                 return str(e)
 
-        problems: dict[str, str | None] = {}  # per target: the CPU or GPU is checked once per catalog
         cat = cls()
         for d in bundle_dirs:
             try:
                 m = read_manifest(Path(d))
             except ArtifactError:
                 continue
-            if m.target not in problems:
-                problems[m.target] = runtime_problem(m.target)
-            why = problems[m.target]
+            why = runtime_problem(m.target)
             if why is not None:
                 log.info("kernel %s (%s) left out of the catalog: %s", m.key[:16], d, why)
                 continue

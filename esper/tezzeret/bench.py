@@ -37,6 +37,14 @@ M_MMAP_THRESHOLD = -3
 KEEP_BYTES = 1 << 30
 
 
+def is_glibc() -> bool:
+    """Whether this process runs on glibc (whose allocator `keep_freed_memory` tunes)."""
+    try:
+        return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+    except (ValueError, OSError):  # a name this system's confstr does not know: not glibc
+        return False
+
+
 def keep_freed_memory() -> bool:
     """Make glibc keep freed memory for reuse (mmap and trim thresholds at 1 GiB); False elsewhere.
 
@@ -48,10 +56,7 @@ def keep_freed_memory() -> bool:
     Process-wide and not undone: for short-lived processes that benchmark (the compile Job, also when
     `esper compile` runs it in-process), never a trainer's, whose allocator is its owner's to choose.
     """
-    try:
-        if not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"):
-            return False
-    except (ValueError, OSError):  # a name this system's confstr does not know: not glibc
+    if not is_glibc():
         return False
     mallopt = ctypes.CDLL(None).mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int

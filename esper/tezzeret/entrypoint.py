@@ -290,7 +290,7 @@ def build_bundle(p: Plan, workdir: Path, private_key: Any) -> tuple[Path, float,
     checked = validate(result, p.options, packages)
     log.info("validated at batches %s: max error %.3g, grad %.3g", checked.batches,
              checked.max_abs_error, checked.max_grad_error)  # fmt: skip
-    kept = keep_freed_memory()  # steady-state steps, not page faults (what is left to do reports only)
+    kept = keep_freed_memory()  # steady-state steps, not page faults; after it the Job only writes
     report = make_report(checked, benchmark(result, p.options, packages))
     log.info("benchmark: forward x%.2f, train step x%.2f (freed memory %s)", report.speedup,
              report.trainSpeedup, "kept" if kept else "returned to the OS")  # fmt: skip

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -44,9 +43,7 @@ def run_probe(mode: str) -> dict:
     return json.loads(out.stdout)
 
 
-glibc_only = pytest.mark.skipif(
-    not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"), reason="glibc's allocator only"
-)
+glibc_only = pytest.mark.skipif(not bench.is_glibc(), reason="glibc's allocator only")
 
 
 @glibc_only
